@@ -1,0 +1,185 @@
+"""A-InfoNCE: asymmetric InfoNCE (Yu, Ji, Ren, Zhang & Tang, ECCV 2022), ported to ACL's four views.
+
+    L = 1/(4B) sum_u 1/3 sum_{p in P(u)} weight(u, p) * -log( e^{M_up} / (e^{M_up} + Ng(u, p)) )
+
+over Z = [z1; z2; z1_adv; z2_adv]: adversarial views are inferior positives (IP: a clean-adversarial
+pair pulls only its anchor, with weight ip_weight * share or ip_weight * (1 - share)) and hard
+negatives (HN: negatives re-weighted towards the hardest, HCL-style). SPEC.md 2.3; views, attack
+and schedule are acl.py's. --dynacl changes only the augmentation strength here.
+
+    python a_infonce.py --dataset cifar10                 # IP + HN, the authors' CIFAR-10 setting
+    python a_infonce.py --dataset cifar10 --no-ip --no-hn # plain multi-positive InfoNCE on ACL's views
+    python a_infonce.py --dataset synthetic --width 8 --batch-size 32 --pgd-steps 2 --max-steps 20 --workers 0
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+from common import (UserError, NonFiniteWatch, Benchmark, RunLog, StopSignal, ResNet18, add_shared_flags, autocast,
+                    contrastive_pgd, dynacl_schedule, lr_at, main_guard, make_checkpoint, make_optimizer, nt_xent,
+                    parse_and_resume, pick_device, pretrain_loader, run_dir_for, save_checkpoint, set_rng_state,
+                    stem_for, write_json)
+
+METHOD = "a_infonce"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shared_flags(parser)
+    parser.add_argument("--no-ip", dest="ip", action="store_false", help="treat clean-adversarial pairs as ordinary positives")
+    parser.add_argument("--no-hn", dest="hn", action="store_false", help="plain negatives instead of hard-negative re-weighting")
+    parser.add_argument("--ip-weight", type=float, default=0.7, help="weight of the inferior-positive (clean-adversarial) pairs")
+    parser.add_argument("--clean-grad-share", type=float, default=0.2, help="fraction of the clean-adversarial pull that reaches clean views")
+    parser.add_argument("--beta", type=float, default=1.0, help="hard-negative concentration beta")
+    parser.add_argument("--tau-plus", type=float, default=0.1, help="hard-negative class prior tau+ in [0, 1)")
+    return parse_and_resume(parser, argv, METHOD)
+
+
+def check_args(args):
+    if not 0 <= args.clean_grad_share <= 1:
+        raise UserError(f"--clean-grad-share must be in [0, 1] (got {args.clean_grad_share})")
+    if not 0 <= args.tau_plus < 1:
+        raise UserError(f"--tau-plus must be in [0, 1) (got {args.tau_plus})")
+    if args.ip_weight < 0:
+        raise UserError(f"--ip-weight must be >= 0 (got {args.ip_weight})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's loss
+# ---------------------------------------------------------------------------------------------
+
+def a_infonce_loss(z1, z2, z1_adv, z2_adv, temperature=0.5, ip=True, hn=True, ip_weight=0.7,
+                   clean_grad_share=0.2, beta=1.0, tau_plus=0.1, terms=False):
+    """A-InfoNCE over the 4B views (SPEC 2.3); raw head outputs in. With terms=True also returns the
+    same-type and the clean-adversarial parts of the loss (they add up to it)."""
+    z = F.normalize(torch.cat([z1, z2, z1_adv, z2_adv]).float(), dim=1)
+    n, b = z.shape[0], z.shape[0] // 4
+    row = torch.arange(n, device=z.device)
+    image, adversarial = row % b, row >= 2 * b
+    negative = image[:, None] != image[None, :]  # N(u): the 4(B-1) views of other images
+    n_neg = n - 4
+    views = torch.arange(4, device=z.device)[None, :] * b + image[:, None]  # (4B, 4): u's image in each view
+    positive = views != row[:, None]  # P(u): the three views that are not u
+    cross = adversarial[:, None] != adversarial[views]  # clean-adversarial pairs
+    shift = 1 / temperature  # logits are <= 1/t, so exp(M - shift) <= 1 never overflows
+
+    def pair_losses(logits):  # l(u, p) for every anchor u and every view p of its image, (4B, 4)
+        e = torch.exp(logits - shift)
+        e_pos = e.gather(1, views)
+        if hn:  # w_un = exp(beta M_un) / mean_n exp(beta M_un) = |N| softmax over the negatives
+            w = n_neg * torch.where(negative, beta * logits, float("-inf")).softmax(1)
+            mass = (w * e).sum(1, keepdim=True)
+            floor = n_neg * torch.exp(torch.tensor(-1 / temperature - shift, device=z.device))
+            ng = torch.clamp_min((mass - tau_plus * n_neg * e_pos) / (1 - tau_plus), floor)
+        else:
+            ng = (e * negative).sum(1, keepdim=True)
+        return torch.log(e_pos + ng) - (logits.gather(1, views) - shift)
+
+    losses = pair_losses(z @ z.T / temperature)
+    weight = positive.float()
+    if ip:  # inferior positives: only the anchor's side of a clean-adversarial pair gets gradient
+        losses = torch.where(cross, pair_losses(z @ z.detach().T / temperature), losses)
+        share = torch.where(adversarial, 1 - clean_grad_share, clean_grad_share)[:, None]
+        weight = torch.where(cross, ip_weight * share, 1.0) * positive
+    weighted = weight * losses / (3 * n)
+    loss = weighted.sum()
+    if terms:
+        return loss, {"loss_same": weighted[~cross].sum(), "loss_cross": weighted[cross].sum()}
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args, checkpoint = parse_args(argv)
+    check_args(args)
+    device = pick_device(args.device)
+    amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    torch.manual_seed(args.seed)
+
+    loader, sampler = pretrain_loader(args, device)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    stop_step = min(total_steps, args.max_steps or total_steps)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    eps, alpha = args.eps / 255, args.pgd_alpha / 255
+
+    model = ResNet18(args.width, stem_for(args.image_size)).to(device, memory_format=memory_format)
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    step = 0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step = checkpoint["step"]
+        set_rng_state(checkpoint["rng"])
+        print(f"resumed {args.resume} at step {step}", flush=True)
+    net = torch.compile(model) if args.compile else model  # the state dict stays the plain model's
+
+    run_dir = run_dir_for(args, METHOD, args.resume)
+    write_json(os.path.join(run_dir, "args.json"), vars(args))
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    print(f"{METHOD} on {args.dataset} ({device.type}{', bf16' if amp else ''}): {stop_step - step} steps "
+          f"to step {stop_step} of {total_steps}, {steps_per_epoch} per epoch; writing {run_dir}", flush=True)
+    names = ["loss", "loss_same", "loss_cross"]
+    log = RunLog(run_dir, stop_step, step, args.batch_size, device)
+    watch = NonFiniteWatch(device)
+    stop = StopSignal()
+    bench = Benchmark(device, args.batch_size, min(10, max(1, (stop_step - step) // 5))) if args.max_steps else None
+    if bench and args.benchmark:
+        bench.time_loader(loader, sampler, min(50, steps_per_epoch))
+
+    while step < stop_step:
+        epoch = step // steps_per_epoch + 1
+        strength, _ = dynacl_schedule(epoch, args.epochs, args.dynacl)  # no omega: one loss, not two streams
+        sampler.set_epoch(epoch, strength, start=step % steps_per_epoch)
+        for x1, x2, _ in loader:
+            lr = lr_at(step, args.lr, warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+
+            x1_adv, x2_adv = contrastive_pgd(net, x1, x2, eps, alpha, args.pgd_steps, args.temperature, amp)
+            with autocast(amp):
+                z1, z2 = net(torch.cat([x1, x2])).float().chunk(2)
+                z1_adv, z2_adv = net(torch.cat([x1_adv, x2_adv]), adv=True).float().chunk(2)
+            loss, terms = a_infonce_loss(z1, z2, z1_adv, z2_adv, args.temperature, args.ip, args.hn, args.ip_weight,
+                                         args.clean_grad_share, args.beta, args.tau_plus, terms=True)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+            terms = torch.stack([loss.detach(), *terms.values()])
+            watch.update(step, terms)
+            log.accumulate(terms)
+            if bench:
+                bench.step()
+            if step % args.log_every == 0 or step == stop_step:
+                watch.check(names, checkpoint_path)
+                log.write(step, epoch, args.epochs, lr, names)
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end or stop.received or step == stop_step or (args.save_every and step % args.save_every == 0):
+                watch.check(names, checkpoint_path)
+                save_checkpoint(checkpoint_path, make_checkpoint(METHOD, args, model, optimizer, epoch, step))
+            if stop.received:
+                print(f"received {stop.received}: saved {checkpoint_path} at step {step}; continue with "
+                      f"--resume {checkpoint_path}", flush=True)
+                raise SystemExit(128 + {"SIGINT": 2, "SIGTERM": 15}[stop.received])
+            if step == stop_step:
+                break
+
+    if bench:
+        bench.summary(run_dir, METHOD)
+    print(f"done: step {step}, checkpoint {checkpoint_path}", flush=True)
+    return run_dir
+
+
+if __name__ == "__main__":
+    main_guard(main)

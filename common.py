@@ -1,0 +1,770 @@
+"""What ACL, A-InfoNCE and AIR share: network, attacks, data, optimisation, run utilities.
+
+Nothing in this file is specific to one method; each method file (acl.py, a_infonce.py, air.py)
+imports it and keeps its own loss and training loop in view. The contract for every function is
+SPEC.md in the project's shared folder; section numbers below refer to it.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one sentence, exit status 2, no traceback."""
+
+
+def fail(message, status=2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+# =============================================================================================
+# Network (SPEC 1.1): dual-BN ResNet-18 with ACL's projection head
+# =============================================================================================
+# Module and key names follow the released ACL / DynACL / AIR checkpoints, so their state dicts
+# load into this network as they are (bn_list.0 = clean BN, bn_list.1 = adversarial BN).
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DualBN(nn.Module):
+    """Two independent batch norms; `adv` picks the copy, the other one is left untouched."""
+
+    def __init__(self, channels, bn=nn.BatchNorm2d):
+        super().__init__()
+        self.bn_list = nn.ModuleList([bn(channels), bn(channels)])
+
+    def forward(self, x, adv=False):
+        return self.bn_list[1 if adv else 0](x)
+
+
+class Normalize(nn.Module):
+    """Mean/std normalisation inside the model, so attacks and eps live in [0, 1] pixel space."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, x):
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
+class Downsample(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.bn = DualBN(cout)
+
+    def forward(self, x, adv):
+        return self.bn(self.conv(x), adv)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = DualBN(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = DualBN(cout)
+        self.downsample = Downsample(cin, cout, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x, adv):
+        out = F.relu(self.bn1(self.conv1(x), adv))
+        out = self.bn2(self.conv2(out), adv)
+        shortcut = x if self.downsample is None else self.downsample(x, adv)
+        return F.relu(out + shortcut)
+
+
+class ProjectionHead(nn.Module):
+    """ACL's head: Linear(bias)-BN-ReLU-Linear-BN-ReLU-Linear-BN, every BN dual."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(d, d), DualBN(d, nn.BatchNorm1d)
+        self.fc2, self.bn2 = nn.Linear(d, d, bias=False), DualBN(d, nn.BatchNorm1d)
+        self.fc3, self.bn3 = nn.Linear(d, d, bias=False), DualBN(d, nn.BatchNorm1d)
+
+    def forward(self, h, adv=False):
+        h = F.relu(self.bn1(self.fc1(h), adv))
+        h = F.relu(self.bn2(self.fc2(h), adv))
+        return self.bn3(self.fc3(h), adv)
+
+
+class ResNet18(nn.Module):
+    """Dual-BN ResNet-18. `width` scales every stage (64 -> width); `stem` is 'cifar' (3x3, stride 1,
+    no max-pool; 32 px) or 'imagenet' (7x7 stride 2 + max-pool; 96 px STL-10). `model(x, adv)` gives
+    the projection; `model.features(x, adv)` the pooled feature; `stages=True` every stage output."""
+
+    def __init__(self, width=64, stem="cifar", head=True):
+        super().__init__()
+        self.normalize = Normalize()
+        self.stem = stem
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        elif stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        else:
+            raise ValueError(f"unknown stem {stem!r}")
+        self.bn1 = DualBN(width)
+        channels = [width, 2 * width, 4 * width, 8 * width]
+        cin = width
+        for i, (c, stride) in enumerate(zip(channels, [1, 2, 2, 2])):
+            setattr(self, f"layer{i + 1}", nn.ModuleList([BasicBlock(cin, c, stride), BasicBlock(c, c, 1)]))
+            cin = c
+        self.feature_dim = cin
+        self.fc = ProjectionHead(cin) if head else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x, adv=False, stages=False):
+        out = F.relu(self.bn1(self.conv1(self.normalize(x)), adv))
+        if self.stem == "imagenet":
+            out = F.max_pool2d(out, 3, 2, 1)
+        outs = [out]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                out = block(out, adv)
+            outs.append(out)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return outs + [pooled] if stages else pooled
+
+    def forward(self, x, adv=False):
+        return self.fc(self.features(x, adv), adv)
+
+
+STAGE_NAMES = ["stem", "layer1", "layer2", "layer3", "layer4", "pooled"]
+
+
+def stem_for(image_size):
+    """ACL uses the CIFAR stem for 32 px inputs and the ImageNet stem for 96 px STL-10."""
+    return "cifar" if image_size < 64 else "imagenet"
+
+
+# =============================================================================================
+# Contrastive loss (SPEC 1.2) and attacks (SPEC 1.3)
+# =============================================================================================
+
+def autocast(amp):
+    """bf16 autocast for the network on CUDA; a no-op when amp is False (always on the CPU)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
+
+
+def nt_xent(za, zb, temperature=0.5):
+    """SimCLR NT-Xent over the 2B rows [za; zb] (raw head outputs; normalised here, in fp32)."""
+    z = F.normalize(torch.cat([za, zb]).float(), dim=1)
+    n = z.shape[0]
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # j != k in the denominator
+    partner = torch.arange(n, device=z.device).roll(n // 2)  # k's positive is k +/- B
+    return F.cross_entropy(logits, partner)
+
+
+def _step_and_project(x_adv, grad, x, eps, alpha):
+    x_adv = x_adv.detach() + alpha * grad.sign()
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+
+
+def _random_start(x, eps):
+    return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0, 1)
+
+
+def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False):
+    """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv) through the adversarial BN in
+    eval mode (SPEC 1.3). Only input gradients are computed (torch.autograd.grad with the images as
+    the only inputs), so no parameter gradient is built or accumulated. The mode is restored."""
+    was_training = model.training
+    model.eval()
+    x = torch.cat([x1, x2])
+    x_adv = _random_start(x, eps)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            with autocast(amp):
+                z = model(x_adv, adv=True)
+            loss = nt_xent(*z.float().chunk(2), temperature)
+            (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = _step_and_project(x_adv, grad, x, eps, alpha)
+    model.train(was_training)
+    return [t.detach() for t in x_adv.chunk(2)]
+
+
+def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
+    """Cross-entropy L-inf PGD with a random start against `forward` (images -> logits), as used for
+    evaluation (SPEC 4.3) and adversarial linear fine-tuning. Input gradients only."""
+    x_adv = _random_start(x, eps)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            with autocast(amp):
+                logits = forward(x_adv)
+            loss = F.cross_entropy(logits.float(), y)
+            (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = _step_and_project(x_adv, grad, x, eps, alpha)
+    return x_adv.detach()
+
+
+# =============================================================================================
+# Data (SPEC 1.4)
+# =============================================================================================
+
+DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, "synthetic": 32}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "synthetic": 10}
+
+
+def _extracted_copy(cls):
+    """torchvision checks the md5 of every file before reading a dataset. This variant reads a copy
+    that is already extracted in place as it is (our departure: no md5 check on extracted files, so
+    re-packed and test copies load); a missing copy still goes through torchvision's download."""
+
+    class Extracted(cls):
+        def _check_integrity(self):
+            files = self.train_list + self.test_list
+            return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in files)
+
+    Extracted.__name__ = cls.__name__
+    return Extracted
+
+
+class SyntheticImages(Dataset):
+    """CIFAR-10-sized random uint8 images and labels made from the seed: for tests and benchmarks."""
+
+    def __init__(self, train=True, seed=0, size=None):
+        n = size or (50000 if train else 10000)
+        rng = np.random.default_rng(seed * 2 + (0 if train else 1))
+        self.data = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        self.targets = rng.integers(0, 10, size=n).tolist()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return Image.fromarray(self.data[i]), self.targets[i]
+
+
+def load_dataset(name, data_dir, split, seed=0):
+    """The raw dataset (PIL image, label) for split 'pretrain', 'train' or 'test'. Missing data ends
+    with one sentence naming the folder and what to put there."""
+    from torchvision import datasets
+
+    if name == "synthetic":
+        return SyntheticImages(train=split != "test", seed=seed)
+    if name == "imagefolder":
+        folder = os.path.join(data_dir, "test" if split == "test" else "train")
+        if not os.path.isdir(folder):
+            raise UserError(f"no folder {folder}: --dataset imagefolder needs {data_dir}/train/ and "
+                            f"{data_dir}/test/ with one subfolder of images per class")
+        try:
+            return datasets.ImageFolder(folder)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"{folder} holds no images in class subfolders ({e}); "
+                            "put one folder of images per class there") from None
+    if name in ("cifar10", "cifar100"):
+        cls = _extracted_copy(datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)
+        kwargs = {"train": split != "test"}
+        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+    elif name == "stl10":
+        cls = _extracted_copy(datasets.STL10)
+        kwargs = {"split": {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]}
+        archive = "stl10_binary.tar.gz"
+    else:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        return cls(data_dir, download=True, **kwargs)
+    except Exception as e:  # no network, a broken archive, a full disk: say where the data must go
+        raise UserError(f"could not find or download {name} in {os.path.abspath(data_dir)} "
+                        f"({type(e).__name__}: {e}); download {archive} elsewhere and put it (or its "
+                        "extracted folder) there, or point --data-dir at a folder that has it") from None
+
+
+def pretrain_transform(size, strength=1.0):
+    """ACL's augmentation at strength s in [0, 1] (s = 1 is ACL's; DynACL lowers it, SPEC 1.6)."""
+    import torchvision.transforms as T
+
+    s = strength
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(1 - 0.9 * s, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8 * s),
+        T.RandomGrayscale(p=0.2 * s),
+        T.ToTensor(),
+    ])
+
+
+def _resize(size, native):
+    import torchvision.transforms as T
+    return [] if native == size else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+
+
+def eval_transform(size, native, train):
+    """Evaluation: train split RandomCrop(size, padding=4) + flip; test split unaugmented."""
+    import torchvision.transforms as T
+    aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
+    return T.Compose(_resize(size, native) + aug + [T.ToTensor()])
+
+
+def _sample_seed(seed, epoch, index):
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63)
+
+
+class PretrainViews(Dataset):
+    """Yields (x1, x2, x0): two augmented views and the un-augmented image. The key is
+    (index, epoch, strength) from PretrainSampler; the augmentation of each image is seeded by
+    (seed, epoch, index), so a resumed run sees exactly the views the interrupted one would have,
+    whatever the number of workers."""
+
+    def __init__(self, base, size, native, seed):
+        self.base, self.size, self.seed = base, size, seed
+        self.original = eval_transform(size, native, train=False)
+        self.transforms = {}
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch, strength = key
+        if strength not in self.transforms:
+            self.transforms[strength] = pretrain_transform(self.size, strength)
+        image = self.base[index][0]
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        with torch.random.fork_rng(devices=[]):  # leave the training RNG alone when workers == 0
+            torch.random.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
+            x1 = self.transforms[strength](image)
+            x2 = self.transforms[strength](image)
+        return x1, x2, self.original(image)
+
+
+class PretrainSampler(Sampler):
+    """Batches of keys (index, epoch, strength): a permutation seeded by (seed, epoch), last partial
+    batch dropped. set_epoch(epoch, strength, start) chooses the epoch and skips `start` batches
+    (resume). The sampler runs in the main process, so this reaches persistent workers too."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.strength, self.start = 1, 1.0, 0
+
+    def set_epoch(self, epoch, strength=1.0, start=0):
+        self.epoch, self.strength, self.start = epoch, strength, start
+
+    @property
+    def batches_per_epoch(self):
+        return self.n // self.batch_size
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for b in range(self.start, self.batches_per_epoch):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(i, self.epoch, self.strength) for i in batch]
+
+
+def _worker_init(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+def default_workers():
+    return min(8, os.cpu_count() or 1)
+
+
+def pretrain_loader(args, device):
+    """The pre-training dataset and its loader; returns (loader, sampler)."""
+    base = load_dataset(args.dataset, args.data_dir, "pretrain", args.seed)
+    if len(base) < args.batch_size:
+        raise UserError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}; "
+                        "lower the batch size or add images")
+    views = PretrainViews(base, args.image_size, NATIVE_SIZE[args.dataset], args.seed)
+    sampler = PretrainSampler(len(views), args.batch_size, args.seed)
+    # The loader gets its own generator: creating an iterator then draws from it, not from the global
+    # RNG that the attack uses, so a resumed run's attacks start from the same random numbers.
+    loader = DataLoader(views, batch_sampler=sampler, num_workers=args.workers, generator=torch.Generator(),
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                        worker_init_fn=_worker_init, prefetch_factor=4 if args.workers > 0 else None)
+    return loader, sampler
+
+
+def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, seed=0, subset=None):
+    """Labelled loader for evaluation: (x, y). `subset` keeps the first N images (quick runs)."""
+    base = load_dataset(dataset, data_dir, split, seed)
+    native = NATIVE_SIZE[dataset]
+    train = split == "train"
+    transform = eval_transform(size, native, train)
+
+    class Labelled(Dataset):
+        def __len__(self):
+            return min(len(base), subset) if subset else len(base)
+
+        def __getitem__(self, i):
+            image, label = base[i]
+            return transform(image.convert("RGB") if image.mode != "RGB" else image), int(label)
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(Labelled(), batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, worker_init_fn=_worker_init)
+
+
+# =============================================================================================
+# Optimisation (SPEC 1.5, 1.6)
+# =============================================================================================
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in ACL: local_lr = eta ||w|| / (||g|| + wd ||w||) (1 when either norm < 1e-15),
+    buf = m buf + lr local_lr (g + wd w), w -= buf, for every parameter tensor. No host sync."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, m, wd, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                trust = eta * w_norm / (g_norm + wd * w_norm)
+                local_lr = torch.where((w_norm < 1e-15) | (g_norm < 1e-15), torch.ones_like(trust), trust)
+                update = (g + wd * p) * (lr * local_lr)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(m).add_(update)
+                p.sub_(buf)
+
+
+def make_optimizer(name, params, lr, weight_decay):
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def lr_at(step, base_lr, warmup_steps, total_steps, final_lr=1e-6):
+    """Linear warm-up to base_lr over warmup_steps, then cosine decay per iteration to final_lr."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def dynacl_schedule(epoch, epochs, dynacl, k=50, lambda_dyn=2 / 3):
+    """(strength s_e, omega) for epoch e = 1..E (SPEC 1.6); (1.0, 0.0) without --dynacl."""
+    if not dynacl:
+        return 1.0, 0.0
+    strength = 1 - math.floor((epoch - 1) / k) * k / epochs
+    return strength, lambda_dyn * (1 - strength)
+
+
+# =============================================================================================
+# Run utilities: arguments, device, run folder, logging, checkpoints, signals
+# =============================================================================================
+
+def add_shared_flags(parser):
+    """The flags every training script takes, in one order with one wording (SPEC 3)."""
+    a = parser.add_argument
+    a("--dataset", default="cifar10", choices=DATASETS, help="pre-training data; 'synthetic' is for tests and benchmarks only")
+    a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
+    a("--image-size", type=int, default=None, help="input size in px (default: the dataset's own; imagefolder 32)")
+    a("--epochs", type=int, default=1000, help="number of pre-training epochs")
+    a("--batch-size", type=int, default=512, help="images per step (each gives two views)")
+    a("--lr", type=float, default=5.0, help="peak learning rate after warm-up (ACL: 5.0 with LARS at batch 512)")
+    a("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS as in ACL, or SGD with momentum 0.9")
+    a("--weight-decay", type=float, default=1e-6, help="weight decay")
+    a("--warmup-epochs", type=int, default=10, help="epochs of linear learning-rate warm-up before the cosine decay")
+    a("--temperature", type=float, default=0.5, help="temperature t of the contrastive losses")
+    a("--eps", type=float, default=8, help="L-inf radius of the pre-training attack, in /255 units")
+    a("--pgd-steps", type=int, default=5, help="steps of the contrastive PGD attack")
+    a("--pgd-alpha", type=float, default=2, help="step size of the contrastive PGD attack, in /255 units")
+    a("--dynacl", action="store_true", help="DynACL: augmentation strength and loss weights annealed every 50 epochs")
+    a("--width", type=int, default=64, help="ResNet-18 base width (64 is the standard network; 8 for CPU tests)")
+    a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts, init)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
+    a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
+    a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
+    a("--resume", default=None, help="checkpoint.pt of an earlier run of this method to continue (same run folder)")
+    a("--max-steps", type=int, default=None, help="stop after this global step (tests, benchmarks); resume can raise it")
+    a("--log-every", type=int, default=50, help="steps between progress lines and metrics.jsonl records")
+    a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at epoch ends, stops and signals)")
+    a("--no-amp", action="store_true", help="CUDA: train in fp32 instead of bf16 autocast (the CPU always uses fp32)")
+    a("--compile", action="store_true", help="CUDA: torch.compile the network")
+    a("--benchmark", action="store_true", help="with --max-steps: also time the data loader alone and print a summary")
+
+
+# Arguments that may change when a run is resumed; every other one belongs to the run.
+RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
+             "benchmark", "out_dir", "data_dir"}
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags that were written on the command line (not defaulted)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not unset}
+
+
+def check_shared_args(args):
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size must be at least 2 (got {args.batch_size}): contrastive losses need other images as negatives")
+    if args.eps < 0:
+        raise UserError(f"--eps must be >= 0 (got {args.eps}); it is in /255 units, e.g. --eps 8")
+    if args.pgd_steps < 0:
+        raise UserError(f"--pgd-steps must be >= 0 (got {args.pgd_steps})")
+    if args.pgd_alpha < 0:
+        raise UserError(f"--pgd-alpha must be >= 0 (got {args.pgd_alpha})")
+    for name in ("epochs", "width", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("lr", "temperature"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be positive (got {getattr(args, name)})")
+    for name in ("weight_decay", "warmup_epochs", "workers", "save_every"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    if args.image_size is None:
+        args.image_size = NATIVE_SIZE[args.dataset] or 32
+    if args.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
+
+
+def parse_and_resume(parser, argv, method):
+    """Parse the command line; with --resume, load the checkpoint and take the run's arguments from
+    it. A flag written on the command line that contradicts the checkpoint is refused."""
+    args = parser.parse_args(argv)
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if checkpoint.get("method") != method:
+            raise UserError(f"{args.resume} is a checkpoint of {checkpoint.get('method')!r}, not of {method!r}; "
+                            f"resume it with {checkpoint.get('method')}.py, or start a new run")
+        saved = checkpoint["args"]
+        for name in sorted(given_flags(parser, argv) - RESUMABLE):
+            if name in saved and saved[name] != getattr(args, name):
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{args.resume} was trained with {flag} {saved[name]}, but {flag} {getattr(args, name)} "
+                                "was given; drop the flag to resume, or start a new run")
+        for name, value in saved.items():
+            if name not in RESUMABLE and hasattr(args, name):
+                setattr(args, name, value)
+    check_shared_args(args)
+    return args, checkpoint
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # only matters with --no-amp
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def run_dir_for(args, method, checkpoint_path=None):
+    """A resumed run keeps writing into its own folder; a new one gets <method>_<dataset>_<seed>_<time>/."""
+    if checkpoint_path:
+        return os.path.dirname(os.path.abspath(checkpoint_path))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out_dir, f"{method}_{args.dataset}_{args.seed}_{stamp}")
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join(args.out_dir, f"{method}_{args.dataset}_{args.seed}_{stamp}-{suffix}")
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {path} ({e.strerror}); choose another --out-dir") from None
+    return path
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) on the CPU; unreadable files end with one clear sentence."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt or "
+                        "not a PyTorch checkpoint: use another file") from None
+
+
+def rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_checkpoint(method, args, model, optimizer, epoch, step):
+    """A dict of plain types and tensors only, so torch.load(weights_only=True) reads it."""
+    return {"method": method, "args": dict(vars(args)), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng_state()}
+
+
+class StopSignal:
+    """Ctrl-C and SIGTERM set a flag; the loop checkpoints at the end of the current step and exits."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+class NonFiniteWatch:
+    """Remembers the first step whose loss terms were not finite, on the device, without a
+    host-device sync per step; `check()` (on log and checkpoint steps) syncs once and stops the run."""
+
+    def __init__(self, device):
+        self.step = torch.tensor(-1, device=device)
+        self.terms = None
+
+    def update(self, step, terms):
+        first = (self.step < 0) & ~torch.isfinite(terms).all()
+        self.step = torch.where(first, step, self.step)
+        self.terms = terms.detach() if self.terms is None else torch.where(first, terms.detach(), self.terms)
+
+    def check(self, names, checkpoint_path):
+        step = int(self.step)
+        if step >= 0:
+            values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist()))
+            kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint was written yet"
+            fail(f"the loss became non-finite at step {step} ({values}); training stopped and {kept}; "
+                 "lower --lr or check the data", status=1)
+
+
+class RunLog:
+    """Progress lines on stdout and one JSON object per log line in metrics.jsonl."""
+
+    def __init__(self, run_dir, total_steps, start_step, batch_size, device):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.total_steps, self.batch_size, self.device = total_steps, batch_size, device
+        self.sum, self.count = None, 0
+        self.last_time, self.last_step = time.perf_counter(), start_step
+
+    def accumulate(self, terms):
+        self.sum = terms.detach().clone() if self.sum is None else self.sum + terms.detach()
+        self.count += 1
+
+    def write(self, step, epoch, epochs, lr, names):
+        if self.count == 0:
+            return None
+        means = (self.sum / self.count).tolist()  # the one host-device sync of a log step
+        now = time.perf_counter()
+        images_per_s = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+        eta = (self.total_steps - step) * self.batch_size / max(images_per_s, 1e-9)
+        record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, means)), "images_per_s": images_per_s}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        losses = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+        print(f"epoch {epoch}/{epochs} step {step}/{self.total_steps} | {losses} | lr {lr:.4g} | "
+              f"{images_per_s:.0f} img/s | eta {format_seconds(eta)}", flush=True)
+        self.sum, self.count, self.last_time, self.last_step = None, 0, now, step
+        return record
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Benchmark:
+    """Steady-state throughput of a --max-steps run: timed from the end of a warm-up to the last step,
+    with the peak GPU memory and (with --benchmark) the rate of the data loader alone."""
+
+    def __init__(self, device, batch_size, warmup_steps):
+        self.device, self.batch_size, self.warmup_steps = device, batch_size, warmup_steps
+        self.steps_done, self.start, self.start_steps = 0, None, 0
+        self.loader_images_per_s = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def time_loader(self, loader, sampler, batches):
+        sampler.set_epoch(1)
+        start, n = time.perf_counter(), 0
+        for n, _ in enumerate(loader, 1):
+            if n >= batches:
+                break
+        self.loader_images_per_s = n * self.batch_size / (time.perf_counter() - start)
+
+    def step(self):
+        self.steps_done += 1
+        if self.steps_done == self.warmup_steps:
+            synchronize(self.device)
+            self.start, self.start_steps = time.perf_counter(), self.steps_done
+
+    def summary(self, run_dir, method):
+        synchronize(self.device)
+        timed = self.steps_done - self.start_steps
+        if self.start is None or timed < 1:
+            return None
+        result = {"method": method, "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+                  "timed_steps": timed, "batch_size": self.batch_size,
+                  "images_per_s": timed * self.batch_size / (time.perf_counter() - self.start),
+                  "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
+                  "loader_images_per_s": self.loader_images_per_s}
+        write_json(os.path.join(run_dir, "benchmark.json"), result)
+        loader = f", data loader alone {result['loader_images_per_s']:.0f} img/s" if self.loader_images_per_s else ""
+        memory = f", peak GPU memory {result['peak_gpu_memory_gib']:.2f} GiB" if result["peak_gpu_memory_gib"] else ""
+        print(f"benchmark: {result['images_per_s']:.1f} img/s over {timed} steps after {self.start_steps} "
+              f"warm-up steps on {result['device']}{memory}{loader}", flush=True)
+        return result
+
+
+def main_guard(main):
+    """Run main(); a UserError becomes one sentence on stderr and exit status 2 (no traceback)."""
+    try:
+        main()
+    except UserError as e:
+        fail(str(e))
