@@ -1,0 +1,570 @@
+"""Tests for common.py, acl.py, air.py, a_infonce.py and eval_linear.py, all on the CPU in a few minutes.
+
+    python -m pytest -q test_smoke.py
+
+Every test checks a value that could come out wrong: losses against explicit loops, attacks against
+their constraints, checkpoints against a round trip, bad input against the promised message.
+"""
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import a_infonce
+import acl
+import air
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset", "synthetic", "--width", "8", "--batch-size", "16", "--pgd-steps", "2", "--workers", "0",
+        "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """The training scripts install SIGINT/SIGTERM handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def run_cli(script, *argv, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+def assert_clean_error(result, *fragments, status=2):
+    """One sentence on stderr, the promised exit status, no traceback."""
+    assert result.returncode == status, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def in_process_error(main, argv, capsys):
+    """Run a script's main through main_guard in this process; return (exit status, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.main_guard(lambda: main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def unit_rows(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+# =============================================================================================
+# Contrastive loss and ACL
+# =============================================================================================
+
+def nt_xent_loops(za, zb, t):
+    z = F.normalize(torch.cat([za, zb]).double(), dim=1)
+    n, b = z.shape[0], z.shape[0] // 2
+    total = 0.0
+    for k in range(n):
+        partner = (k + b) % n
+        s = [float(z[k] @ z[j]) / t for j in range(n)]
+        total += -s[partner] + math.log(sum(math.exp(s[j]) for j in range(n) if j != k))
+    return total / n
+
+
+@pytest.mark.parametrize("t", [0.5, 0.2])
+def test_nt_xent_equals_explicit_loops(t):
+    za, zb = torch.randn(5, 7), torch.randn(5, 7)
+    assert common.nt_xent(za, zb, t).item() == pytest.approx(nt_xent_loops(za, zb, t), rel=1e-5)
+
+
+def test_acl_loss_weights_terms_by_omega():
+    z = [torch.randn(6, 8) for _ in range(4)]
+    clean, adv = common.nt_xent(z[0], z[1]), common.nt_xent(z[2], z[3])
+    for omega in (0.0, 0.3):
+        loss, terms = acl.acl_loss(*z, omega=omega)
+        assert loss.item() == pytest.approx(((1 - omega) * clean + (1 + omega) * adv).item(), rel=1e-6)
+        assert terms["loss_clean"].item() == pytest.approx(clean.item())
+    assert acl.acl_loss(*z, omega=0.3)[0].item() != pytest.approx(acl.acl_loss(*z, omega=0.0)[0].item())
+
+
+# =============================================================================================
+# Network and attack
+# =============================================================================================
+
+def bn_stats(model, copy):
+    return [m.bn_list[copy].running_mean.clone() for m in model.modules() if isinstance(m, common.DualBN)]
+
+
+def test_dual_bn_copies_are_independent():
+    torch.manual_seed(0)
+    model = common.ResNet18(width=8).train()
+    x = torch.rand(4, 3, 32, 32)
+    for adv, used, other in ((False, 0, 1), (True, 1, 0)):
+        before_used, before_other = bn_stats(model, used), bn_stats(model, other)
+        model(x, adv=adv)
+        assert all(not torch.equal(a, b) for a, b in zip(before_used, bn_stats(model, used)))
+        assert all(torch.equal(a, b) for a, b in zip(before_other, bn_stats(model, other)))
+
+
+def test_network_shapes_stems_and_stages():
+    model = common.ResNet18(width=8)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    stages = model.features(torch.rand(2, 3, 32, 32), stages=True)
+    assert [tuple(s.shape[1:]) for s in stages] == [(8, 32, 32), (8, 32, 32), (16, 16, 16), (32, 8, 8), (64, 4, 4), (64,)]
+    big = common.ResNet18(width=8, stem=common.stem_for(96))
+    assert big.conv1.kernel_size == (7, 7) and big.features(torch.rand(2, 3, 96, 96)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_contrastive_pgd_constraints(start_training):
+    torch.manual_seed(0)
+    model = common.ResNet18(width=8).train(start_training)
+    x1, x2 = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
+    eps, alpha = 8 / 255, 2 / 255
+    x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, eps, alpha, steps=5)
+    assert model.training == start_training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    for x, xa in ((x1, x1_adv), (x2, x2_adv)):
+        assert xa.min() >= 0 and xa.max() <= 1
+        assert (xa - x).abs().max() <= eps + 1e-6
+        assert (xa - x).abs().max() > eps / 2  # it moved
+    model.eval()
+    with torch.no_grad():
+        clean = common.nt_xent(model(x1, adv=True), model(x2, adv=True))
+        attacked = common.nt_xent(model(x1_adv, adv=True), model(x2_adv, adv=True))
+    assert attacked > clean
+
+
+def test_pgd_attack_stays_in_ball_and_lowers_accuracy_margin():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    x_adv = common.pgd_attack(net, x, y, eps=4 / 255, alpha=1 / 255, steps=10)
+    assert (x_adv - x).abs().max() <= 4 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert F.cross_entropy(net(x_adv), y) > F.cross_entropy(net(x), y)
+    assert all(p.grad is None for p in net.parameters())
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+
+def test_augmentation_strengths():
+    from PIL import Image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    x0 = common.eval_transform(32, 32, train=False)(image)
+    torch.manual_seed(0)
+    for _ in range(10):  # s = 0: only the flip is left
+        x = common.pretrain_transform(32, 0.0)(image)
+        assert torch.equal(x, x0) or torch.equal(x, x0.flip(-1))
+    views = [common.pretrain_transform(32, 1.0)(image) for _ in range(10)]
+    assert all(v.shape == (3, 32, 32) and v.min() >= 0 and v.max() <= 1 for v in views)
+    assert sum(not (torch.equal(v, x0) or torch.equal(v, x0.flip(-1))) for v in views) >= 8
+
+
+def test_dynacl_schedule():
+    got = [common.dynacl_schedule(e, 1000, True) for e in (1, 50, 51, 100, 101, 951, 1000)]
+    expected_s = [1.0, 1.0, 0.95, 0.95, 0.9, 0.05, 0.05]
+    for (s, omega), s_expected in zip(got, expected_s):
+        assert s == pytest.approx(s_expected) and omega == pytest.approx(2 / 3 * (1 - s_expected))
+    assert common.dynacl_schedule(600, 1000, False) == (1.0, 0.0)
+
+
+def test_pretrain_views_are_deterministic_per_epoch_and_index():
+    base = common.SyntheticImages(train=True, seed=0, size=8)
+    views = common.PretrainViews(base, 32, 32, seed=3)
+    a, b = views[(5, 2, 1.0)], views[(5, 2, 1.0)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], views[(5, 3, 1.0)][0])  # another epoch, other views
+    assert not torch.equal(a[0], a[1])  # the two views differ
+    assert torch.equal(a[2], torch.from_numpy(base.data[5]).permute(2, 0, 1).float() / 255)
+
+
+def write_tiny_cifar10(root, n=4, seed=0):
+    """A CIFAR-10 folder in the real on-disk format: pickled dicts of uint8 rows (3072 = 3x32x32)."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist(), "batch_label": name}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batches[name], f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n}, f)
+    return batches
+
+
+def test_cifar10_through_torchvision_on_a_tiny_archive(tmp_path):
+    batches = write_tiny_cifar10(str(tmp_path))
+    train = common.load_dataset("cifar10", str(tmp_path), "pretrain")
+    test = common.load_dataset("cifar10", str(tmp_path), "test")
+    assert len(train) == 20 and len(test) == 4
+    image, label = train[5]  # batch 2, row 1
+    expected = batches["data_batch_2"]["data"][1].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(image), expected) and label == batches["data_batch_2"]["labels"][1]
+    views = common.PretrainViews(train, 32, 32, seed=0)
+    x1, x2, x0 = views[(5, 1, 1.0)]
+    assert x1.shape == x2.shape == x0.shape == (3, 32, 32)
+    assert torch.equal(x0, torch.from_numpy(expected).permute(2, 0, 1).float() / 255)
+
+
+def test_failed_download_says_where_to_put_the_data(tmp_path):
+    with pytest.raises(common.UserError) as error:
+        common.load_dataset("cifar10", str(tmp_path / "nothing-here"), "pretrain")
+    message = str(error.value)
+    assert str(tmp_path / "nothing-here") in message and "cifar-10-python.tar.gz" in message
+
+
+def write_image_tree(root, sizes=((40, 48), (32, 32), (64, 50))):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            os.makedirs(os.path.join(root, split, cls))
+            for i, (h, w) in enumerate(sizes):
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    os.path.join(root, split, cls, f"{i}.png"))
+
+
+def test_imagefolder_tree(tmp_path):
+    write_image_tree(str(tmp_path))
+    train = common.load_dataset("imagefolder", str(tmp_path), "pretrain")
+    assert len(train) == 6 and train.classes == ["cat", "dog"]
+    x1, x2, x0 = common.PretrainViews(train, 24, None, seed=0)[(0, 1, 1.0)]
+    assert x1.shape == x2.shape == x0.shape == (3, 24, 24)
+    x, y = next(iter(common.eval_loader("imagefolder", str(tmp_path), "test", 24, 4, 0, torch.device("cpu"))))
+    assert x.shape == (4, 3, 24, 24) and set(y.tolist()) <= {0, 1}
+
+
+def test_imagefolder_missing_or_empty(tmp_path):
+    with pytest.raises(common.UserError, match="no folder"):
+        common.load_dataset("imagefolder", str(tmp_path), "pretrain")
+    os.makedirs(tmp_path / "train")
+    with pytest.raises(common.UserError, match="holds no images"):
+        common.load_dataset("imagefolder", str(tmp_path), "pretrain")
+
+
+# =============================================================================================
+# Optimisation
+# =============================================================================================
+
+def test_lars_matches_hand_computed_update():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
+    g = torch.tensor([0.6, 0.8])  # ||g|| = 1
+    opt = common.LARS([w], lr=2.0, momentum=0.9, weight_decay=0.1, eta=0.001)
+    expected, buf = torch.tensor([3.0, 4.0]), torch.zeros(2)
+    for _ in range(2):
+        w.grad = g.clone()
+        wn = expected.norm()
+        local_lr = 0.001 * wn / (1.0 + 0.1 * wn)
+        buf = 0.9 * buf + 2.0 * local_lr * (g + 0.1 * expected)
+        expected = expected - buf
+        opt.step()
+        assert torch.allclose(w.detach(), expected, atol=1e-7)
+    zero = torch.nn.Parameter(torch.zeros(2))  # ||w|| < 1e-15: local lr 1
+    zero.grad = g.clone()
+    common.LARS([zero], lr=0.5, weight_decay=0.1).step()
+    assert torch.allclose(zero.detach(), -0.5 * g)
+
+
+def test_learning_rate_schedule():
+    lr = lambda step: common.lr_at(step, 5.0, warmup_steps=10, total_steps=100)  # noqa: E731
+    assert lr(0) == pytest.approx(0.5) and lr(4) == pytest.approx(2.5) and lr(9) == pytest.approx(5.0)
+    assert lr(10) == pytest.approx(5.0) and lr(55) == pytest.approx((5.0 + 1e-6) / 2)
+    assert lr(100) == pytest.approx(1e-6)
+    assert all(lr(s) > lr(s + 1) for s in range(10, 99))
+
+
+# =============================================================================================
+# AIR (SPEC 2.2)
+# =============================================================================================
+
+def softmax_list(values):
+    m = max(values)
+    e = [math.exp(v - m) for v in values]
+    return [v / sum(e) for v in e]
+
+
+def regularizers_loops(z1, z2, z0, z1a, z2a, t, official):
+    z1, z2, z0, z1a, z2a = (F.normalize(z.double(), dim=1) for z in (z1, z2, z0, z1a, z2a))
+    b = z1.shape[0]
+    dot = lambda u, v, k: float(u[k] @ v[k]) / t  # noqa: E731
+    p = softmax_list([dot(z1, z0, k) for k in range(b)])
+    q = softmax_list([dot(z2, z0, k) for k in range(b)])
+    big_p = []
+    for za, z in ((z1a, z1), (z2a, z2)):
+        c = softmax_list([dot(za, z0, k) for k in range(b)])
+        d = softmax_list([dot(za, z, k) for k in range(b)])
+        big_p.append([c[k] * d[k] for k in range(b)])
+    p1, p2 = big_p
+    if official:
+        sir = sum(q[k] * (math.log(q[k]) - p[k]) for k in range(b))
+        air_ = sum(p2[k] * (math.log(p2[k]) - p1[k]) for k in range(b))
+    else:
+        sir = sum(p[k] * (math.log(p[k]) - math.log(q[k])) for k in range(b))
+        air_ = sum(p1[k] * (math.log(p1[k]) - math.log(p2[k])) for k in range(b))
+    return sir, air_
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_air_regularizers_equal_explicit_loops(official):
+    z = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    sir, air_ = air.invariant_regularizers(*z, temperature=0.5, official=official)
+    sir_loop, air_loop = regularizers_loops(*z, 0.5, official)
+    assert sir.item() == pytest.approx(sir_loop, rel=1e-5, abs=1e-7)
+    assert air_.item() == pytest.approx(air_loop, rel=1e-5, abs=1e-7)
+
+
+def test_air_regularizers_zero_when_views_agree_and_nonnegative():
+    z1, z0, z1a = torch.randn(6, 5), torch.randn(6, 5), torch.randn(6, 5)
+    sir, air_ = air.invariant_regularizers(z1, z1.clone(), z0, z1a, z1a.clone())
+    assert abs(sir.item()) < 1e-6 and abs(air_.item()) < 1e-6
+    for seed in range(5):
+        z = [torch.randn(8, 5, generator=torch.Generator().manual_seed(10 * seed + i)) for i in range(5)]
+        sir, air_ = air.invariant_regularizers(*z)
+        assert sir.item() >= 0 and air_.item() >= 0 and sir.item() > 1e-6
+
+
+def test_air_loss_sums_acl_and_regularizers_with_gradients_everywhere():
+    z = [torch.randn(6, 5, requires_grad=True) for _ in range(5)]
+    z1, z2, z0, z1a, z2a = z
+    loss, terms = air.air_loss(z1, z2, z0, z1a, z2a, omega=0.2, lambda1=0.3, lambda2=0.7)
+    acl_part = acl.acl_loss(z1, z2, z1a, z2a, omega=0.2)[0]
+    assert loss.item() == pytest.approx((acl_part + 0.3 * terms["sir"] + 0.7 * terms["air"]).item(), rel=1e-6)
+    loss.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in z)  # z0 included
+
+
+# =============================================================================================
+# A-InfoNCE (SPEC 2.3)
+# =============================================================================================
+
+def multi_positive_infonce_loops(zs, t):
+    z = F.normalize(torch.cat(zs).double(), dim=1)
+    n, b = z.shape[0], z.shape[0] // 4
+    s = (z @ z.T / t).tolist()
+    total = 0.0
+    for u in range(n):
+        negatives = [j for j in range(n) if j % b != u % b]
+        positives = [j for j in range(n) if j % b == u % b and j != u]
+        assert len(negatives) == 4 * (b - 1) and len(positives) == 3
+        for p in positives:
+            ng = sum(math.exp(s[u][j]) for j in negatives)
+            total += -math.log(math.exp(s[u][p]) / (math.exp(s[u][p]) + ng)) / 3
+    return total / n
+
+
+def test_a_infonce_plain_equals_explicit_loops():
+    zs = [torch.randn(4, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    loss = a_infonce.a_infonce_loss(*zs, temperature=0.5, ip=False, hn=False)
+    assert loss.item() == pytest.approx(multi_positive_infonce_loops(zs, 0.5), rel=1e-5)
+
+
+def test_a_infonce_hard_negatives_reduce_to_plain_at_beta_0_tau_0():
+    zs = [torch.randn(5, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for ip in (False, True):
+        plain = a_infonce.a_infonce_loss(*zs, ip=ip, hn=False)
+        hn = a_infonce.a_infonce_loss(*zs, ip=ip, hn=True, beta=0.0, tau_plus=0.0)
+        assert hn.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert a_infonce.a_infonce_loss(*zs, hn=True, beta=1.0, tau_plus=0.1).item() != pytest.approx(
+        a_infonce.a_infonce_loss(*zs, hn=False).item(), rel=1e-4)
+
+
+def test_a_infonce_hard_negative_formula_on_one_pair():
+    """HN mass for one anchor and positive, written out from SPEC 2.3 (M = S, IP off)."""
+    zs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    t, beta, tau = 0.5, 1.5, 0.2
+    z = F.normalize(torch.cat(zs).double(), dim=1)
+    s = z @ z.T / t
+    n = z.shape[0]
+    total = 0.0
+    for u in range(n):
+        negatives = [j for j in range(n) if j % 3 != u % 3]
+        mean_w = sum(math.exp(beta * s[u, j]) for j in negatives) / len(negatives)
+        mass = sum(math.exp(beta * s[u, j]) / mean_w * math.exp(s[u, j]) for j in negatives)
+        for p in [j for j in range(n) if j % 3 == u % 3 and j != u]:
+            ng = max((mass - tau * len(negatives) * math.exp(s[u, p])) / (1 - tau), len(negatives) * math.exp(-1 / t))
+            total += -math.log(math.exp(s[u, p]) / (math.exp(s[u, p]) + ng)) / 3
+    loss = a_infonce.a_infonce_loss(*zs, temperature=t, ip=False, hn=True, beta=beta, tau_plus=tau)
+    assert loss.item() == pytest.approx(total / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("share, silent", [(0.0, "clean"), (1.0, "adversarial")])
+def test_a_infonce_inferior_positives_stop_gradient(share, silent):
+    """With share 0 (1) the clean (adversarial) views get no gradient from clean-adversarial pairs:
+    their gradient equals that of the same loss with those pairs removed (ip_weight 0)."""
+    def grads(ip_weight):
+        zs = [torch.randn(4, 6, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(4)]
+        a_infonce.a_infonce_loss(*zs, ip=True, hn=True, ip_weight=ip_weight, clean_grad_share=share).backward()
+        return [z.grad for z in zs]
+
+    with_pairs, without_pairs = grads(0.7), grads(0.0)
+    quiet, loud = ((0, 1), (2, 3)) if silent == "clean" else ((2, 3), (0, 1))
+    for i in quiet:
+        assert torch.allclose(with_pairs[i], without_pairs[i], atol=1e-7)
+    for i in loud:
+        assert not torch.allclose(with_pairs[i], without_pairs[i], atol=1e-5)
+
+
+def test_a_infonce_terms_add_up():
+    zs = [torch.randn(4, 6) for _ in range(4)]
+    loss, terms = a_infonce.a_infonce_loss(*zs, terms=True)
+    assert loss.item() == pytest.approx((terms["loss_same"] + terms["loss_cross"]).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(a_infonce.a_infonce_loss(*zs).item())
+
+
+# =============================================================================================
+# Training scripts end to end (tiny network, synthetic data, CPU)
+# =============================================================================================
+
+METHODS = [(acl, ["loss_clean", "loss_adv"]), (air, ["loss_clean", "loss_adv", "sir", "air"]),
+           (a_infonce, ["loss_same", "loss_cross"])]
+
+
+@pytest.mark.parametrize("module, terms", METHODS, ids=["acl", "air", "a_infonce"])
+def test_method_runs_and_resumes(module, terms, tmp_path):
+    run_dir = module.main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path)])
+    assert os.path.basename(run_dir).startswith(f"{module.METHOD}_synthetic_0_")
+    path = os.path.join(run_dir, "checkpoint.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["step"] == 3 and checkpoint["method"] == module.METHOD and checkpoint["args"]["width"] == 8
+    assert set(checkpoint) >= {"model", "optimizer", "epoch", "rng"}
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(set(terms) | {"loss", "lr", "epoch", "images_per_s"} <= set(r) for r in records)
+    assert all(math.isfinite(r[k]) for r in records for k in terms)
+    assert json.load(open(os.path.join(run_dir, "args.json")))["batch_size"] == 16
+
+    assert module.main(["--resume", path, "--max-steps", "5", "--log-every", "1"]) == run_dir
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["step"] == 5
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5]
+    assert not any(name.endswith(".tmp") for name in os.listdir(run_dir))
+
+
+@pytest.mark.parametrize("module", [acl, air], ids=["acl", "air"])
+def test_interrupted_then_resumed_equals_uninterrupted(module, tmp_path):
+    names = ["loss", "loss_clean", "loss_adv"] + (["sir", "air"] if module is air else [])
+    straight = module.main(TINY + ["--max-steps", "6", "--out-dir", str(tmp_path / "a"), "--workers", "2"])
+    interrupted = module.main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path / "b")])
+    module.main(["--resume", os.path.join(interrupted, "checkpoint.pt"), "--max-steps", "6", "--log-every", "1"])
+    a, b = metrics(straight), metrics(interrupted)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        for name in names:
+            assert ra[name] == pytest.approx(rb[name], rel=1e-5, abs=1e-6), (ra["step"], name)
+    sa = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)["model"]
+    sb = torch.load(os.path.join(interrupted, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+
+
+def test_resume_refuses_other_method_width_and_broken_files(tmp_path, capsys):
+    run_dir = acl.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path)])
+    path = os.path.join(run_dir, "checkpoint.pt")
+    status, err = in_process_error(air.main, ["--resume", path], capsys)
+    assert status == 2 and "checkpoint of 'acl'" in err and "acl.py" in err
+    status, err = in_process_error(acl.main, ["--resume", path, "--width", "16"], capsys)
+    assert status == 2 and "--width 8" in err and "--width 16" in err
+    status, err = in_process_error(acl.main, ["--resume", str(tmp_path / "missing.pt")], capsys)
+    assert status == 2 and "does not exist" in err
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    result = run_cli("acl.py", "--resume", str(truncated))
+    assert_clean_error(result, str(truncated), "truncated")
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    real_loss = acl.acl_loss
+
+    def loss_with_nan(*args, **kwargs):
+        loss, terms = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), terms) if calls["n"] == 3 else (loss, terms)
+
+    monkeypatch.setattr(acl, "acl_loss", loss_with_nan)
+    with pytest.raises(SystemExit) as exit_info:
+        acl.main(TINY + ["--max-steps", "6", "--save-every", "1", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite at step 3" in err and "loss nan" in err and "loss_clean" in err
+    (run_dir,) = [p for p in tmp_path.iterdir()]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
+
+
+def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "acl.py"), *TINY, "--max-steps", "1000",
+                                "--out-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=HERE)
+    deadline = time.time() + 120
+    for line in process.stdout:
+        if "step 2/" in line or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "received SIGTERM" in out and "Traceback" not in err
+    (run_dir,) = [p for p in tmp_path.iterdir()]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert 2 <= checkpoint["step"] < 1000
+
+
+# =============================================================================================
+# Bad input: one sentence, exit status 2, no traceback
+# =============================================================================================
+
+def test_bad_input_through_the_command_line(tmp_path):
+    assert_clean_error(run_cli("acl.py", "--dataset", "imagefolder", "--data-dir", str(tmp_path), "--max-steps", "1"),
+                       "no folder", str(tmp_path))
+    assert_clean_error(run_cli("air.py", "--dataset", "synthetic", "--batch-size", "1"), "--batch-size")
+    assert_clean_error(run_cli("a_infonce.py", "--dataset", "synthetic", "--tau-plus", "1"), "--tau-plus")
+
+
+@pytest.mark.parametrize("module, flag, value", [
+    (acl, "--eps", "-1"), (acl, "--batch-size", "1"), (acl, "--pgd-steps", "-1"), (acl, "--pgd-alpha", "-2"),
+    (acl, "--temperature", "0"), (acl, "--epochs", "0"), (acl, "--lr", "-1"),
+    (air, "--lambda1", "-0.5"), (air, "--lambda2", "-1"),
+    (a_infonce, "--clean-grad-share", "1.5"), (a_infonce, "--clean-grad-share", "-0.1"),
+    (a_infonce, "--tau-plus", "1"), (a_infonce, "--tau-plus", "-0.1"), (a_infonce, "--ip-weight", "-1"),
+])
+def test_out_of_range_flags_are_refused(module, flag, value, tmp_path, capsys):
+    status, err = in_process_error(module.main, TINY + [flag, value, "--out-dir", str(tmp_path)], capsys)
+    assert status == 2 and err.startswith("error: ") and flag in err and err.count("\n") == 1
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_imagefolder_errors_in_the_training_script(tmp_path, capsys):
+    os.makedirs(tmp_path / "train")
+    status, err = in_process_error(acl.main, TINY + ["--dataset", "imagefolder", "--data-dir", str(tmp_path)], capsys)
+    assert status == 2 and "holds no images" in err
+    write_image_tree(str(tmp_path / "tree"), sizes=((40, 40),))
+    status, err = in_process_error(acl.main, TINY + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "tree")], capsys)
+    assert status == 2 and "fewer than --batch-size 16" in err
+
+
+def test_imagefolder_training_end_to_end(tmp_path):
+    write_image_tree(str(tmp_path / "tree"), sizes=((40, 48), (32, 32), (64, 50), (36, 36)))
+    argv = TINY + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "tree"), "--batch-size", "4",
+                   "--epochs", "2", "--out-dir", str(tmp_path / "runs")]
+    run_dir = acl.main(argv)
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert checkpoint["step"] == 4 and checkpoint["epoch"] == 2  # 8 images / batch 4 = 2 steps an epoch
