@@ -339,6 +339,8 @@ def test_air_regularizers_zero_when_views_agree_and_nonnegative():
         z = [torch.randn(8, 5, generator=torch.Generator().manual_seed(10 * seed + i)) for i in range(5)]
         sir, air_ = air.invariant_regularizers(*z)
         assert sir.item() >= 0 and air_.item() >= 0 and sir.item() > 1e-6
+        sir_code, air_code = air.invariant_regularizers(*z, official=True)  # what the README says of them
+        assert sir_code.item() < 0 and air_code.item() < 0
 
 
 def test_air_loss_sums_acl_and_regularizers_with_gradients_everywhere():
