@@ -12,13 +12,14 @@ and schedule are acl.py's. --dynacl changes only the augmentation strength here.
     python a_infonce.py --dataset synthetic --width 8 --batch-size 32 --pgd-steps 2 --max-steps 20 --workers 0
 """
 import argparse
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from common import (UserError, NonFiniteWatch, Benchmark, RunLog, StopSignal, ResNet18, add_shared_flags, autocast,
-                    contrastive_pgd, dynacl_schedule, lr_at, main_guard, make_checkpoint, make_optimizer, nt_xent,
+                    contrastive_pgd, dynacl_schedule, lr_at, main_guard, make_checkpoint, make_optimizer,
                     parse_and_resume, pick_device, pretrain_loader, run_dir_for, save_checkpoint, set_rng_state,
                     stem_for, write_json)
 
@@ -71,7 +72,7 @@ def a_infonce_loss(z1, z2, z1_adv, z2_adv, temperature=0.5, ip=True, hn=True, ip
         if hn:  # w_un = exp(beta M_un) / mean_n exp(beta M_un) = |N| softmax over the negatives
             w = n_neg * torch.where(negative, beta * logits, float("-inf")).softmax(1)
             mass = (w * e).sum(1, keepdim=True)
-            floor = n_neg * torch.exp(torch.tensor(-1 / temperature - shift, device=z.device))
+            floor = n_neg * math.exp(-1 / temperature - shift)
             ng = torch.clamp_min((mass - tau_plus * n_neg * e_pos) / (1 - tau_plus), floor)
         else:
             ng = (e * negative).sum(1, keepdim=True)
@@ -86,7 +87,7 @@ def a_infonce_loss(z1, z2, z1_adv, z2_adv, temperature=0.5, ip=True, hn=True, ip
     weighted = weight * losses / (3 * n)
     loss = weighted.sum()
     if terms:
-        return loss, {"loss_same": weighted[~cross].sum(), "loss_cross": weighted[cross].sum()}
+        return loss, {"loss_same": torch.where(cross, 0.0, weighted).sum(), "loss_cross": torch.where(cross, weighted, 0.0).sum()}
     return loss
 
 
@@ -118,7 +119,7 @@ def main(argv=None):
         step = checkpoint["step"]
         set_rng_state(checkpoint["rng"])
         print(f"resumed {args.resume} at step {step}", flush=True)
-    net = torch.compile(model) if args.compile else model  # the state dict stays the plain model's
+    net = torch.compile(model, dynamic=False) if args.compile else model  # the state dict stays the plain model's
 
     run_dir = run_dir_for(args, METHOD, args.resume)
     write_json(os.path.join(run_dir, "args.json"), vars(args))
@@ -162,11 +163,11 @@ def main(argv=None):
             if bench:
                 bench.step()
             if step % args.log_every == 0 or step == stop_step:
-                watch.check(names, checkpoint_path)
+                watch.check(names, checkpoint_path, model)
                 log.write(step, epoch, args.epochs, lr, names)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or stop.received or step == stop_step or (args.save_every and step % args.save_every == 0):
-                watch.check(names, checkpoint_path)
+                watch.check(names, checkpoint_path, model)
                 save_checkpoint(checkpoint_path, make_checkpoint(METHOD, args, model, optimizer, epoch, step))
             if stop.received:
                 print(f"received {stop.received}: saved {checkpoint_path} at step {step}; continue with "

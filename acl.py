@@ -73,7 +73,7 @@ def main(argv=None):
         step = checkpoint["step"]
         set_rng_state(checkpoint["rng"])
         print(f"resumed {args.resume} at step {step}", flush=True)
-    net = torch.compile(model) if args.compile else model  # the state dict stays the plain model's
+    net = torch.compile(model, dynamic=False) if args.compile else model  # the state dict stays the plain model's
 
     run_dir = run_dir_for(args, METHOD, args.resume)
     write_json(os.path.join(run_dir, "args.json"), vars(args))
@@ -116,11 +116,11 @@ def main(argv=None):
             if bench:
                 bench.step()
             if step % args.log_every == 0 or step == stop_step:
-                watch.check(names, checkpoint_path)
+                watch.check(names, checkpoint_path, model)
                 log.write(step, epoch, args.epochs, lr, names)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end or stop.received or step == stop_step or (args.save_every and step % args.save_every == 0):
-                watch.check(names, checkpoint_path)
+                watch.check(names, checkpoint_path, model)
                 save_checkpoint(checkpoint_path, make_checkpoint(METHOD, args, model, optimizer, epoch, step))
             if stop.received:
                 print(f"received {stop.received}: saved {checkpoint_path} at step {step}; continue with "

@@ -186,6 +186,9 @@ def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperat
     the only inputs), so no parameter gradient is built or accumulated. The mode is restored."""
     was_training = model.training
     model.eval()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # input gradients only, also for a torch.compile'd model whose backward is traced
+        p.requires_grad_(False)
     x = torch.cat([x1, x2])
     x_adv = _random_start(x, eps)
     for _ in range(steps):
@@ -196,6 +199,8 @@ def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperat
             loss = nt_xent(*z.float().chunk(2), temperature)
             (grad,) = torch.autograd.grad(loss, [x_adv])
         x_adv = _step_and_project(x_adv, grad, x, eps, alpha)
+    for p in frozen:
+        p.requires_grad_(True)
     model.train(was_training)
     return [t.detach() for t in x_adv.chunk(2)]
 
@@ -379,7 +384,10 @@ class PretrainSampler(Sampler):
 
 
 def _worker_init(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # Ctrl-C and a SIGTERM sent to the whole process group (scancel, kill -- -PGID) are the main
+    # process's to handle: it checkpoints and stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers():
@@ -462,9 +470,11 @@ def make_optimizer(name, params, lr, weight_decay):
 
 def lr_at(step, base_lr, warmup_steps, total_steps, final_lr=1e-6):
     """Linear warm-up to base_lr over warmup_steps, then cosine decay per iteration to final_lr."""
+    # step is 0-based; like the released code's scheduler (stepped before each update), step s uses
+    # the schedule's value at s + 1, so the last step runs at exactly final_lr.
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step + 1 - warmup_steps) / max(1, total_steps - warmup_steps)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -637,8 +647,10 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore the random state; a CUDA state saved with another number of GPUs (or on the CPU) can't
+    be restored, and then the CUDA generators keep their seed: the run continues, not bit for bit."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
+    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -669,12 +681,18 @@ class NonFiniteWatch:
         self.terms = None
 
     def update(self, step, terms):
+        self.last_step = step
         first = (self.step < 0) & ~torch.isfinite(terms).all()
         self.step = torch.where(first, step, self.step)
         self.terms = terms.detach() if self.terms is None else torch.where(first, terms.detach(), self.terms)
 
-    def check(self, names, checkpoint_path):
+    def check(self, names, checkpoint_path, model):
+        """Stop if a loss was non-finite, or if the weights are (a finite loss with infinite gradients)."""
+        weights_finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
         step = int(self.step)
+        if step < 0 and not bool(weights_finite):
+            fail(f"the network's weights became non-finite by step {self.last_step} although the loss stayed finite; "
+                 f"training stopped and the last good checkpoint is {checkpoint_path}; lower --lr", status=1)
         if step >= 0:
             values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist()))
             kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint was written yet"

@@ -5,6 +5,7 @@
 Every test checks a value that could come out wrong: losses against explicit loops, attacks against
 their constraints, checkpoints against a round trip, bad input against the promised message.
 """
+import importlib.util
 import json
 import math
 import os
@@ -17,12 +18,14 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import a_infonce
 import acl
 import air
 import common
+import eval_linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "synthetic", "--width", "8", "--batch-size", "16", "--pgd-steps", "2", "--workers", "0",
@@ -286,9 +289,9 @@ def test_lars_matches_hand_computed_update():
 def test_learning_rate_schedule():
     lr = lambda step: common.lr_at(step, 5.0, warmup_steps=10, total_steps=100)  # noqa: E731
     assert lr(0) == pytest.approx(0.5) and lr(4) == pytest.approx(2.5) and lr(9) == pytest.approx(5.0)
-    assert lr(10) == pytest.approx(5.0) and lr(55) == pytest.approx((5.0 + 1e-6) / 2)
-    assert lr(100) == pytest.approx(1e-6)
-    assert all(lr(s) > lr(s + 1) for s in range(10, 99))
+    assert lr(54) == pytest.approx((5.0 + 1e-6) / 2)  # half-way through the cosine
+    assert lr(99) == pytest.approx(1e-6)  # the last step
+    assert all(lr(s) > lr(s + 1) for s in range(9, 99))
 
 
 # =============================================================================================
@@ -513,15 +516,17 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys,
     assert all(torch.isfinite(v.float()).all() for v in checkpoint["model"].values())
 
 
-def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_leaves_a_loadable_checkpoint(workers, tmp_path):
+    """SIGTERM to the whole process group, as a cluster scheduler sends it: data-loader workers included."""
     process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "acl.py"), *TINY, "--max-steps", "1000",
-                                "--out-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=HERE)
+                                "--workers", workers, "--out-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
     deadline = time.time() + 120
     for line in process.stdout:
         if "step 2/" in line or time.time() > deadline:
             break
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in out and "Traceback" not in err
@@ -570,3 +575,390 @@ def test_imagefolder_training_end_to_end(tmp_path):
     run_dir = acl.main(argv)
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert checkpoint["step"] == 4 and checkpoint["epoch"] == 2  # 8 images / batch 4 = 2 steps an epoch
+
+
+# =============================================================================================
+# eval_linear.py (SPEC 4)
+# =============================================================================================
+
+QUICK = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--batch-size", "16",
+         "--test-batch-size", "16", "--workers", "0"]
+KEYS = ["checkpoint", "dataset", "mode", "bn", "epochs", "clean_acc", "pgd20_acc", "autoattack_acc", "corruption_acc",
+        "cka", "seconds"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """checkpoint.pt of a two-step, width-8 ACL run."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    run_dir = acl.main(["--dataset", "synthetic", "--width", "8", "--batch-size", "16", "--pgd-steps", "1",
+                        "--max-steps", "2", "--workers", "0", "--out-dir", str(tmp_path_factory.mktemp("acl"))])
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    return os.path.join(run_dir, "checkpoint.pt")
+
+
+def run_eval_cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(HERE, "eval_linear.py"), *argv], capture_output=True,
+                          text=True, timeout=120, cwd=HERE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: the released checkpoints' layout (SPEC 4.1) against a functional forward pass
+# ---------------------------------------------------------------------------------------------
+
+def released_state_dict(width, stem, seed=0):
+    """Random weights under the key names of SPEC 4.1, each BN copy with its own statistics."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    sd = {}
+
+    def conv(name, cout, cin, k):
+        sd[name] = randn(cout, cin, k, k) * (2 / (cin * k * k)) ** 0.5
+
+    def bn(prefix, c):
+        for copy in (0, 1):
+            p = f"{prefix}.bn_list.{copy}."
+            sd[p + "weight"], sd[p + "bias"] = 1 + 0.3 * randn(c), 0.2 * randn(c)
+            sd[p + "running_mean"], sd[p + "running_var"] = 0.2 * randn(c), 0.5 + torch.rand(c, generator=g)
+            sd[p + "num_batches_tracked"] = torch.tensor(100)
+
+    conv("conv1.weight", width, 3, 3 if stem == "cifar" else 7)
+    bn("bn1", width)
+    cin = width
+    for i, c in enumerate([width, 2 * width, 4 * width, 8 * width], 1):
+        for j in range(2):
+            p = f"layer{i}.{j}"
+            conv(f"{p}.conv1.weight", c, cin if j == 0 else c, 3)
+            bn(f"{p}.bn1", c)
+            conv(f"{p}.conv2.weight", c, c, 3)
+            bn(f"{p}.bn2", c)
+            if j == 0 and i > 1:
+                conv(f"{p}.downsample.conv.weight", c, cin, 1)
+                bn(f"{p}.downsample.bn", c)
+        cin = c
+    d = 8 * width
+    sd["fc.fc1.weight"], sd["fc.fc1.bias"] = randn(d, d), randn(d)
+    sd["fc.fc2.weight"], sd["fc.fc3.weight"] = randn(d, d), randn(d, d)
+    for k in (1, 2, 3):
+        bn(f"fc.bn{k}", d)
+    sd["normalize.mean"], sd["normalize.std"] = torch.tensor(common.IMAGENET_MEAN), torch.tensor(common.IMAGENET_STD)
+    return sd
+
+
+def functional_features(sd, x, copy, stem):
+    """The pooled feature written out with torch.nn.functional, BN in eval mode with copy `copy`."""
+    def bn(h, prefix):
+        p = f"{prefix}.bn_list.{copy}."
+        return F.batch_norm(h, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"],
+                            training=False, eps=1e-5)
+
+    h = (x - sd["normalize.mean"].view(1, 3, 1, 1)) / sd["normalize.std"].view(1, 3, 1, 1)
+    if stem == "cifar":
+        h = F.relu(bn(F.conv2d(h, sd["conv1.weight"], stride=1, padding=1), "bn1"))
+    else:
+        h = F.max_pool2d(F.relu(bn(F.conv2d(h, sd["conv1.weight"], stride=2, padding=3), "bn1")), 3, 2, 1)
+    for i in range(1, 5):
+        for j in range(2):
+            p, stride = f"layer{i}.{j}", 2 if (i > 1 and j == 0) else 1
+            out = F.relu(bn(F.conv2d(h, sd[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
+            out = bn(F.conv2d(out, sd[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
+            if f"{p}.downsample.conv.weight" in sd:
+                h = bn(F.conv2d(h, sd[f"{p}.downsample.conv.weight"], stride=stride), f"{p}.downsample.bn")
+            h = F.relu(out + h)
+    return h.mean((2, 3))
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_load_encoder_on_released_layout_matches_functional_forward(stem, wrapped, tmp_path):
+    sd = released_state_dict(4, stem)
+    path = tmp_path / "released.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}} if wrapped else sd, path)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    features = {}
+    for bn, copy in (("clean", 0), ("adv", 1)):
+        encoder = eval_linear.load_encoder(str(path), bn=bn)
+        assert not encoder.training and encoder.width == 4 and encoder.stem == stem
+        assert encoder.image_size == (32 if stem == "cifar" else 96)
+        with torch.no_grad():
+            features[bn] = encoder(x)
+            stages = encoder.stages(x)
+        torch.testing.assert_close(features[bn], functional_features(sd, x, copy, stem), rtol=1e-4, atol=1e-5)
+        assert len(stages) == len(common.STAGE_NAMES) and torch.equal(stages[-1], features[bn])
+    assert (features["clean"] - features["adv"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda sd: sd.pop("layer3.1.conv2.weight"), "lacks 1 weights"),
+    (lambda sd: sd.update({"layer5.0.conv1.weight": torch.zeros(1)}), "keys that"),
+    (lambda sd: sd.update({"layer2.0.bn1.bn_list.1.weight": torch.ones(3)}), "shapes do not fit"),
+    (lambda sd: sd.pop("conv1.weight"), "conv1.weight"),
+])
+def test_load_encoder_refuses_incomplete_or_mismatched_weights(change, fragment, tmp_path):
+    sd = released_state_dict(4, "cifar")
+    change(sd)
+    path = tmp_path / "bad.pt"
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(common.UserError, match=fragment) as info:
+        eval_linear.load_encoder(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_load_encoder_reads_project_checkpoint(pretrained):
+    checkpoint = torch.load(pretrained, weights_only=True)
+    model = common.ResNet18(8, "cifar")
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    encoder = eval_linear.load_encoder(pretrained, bn="adv")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.features(x, adv=True))
+        torch.testing.assert_close(eval_linear.load_encoder(pretrained, bn="clean")(x), model.features(x, adv=False))
+    assert encoder.image_size == checkpoint["args"]["image_size"] and encoder.run_args["dataset"] == "synthetic"
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "unrelated", "text"])
+def test_unreadable_checkpoint_ends_with_one_sentence(kind, pretrained, tmp_path):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "truncated":
+        data = open(pretrained, "rb").read()
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "unrelated":
+        torch.save({"epoch": 3, "notes": "hello", "weights": torch.randn(5)}, path)
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    result = run_eval_cli(str(path), *QUICK)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear CKA (SPEC 4.4)
+# ---------------------------------------------------------------------------------------------
+
+def test_linear_cka_properties_and_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 50, 60, generator=g)  # 9000 columns: two chunks in the Gram matrix
+    y = (x.flatten(1)[:, :30] @ torch.randn(30, 20, generator=g) + 0.5 * torch.randn(40, 20, generator=g)).double()
+    assert eval_linear.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    base = eval_linear.linear_cka(x, y)
+    assert eval_linear.linear_cka(x, y @ q) == pytest.approx(base, abs=1e-10)
+    assert eval_linear.linear_cka(x, 3.7 * y) == pytest.approx(base, abs=1e-10)
+    # HSIC form with H = I - 11^T / n on the uncentred Gram matrices
+    xf, yf = x.flatten(1).double(), y
+    n = len(xf)
+    h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+    k, l = xf @ xf.T, yf @ yf.T
+    direct = torch.trace(k @ h @ l @ h) / torch.sqrt(torch.trace(k @ h @ k @ h) * torch.trace(l @ h @ l @ h))
+    assert base == pytest.approx(direct.item(), abs=1e-10)
+    assert 0.05 < base < 0.95  # neither identical nor unrelated: the comparison above means something
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning and metrics (SPEC 4.2, 4.3)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["slf", "alf", "aff"])
+def test_mode_runs_one_epoch_and_writes_every_key(mode, pretrained, tmp_path, monkeypatch):
+    attacks = []
+    real_attack = eval_linear.pgd_attack
+
+    def spy(forward, x, y, eps, alpha, steps, amp=False):
+        x_adv = real_attack(forward, x, y, eps, alpha, steps, amp)
+        attacks.append((x, x_adv, eps, steps))
+        return x_adv
+
+    monkeypatch.setattr(eval_linear, "pgd_attack", spy)
+    out = tmp_path / "result.json"
+    result = eval_linear.main([pretrained, "--mode", mode, *QUICK, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert all(key in saved for key in KEYS)
+    assert saved["mode"] == mode and saved["bn"] == "adv" and saved["epochs"] == 1 and saved["dataset"] == "synthetic"
+    assert saved["lr"] == eval_linear.MODE_DEFAULTS[mode]["lr"] and saved["batch_size"] == 16
+    assert saved["train_images"] == 64 and saved["test_images"] == 32 and saved["width"] == 8
+    assert 0 <= saved["pgd20_acc"] <= saved["clean_acc"] <= 1
+    assert saved["autoattack_acc"] is None and saved["corruption_acc"] is None and saved["cka"] is None
+    test_attacks = [a for a in attacks if a[3] == 20]
+    assert sum(len(a[0]) for a in test_attacks) == 32
+    assert sum(len(a[0]) for a in attacks if a[3] == 10) == (64 if mode == "alf" else 0)
+    for x, x_adv, eps, _ in attacks:
+        assert eps == pytest.approx(8 / 255)
+        assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_mode_all_with_cka_and_corruptions(pretrained, tmp_path):
+    rng = np.random.default_rng(0)
+    corruptions = tmp_path / "c"
+    corruptions.mkdir()
+    np.save(corruptions / "labels.npy", rng.integers(0, 10, 10))
+    np.save(corruptions / "fog.npy", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    result = eval_linear.main([pretrained, "--mode", "all", *QUICK, "--train-size", "32", "--test-size", "16",
+                               "--cka", "--cka-samples", "12", "--corruptions", str(corruptions),
+                               "--out", str(tmp_path / "all.json")])
+    assert json.loads((tmp_path / "all.json").read_text())["results"] == json.loads(json.dumps(result["results"]))
+    assert [r["mode"] for r in result["results"]] == ["slf", "alf", "aff"]
+    for r in result["results"]:
+        assert all(key in r for key in KEYS) and r["pgd20_acc"] <= r["clean_acc"]
+        assert list(r["corruption_acc"]["by_corruption"]) == ["fog"] and len(r["corruption_acc"]["by_severity"]) == 5
+    assert [r["lr"] for r in result["results"]] == [0.01, 0.01, 0.1]
+    assert result["results"][0]["cka"] is None and result["results"][1]["cka"] is None
+    cka = result["results"][2]["cka"]
+    assert cka["model"] == "aff" and cka["samples"] == 12 and list(cka["linear_cka"]) == common.STAGE_NAMES
+    assert all(0 <= v <= 1 + 1e-9 for v in cka["linear_cka"].values()) and -1 <= cka["pooled_cosine"] <= 1
+
+
+def tiny_args(**changes):
+    args = eval_linear.parse_args(["x.pt", "--train-pgd-steps", "2"])
+    for k, v in changes.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.mark.parametrize("mode", ["slf", "alf", "aff"])
+def test_fine_tune_freezes_the_encoder_except_in_aff(mode, pretrained):
+    torch.manual_seed(0)
+    model = eval_linear.Classifier(eval_linear.load_encoder(pretrained), 10)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+    settings = dict(epochs=1, batch_size=8, lr=0.1, milestones=[5])
+    eval_linear.fine_tune(model, mode, loader, settings, tiny_args(), torch.device("cpu"), False, torch.contiguous_format)
+    after = model.encoder.state_dict()
+    assert model.fc.weight.abs().sum() > 0  # the classifier learned
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if mode == "aff":  # whole network trained, each BN copy's statistics updated by its own images
+        assert "model.conv1.weight" in changed and "model.layer4.1.conv2.weight" in changed
+        assert {"model.bn1.bn_list.0.running_mean", "model.bn1.bn_list.1.running_mean"} <= changed
+    else:
+        assert not changed
+
+
+def test_trades_attack_constraints_and_ascent(pretrained):
+    torch.manual_seed(0)
+    model = eval_linear.Classifier(eval_linear.load_encoder(pretrained), 10)
+    nn.init.normal_(model.fc.weight, std=1.0)
+    with torch.no_grad():  # make the two BN copies disagree, so KL(f(x) || f(x')) starts well above 0
+        model.encoder.model.layer4[1].bn2.bn_list[1].running_mean.add_(2.0 * torch.randn(64))
+    model.train()
+    x = torch.rand(8, 3, 32, 32)
+    eps = 8 / 255
+    start = eval_linear.trades_attack(model, x, eps, 2 / 255, 0)  # x + 0.001 N(0, I), clamped
+    assert 0 < (start - x).abs().max() < 0.006 and (start - x).std() == pytest.approx(0.001, rel=0.1)
+    x_adv = eval_linear.trades_attack(model, x, eps, 2 / 255, 5)
+    x_small = eval_linear.trades_attack(model, x, eps, 0.25 / 255, 5)  # small steps: no overshoot either way
+    assert model.training  # mode restored
+    for z in (x_adv, x_small):
+        assert (z - x).abs().max() <= eps + 1e-6 and z.min() >= 0 and z.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        p = F.softmax(model(x, adv=False), 1)
+        kl = lambda xa: F.kl_div(F.log_softmax(model(xa, adv=True), 1), p, reduction="sum")  # noqa: E731
+        assert kl(x_small) > kl(start) and kl(x_adv) > kl(start)
+
+
+def test_pgd_accuracy_never_exceeds_clean_accuracy(pretrained):
+    torch.manual_seed(0)
+    model = eval_linear.Classifier(eval_linear.load_encoder(pretrained), 10)
+    nn.init.normal_(model.fc.weight, std=1.0)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.rand(16, 3, 32, 32, generator=g) for _ in range(2)]
+    with torch.no_grad():  # half the labels are the model's own predictions, so clean accuracy is not 0
+        ys = [torch.where(torch.arange(16) % 2 == 0, model(x).argmax(1), torch.randint(0, 10, (16,), generator=g))
+              for x in xs]
+        direct = torch.cat([model(x).argmax(1) == y for x, y in zip(xs, ys)])
+    clean, robust = eval_linear.correct_per_image(model, list(zip(xs, ys)), torch.device("cpu"), 32 / 255, 8 / 255, 20)
+    assert torch.equal(clean, direct) and clean.sum() >= 16
+    assert not (robust & ~clean).any() and robust.sum() < clean.sum()
+
+
+class FirstPixelClassifier(nn.Module):
+    """Predicts class round(9 * x[:, 0, 0, 0]): an image can be made correct by setting one pixel."""
+
+    def forward(self, x):
+        return -(x[:, 0, 0, 0, None] * 9 - torch.arange(10.0)).abs()
+
+
+def test_an_attack_that_helps_cannot_raise_robust_accuracy(monkeypatch):
+    x, y = torch.rand(12, 3, 4, 4), torch.arange(12) % 10
+    x[:6, 0, 0, 0] = y[:6] / 9  # half the images are classified correctly
+
+    def helpful_attack(forward, x, y, *args, **kwargs):  # moves every image onto its own label
+        x_adv = x.clone()
+        x_adv[:, 0, 0, 0] = y / 9
+        return x_adv
+
+    monkeypatch.setattr(eval_linear, "pgd_attack", helpful_attack)
+    clean, robust = eval_linear.correct_per_image(FirstPixelClassifier(), [(x, y)], torch.device("cpu"),
+                                                  8 / 255, 2 / 255, 20)
+    assert clean[:6].all() and torch.equal(robust, clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruptions, flags, optional packages
+# ---------------------------------------------------------------------------------------------
+
+class PixelLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1) - 0.5)
+
+
+def test_corruptions_reader_and_accuracy(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 4
+    images = {name: rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8) for name in ("fog", "snow")}
+    torch.manual_seed(0)
+    model = PixelLinear().eval()
+    to_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    with torch.no_grad():
+        fog_predictions = model(to_tensor(images["fog"])).argmax(1).numpy()
+    labels = np.where(rng.random(5 * n) < 0.6, fog_predictions, rng.integers(0, 10, 5 * n))
+    np.save(tmp_path / "labels.npy", labels)
+    for name, array in images.items():
+        np.save(tmp_path / f"{name}.npy", array)
+
+    read_labels, read_images = eval_linear.read_corruptions(str(tmp_path))
+    assert np.array_equal(read_labels, labels) and sorted(read_images) == ["fog", "snow"]
+    assert all(np.array_equal(read_images[k], images[k]) for k in images)
+    result = eval_linear.corruption_accuracy(model, read_labels, read_images, 3, torch.device("cpu"), 32)
+    for name, array in images.items():
+        with torch.no_grad():
+            expected = [(model(to_tensor(array[k * n:(k + 1) * n])).argmax(1).numpy() == labels[k * n:(k + 1) * n]).mean()
+                        for k in range(5)]
+        assert result["by_corruption"][name] == pytest.approx(expected)
+    table = np.array([result["by_corruption"]["fog"], result["by_corruption"]["snow"]])
+    assert result["mean"] == pytest.approx(table.mean()) and result["by_severity"] == pytest.approx(table.mean(0))
+    assert result["mean"] > 0  # the fog labels agree with the model for most images
+
+    np.save(tmp_path / "labels.npy", labels[:7])
+    with pytest.raises(common.UserError, match="5 severities"):
+        eval_linear.read_corruptions(str(tmp_path))
+    os.remove(tmp_path / "labels.npy")
+    with pytest.raises(common.UserError, match="labels.npy"):
+        eval_linear.read_corruptions(str(tmp_path))
+
+
+@pytest.mark.parametrize("flag, value", [("--eps", "-1"), ("--batch-size", "0"), ("--epochs", "0"), ("--lr", "0"),
+                                         ("--milestones", "5 3"), ("--cka-samples", "1"), ("--train-size", "0")])
+def test_bad_flag_values_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        common.main_guard(lambda: eval_linear.main(["x.pt", flag, *value.split()]))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: ") and flag in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchattacks") is not None, reason="torchattacks is installed")
+def test_autoattack_without_torchattacks_is_refused_before_training(pretrained, capsys):
+    with pytest.raises(SystemExit) as info:
+        common.main_guard(lambda: eval_linear.main([pretrained, *QUICK, "--autoattack"]))
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and "torchattacks" in captured.err and "Traceback" not in captured.err
+    assert "epoch" not in captured.out  # refused before any fine-tuning

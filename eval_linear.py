@@ -1,0 +1,511 @@
+"""Robustness of a pre-trained encoder after SLF, ALF and AFF fine-tuning (SPEC.md section 4).
+
+    SLF: frozen encoder, linear classifier trained on clean images        (cross-entropy)
+    ALF: frozen encoder, linear classifier trained on PGD-10 images        (cross-entropy)
+    AFF: whole network trained with TRADES, beta 6 (Zhang et al., ICML 2019)
+         CE(f(x), y) + beta * KL(f(x) || f(x')), clean x through the clean BN, x' through the adversarial BN
+
+Reported: clean accuracy, PGD-20 accuracy, optionally AutoAttack (torchattacks), CIFAR-10-C style
+corruptions and per-stage linear CKA between clean and adversarial representations (SPEC 4.4).
+Reads this project's checkpoints (acl.py, a_infonce.py, air.py) and the released ACL / DynACL / AIR
+pre-training checkpoints.
+
+Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
+per mode, each with every key. Our choices: an image counts as robust only when its clean version is
+also classified correctly (the clean image lies in the eps-ball), so robust accuracy <= clean accuracy;
+--cka measures the model of the last mode run (AFF with --mode all).
+
+    python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
+    python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
+    python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
+"""
+import argparse
+import copy
+import importlib.util
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, ResNet18, UserError, autocast, default_workers, eval_loader,
+                    load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, synchronize, write_json)
+
+# SPEC 4.2: the modes' own defaults; a flag given on the command line overrides them for every mode.
+MODE_DEFAULTS = {
+    "slf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20]),
+    "alf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20]),
+    "aff": dict(epochs=25, batch_size=128, lr=0.1, milestones=[15, 20]),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    a = parser.add_argument
+    a("checkpoint", help="pre-training checkpoint: this project's checkpoint.pt, or a released ACL/DynACL/AIR file")
+    a("--mode", default="all", choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF from one encoder")
+    a("--bn", default="adv", choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF")
+    a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
+    a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
+    a("--image-size", type=int, default=None, help="input size in px (default: the checkpoint's, else 32 / 96 for the CIFAR / ImageNet stem)")
+    a("--epochs", type=int, default=None, help="fine-tuning epochs (default 25 for every mode)")
+    a("--batch-size", type=int, default=None, help="training batch (default: SLF/ALF 512, AFF 128)")
+    a("--lr", type=float, default=None, help="initial learning rate (default: SLF/ALF 0.01, AFF 0.1)")
+    a("--milestones", type=int, nargs="+", default=None, help="epochs after which the lr is x0.1 (default: SLF/ALF 10 20, AFF 15 20)")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
+    a("--trades-beta", type=float, default=6.0, help="AFF: weight of TRADES' KL term")
+    a("--eps", type=float, default=8, help="L-inf radius of every attack, in /255 units")
+    a("--pgd-alpha", type=float, default=2, help="step size of every PGD attack, in /255 units")
+    a("--pgd-steps", type=int, default=20, help="steps of the test PGD attack (pgd20_acc)")
+    a("--train-pgd-steps", type=int, default=10, help="steps of the ALF (PGD) and AFF (TRADES) training attacks")
+    a("--test-batch-size", type=int, default=512, help="batch of the evaluation passes (clean, PGD, corruptions, CKA)")
+    a("--train-size", type=int, default=None, help="use only the first N training images (quick runs)")
+    a("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
+    a("--autoattack", action="store_true", help="also report AutoAttack (standard, L-inf) through the torchattacks package")
+    a("--corruptions", default=None, metavar="DIR", help="CIFAR-10-C / CIFAR-100-C folder (labels.npy, <name>.npy)")
+    a("--cka", action="store_true", help="clean-vs-PGD linear CKA per stage (SPEC 4.4) on the last mode's model")
+    a("--cka-samples", type=int, default=1000, help="test images used for --cka")
+    a("--seed", type=int, default=0, help="random seed (data order, attack starts); every mode starts from it")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run; auto picks CUDA when available")
+    a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
+    a("--no-amp", action="store_true", help="CUDA: fp32 instead of bf16 autocast (the CPU always uses fp32)")
+    a("--out", default=None, help="JSON file for the results (default: <checkpoint folder>/eval_<mode>_<dataset>.json)")
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    for name in ("epochs", "batch_size", "test_batch_size", "train_size", "test_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("eps", "pgd_alpha", "pgd_steps", "train_pgd_steps", "weight_decay", "trades_beta", "workers"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError(f"--lr must be positive (got {args.lr})")
+    if not 0 <= args.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1) (got {args.momentum})")
+    if args.milestones is not None and (min(args.milestones) < 1 or sorted(set(args.milestones)) != args.milestones):
+        raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
+    if args.image_size is not None and args.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
+    if args.cka_samples < 2:
+        raise UserError(f"--cka-samples must be at least 2 (got {args.cka_samples}): CKA centres over images")
+
+
+def mode_settings(args, mode):
+    """The mode's SPEC 4.2 defaults, overridden by the flags that were given."""
+    settings = dict(MODE_DEFAULTS[mode])
+    for name in settings:
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a pre-trained encoder (SPEC 4.1)
+# ---------------------------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+    """Backbone without its projection head: images in [0, 1] -> pooled features through the chosen BN
+    copy (`adv=None`), or the other copy when `adv` is given (AFF trains both)."""
+
+    def __init__(self, model, bn="adv"):
+        super().__init__()
+        self.model, self.adv = model, bn == "adv"
+        self.feature_dim = model.feature_dim
+
+    def forward(self, x, adv=None):
+        return self.model.features(x, self.adv if adv is None else adv)
+
+    def stages(self, x):
+        """Every stage output (STAGE_NAMES: stem, layer1..4, pooled), for the CKA diagnostic."""
+        return self.model.features(x, self.adv, stages=True)
+
+
+def _state_dict_of(checkpoint, path):
+    """The backbone's weights and the run's arguments (None for released checkpoints)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):  # acl.py, air.py, a_infonce.py
+        state, run_args = checkpoint["model"], checkpoint.get("args")
+    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):  # released ACL/DynACL/AIR
+        state, run_args = checkpoint["state_dict"], None
+    elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state, run_args = checkpoint, None  # a bare state dict
+    else:
+        raise UserError(f"{path} is not a pre-training checkpoint: expected this project's checkpoint (key 'model'), "
+                        "a dict with 'state_dict', or a bare state dict of tensors")
+    # DataParallel prefixes every key with 'module.'; the projection head 'fc.*' is not evaluated.
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}, run_args if isinstance(run_args, dict) else None
+
+
+def _listed(keys, most=3):
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def load_encoder(path, bn="adv", device="cpu"):
+    """The encoder of a checkpoint in eval mode, with the BN copy `bn` ('adv' or 'clean'). Width and stem
+    come from conv1.weight ([width, 3, k, k]; k = 3: CIFAR stem, k = 7: ImageNet stem). Any missing,
+    unexpected or mis-shaped key is refused: a partly loaded encoder would be evaluated silently."""
+    if bn not in ("adv", "clean"):
+        raise UserError(f"bn must be 'adv' or 'clean' (got {bn!r})")
+    state, run_args = _state_dict_of(load_checkpoint(path), path)
+    conv1 = state.get("conv1.weight")
+    if not isinstance(conv1, torch.Tensor) or conv1.ndim != 4 or conv1.shape[1] != 3 or conv1.shape[2] not in (3, 7):
+        raise UserError(f"{path} has no ResNet-18 'conv1.weight' of shape [width, 3, 3, 3] or [width, 3, 7, 7]; "
+                        "it is not an ACL/DynACL/AIR pre-training checkpoint")
+    width, stem = conv1.shape[0], "cifar" if conv1.shape[2] == 3 else "imagenet"
+    model = ResNet18(width, stem, head=False)
+    expected = model.state_dict()
+    # Our departure from strictness: num_batches_tracked is only a counter (unused with a fixed BN
+    # momentum), and checkpoints written by old PyTorch versions lack it.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {list(getattr(state[k], 'shape', [type(state[k]).__name__]))} (expected {list(v.shape)})"
+                  for k, v in expected.items()
+                  if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
+    network = f"a dual-BN ResNet-18 of width {width} with the {stem} stem"
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} weights of {network} ({_listed(missing)}); use a complete checkpoint")
+    if unexpected:
+        raise UserError(f"{path} has {len(unexpected)} keys that {network} does not have ({_listed(unexpected)}); "
+                        "it is not an ACL/DynACL/AIR pre-training checkpoint")
+    if mismatched:
+        raise UserError(f"{path} has weights whose shapes do not fit {network}: {_listed(mismatched)}")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise UserError(f"{path} contains NaN or infinite weights; use an earlier checkpoint")
+    model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
+    encoder = Encoder(model, bn).to(device).eval()
+    encoder.width, encoder.stem, encoder.run_args = width, stem, run_args
+    size = run_args.get("image_size") if run_args else None
+    encoder.image_size = size or (32 if stem == "cifar" else 96)
+    return encoder
+
+
+class Classifier(nn.Module):
+    """Encoder + zero-initialised linear classifier on the pooled feature (SPEC 4.1)."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.fc = nn.Linear(encoder.feature_dim, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x, adv=None):
+        return self.fc(self.encoder(x, adv))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning (SPEC 4.2)
+# ---------------------------------------------------------------------------------------------
+
+def trades_attack(model, x, eps, alpha, steps, amp=False):
+    """TRADES' inner maximisation of KL(f(x) || f(x')) from x + 0.001 N(0, I), in eval mode, input
+    gradients only: f(x) through the clean BN, f(x') through the adversarial BN (SPEC 4.2). Like
+    TRADES' code the start is not uniform; unlike it we clamp the start to [0, 1] too."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(amp):
+        p_clean = F.softmax(model(x, adv=False).float(), dim=1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            with autocast(amp):
+                logits_adv = model(x_adv, adv=True)
+            kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_clean, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, [x_adv])
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train(was_training)
+    return x_adv.detach()
+
+
+def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
+    """Train `model` (a Classifier) by `mode` for settings['epochs']; the last epoch is kept (no
+    selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns."""
+    eps, alpha = args.eps / 255, args.pgd_alpha / 255
+    frozen = mode in ("slf", "alf")
+    model.encoder.requires_grad_(not frozen)
+    params = model.fc.parameters() if frozen else model.parameters()
+    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings["milestones"], gamma=0.1)
+    model.eval()  # SLF/ALF stay in eval mode; AFF switches to train mode after each inner attack
+    for epoch in range(1, settings["epochs"] + 1):
+        start, seen = time.perf_counter(), 0
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        for x, y in loader:
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            if frozen:
+                if mode == "alf":  # PGD against encoder + classifier, then train on the attacked images
+                    x = pgd_attack(model, x, y, eps, alpha, args.train_pgd_steps, amp)
+                with autocast(amp):
+                    with torch.no_grad():
+                        features = model.encoder(x)
+                    logits = model.fc(features).float()
+                loss = F.cross_entropy(logits, y)
+            else:  # AFF: TRADES, the whole network in train mode; clean -> clean BN, adversarial -> adversarial BN
+                x_adv = trades_attack(model, x, eps, alpha, args.train_pgd_steps, amp)
+                model.train()
+                with autocast(amp):
+                    logits = model(x, adv=False).float()
+                    logits_adv = model(x_adv, adv=True).float()
+                kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+                loss = F.cross_entropy(logits, y) + args.trades_beta * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)  # summed on the device: no host sync before the epoch ends
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        print(f"{mode} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
+              f"{correct.item() / seen:.4f} | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
+    model.eval()
+    return seen / seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (SPEC 4.3, 4.4)
+# ---------------------------------------------------------------------------------------------
+
+def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memory_format=torch.contiguous_format):
+    """Per-image correctness (bool tensors on the CPU) of the clean and the PGD images of a loader.
+    An image counts as robust only if its clean version is also classified correctly: the clean image
+    is inside the eps-ball, so the worst case over the ball cannot be better (PGD acc <= clean acc)."""
+    model.eval()
+    clean, robust = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        x_adv = pgd_attack(model, x, y, eps, alpha, steps, amp)
+        with torch.no_grad(), autocast(amp):
+            clean_ok = model(x).argmax(1) == y
+            adv_ok = model(x_adv).argmax(1) == y
+        clean.append(clean_ok)
+        robust.append(clean_ok & adv_ok)
+    return torch.cat(clean).cpu(), torch.cat(robust).cpu()
+
+
+class _Logits(nn.Module):
+    """fp32 logits of the evaluated route, as torchattacks expects an nn.Module."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).float()
+
+
+def autoattack_correct(model, loader, num_classes, eps, device, seed):
+    """Per-image robustness under AutoAttack (standard, L-inf), again counted only on clean-correct images."""
+    import torchattacks
+
+    net = _Logits(model).eval()
+    attack = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)
+    robust = []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        x_adv = attack(x, y)
+        with torch.no_grad():
+            robust.append((net(x).argmax(1) == y) & (net(x_adv).argmax(1) == y))
+    return torch.cat(robust).cpu()
+
+
+def read_corruptions(folder):
+    """A CIFAR-10-C style folder -> (labels, {name: uint8 images N x H x W x 3}), memory-mapped.
+    The 5 severities are stacked: severity k is rows (k - 1) n .. k n with n = len(labels) / 5."""
+    labels_path = os.path.join(folder, "labels.npy")
+    if not os.path.isfile(labels_path):
+        raise UserError(f"--corruptions {folder} has no labels.npy; point it at a CIFAR-10-C / CIFAR-100-C folder")
+    names = sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".npy") and f != "labels.npy")
+    if not names:
+        raise UserError(f"--corruptions {folder} holds no <corruption>.npy file besides labels.npy")
+    try:
+        labels = np.load(labels_path)
+        images = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in names}
+    except (OSError, ValueError) as e:
+        raise UserError(f"a .npy file in {folder} cannot be read ({e}); replace it") from None
+    if labels.ndim != 1 or len(labels) == 0 or len(labels) % 5:
+        raise UserError(f"{labels_path} must hold 5 severities x n labels (got shape {labels.shape})")
+    for name, array in images.items():
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] != len(labels) or array.shape[3] != 3:
+            raise UserError(f"{folder}/{name}.npy must be uint8 of shape [{len(labels)}, H, W, 3] like labels.npy "
+                            f"(got {array.dtype} {list(array.shape)})")
+    return labels.astype(np.int64), images
+
+
+def corruption_accuracy(model, labels, images, batch_size, device, image_size, amp=False):
+    """Accuracy per corruption and severity: {'mean', 'by_severity': [5], 'by_corruption': {name: [5]}}."""
+    model.eval()
+    n = len(labels) // 5
+    by_corruption = {}
+    for name, array in images.items():
+        correct = torch.zeros(5, device=device)
+        for severity in range(5):
+            for i in range(severity * n, (severity + 1) * n, batch_size):
+                j = min(i + batch_size, (severity + 1) * n)
+                x = torch.from_numpy(np.array(array[i:j])).to(device).permute(0, 3, 1, 2).float() / 255
+                if x.shape[-1] != image_size:  # e.g. a 96 px model on 32 px CIFAR-10-C
+                    x = F.interpolate(x, size=image_size, mode="bicubic", align_corners=False).clamp(0, 1)
+                y = torch.from_numpy(labels[i:j]).to(device)
+                with torch.no_grad(), autocast(amp):
+                    correct[severity] += (model(x).argmax(1) == y).sum()
+        by_corruption[name] = (correct / n).tolist()
+    table = np.array(list(by_corruption.values()))
+    return {"mean": float(table.mean()), "by_severity": table.mean(0).tolist(), "by_corruption": by_corruption}
+
+
+def _centred_gram(x, chunk=8192):
+    """K = X X^T of the column-centred rows, in float64, built from column chunks to bound memory."""
+    x = x.flatten(1)
+    gram = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
+    for c in range(0, x.shape[1], chunk):
+        part = x[:, c:c + chunk].double()
+        part = part - part.mean(0, keepdim=True)
+        gram += part @ part.T
+    return gram
+
+
+def linear_cka(x, y):
+    """Linear CKA of x, y (N x ..., one row per image; SPEC 4.4): <K, L>_F / (||K||_F ||L||_F)."""
+    k, l = _centred_gram(x), _centred_gram(y)
+    return float((k * l).sum() / (torch.linalg.norm(k) * torch.linalg.norm(l)))
+
+
+def representation_similarity(model, loader, samples, device, eps, alpha, steps, amp, memory_format, mode):
+    """Per-stage linear CKA and pooled cosine similarity between the first `samples` test images and
+    their PGD versions against the fine-tuned classifier, through the evaluated BN copy (SPEC 4.4)."""
+    model.eval()
+    clean, adv, seen = [[] for _ in STAGE_NAMES], [[] for _ in STAGE_NAMES], 0
+    for x, y in loader:
+        x = x[:samples - seen].to(device, non_blocking=True, memory_format=memory_format)
+        y = y[:samples - seen].to(device, non_blocking=True)
+        x_adv = pgd_attack(model, x, y, eps, alpha, steps, amp)
+        with torch.no_grad(), autocast(amp):
+            for store, images in ((clean, x), (adv, x_adv)):
+                for i, stage in enumerate(model.encoder.stages(images)):
+                    store[i].append(stage.float().flatten(1))
+        seen += len(y)
+        if seen >= samples:
+            break
+    clean, adv = [torch.cat(s) for s in clean], [torch.cat(s) for s in adv]
+    cosine = F.cosine_similarity(clean[-1].double(), adv[-1].double(), dim=1).mean().item()
+    cka = {name: linear_cka(c, a) for name, c, a in zip(STAGE_NAMES, clean, adv)}
+    return {"model": mode, "samples": seen, "linear_cka": cka, "pooled_cosine": cosine}
+
+
+def print_table(results):
+    """A readable summary on stdout; the JSON has the same numbers."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    print(f"\n{'mode':<5} {'bn':<5} {'epochs':>6} {'clean %':>8} {'PGD %':>8} {'AA %':>8} {'corrupt. %':>10} {'seconds':>8}")
+    for r in results:
+        corruption = r["corruption_acc"]["mean"] if r["corruption_acc"] else None
+        print(f"{r['mode']:<5} {r['bn']:<5} {r['epochs']:>6} {pct(r['clean_acc']):>8} {pct(r['pgd20_acc']):>8} "
+              f"{pct(r['autoattack_acc']):>8} {pct(corruption):>10} {r['seconds']:>8.0f}")
+    for r in results:
+        if r["corruption_acc"]:
+            print(f"\ncorruptions ({r['mode']}), accuracy % at severity 1..5:")
+            for name, accs in r["corruption_acc"]["by_corruption"].items():
+                print(f"  {name:<20} " + " ".join(f"{100 * a:6.2f}" for a in accs))
+        if r["cka"]:
+            cka = r["cka"]
+            stages = ", ".join(f"{k} {v:.3f}" for k, v in cka["linear_cka"].items())
+            print(f"\nclean vs PGD ({cka['model']} model, {cka['samples']} images): linear CKA {stages}; "
+                  f"pooled cosine {cka['pooled_cosine']:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    start = time.perf_counter()
+    args = parse_args(argv)
+    # Everything that can fail is checked before hours of fine-tuning: attack package, corruptions, output.
+    if args.autoattack and importlib.util.find_spec("torchattacks") is None:
+        raise UserError("--autoattack needs the torchattacks package, which is not installed; "
+                        "run 'pip install torchattacks' or drop --autoattack")
+    corruptions = read_corruptions(args.corruptions) if args.corruptions else None
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"eval_{args.mode}_{args.dataset}.json")
+    device = pick_device(args.device)
+    amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    pretrained = load_encoder(args.checkpoint, args.bn)
+    if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
+        raise UserError(f"cannot write {out}; choose another --out")
+    image_size = args.image_size or pretrained.image_size
+    if args.dataset == "imagefolder":  # the class list comes from the folder; train and test must agree
+        classes = load_dataset("imagefolder", args.data_dir, "train").classes
+        if load_dataset("imagefolder", args.data_dir, "test").classes != classes:
+            raise UserError(f"{args.data_dir}/train and {args.data_dir}/test have different class folders; "
+                            "make them the same")
+        num_classes = len(classes)
+    else:
+        num_classes = NUM_CLASSES[args.dataset]
+    if corruptions and corruptions[0].max() >= num_classes:
+        raise UserError(f"{args.corruptions} has labels up to {corruptions[0].max()}, but {args.dataset} has "
+                        f"{num_classes} classes; use the corruptions of the fine-tuning dataset")
+    test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
+                              device, args.seed, subset=args.test_size)
+    eps, alpha = args.eps / 255, args.pgd_alpha / 255
+    print(f"{args.checkpoint}: width {pretrained.width}, {pretrained.stem} stem, {args.bn} BN; {args.dataset} at "
+          f"{image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
+          f"({device.type}{', bf16' if amp else ''})", flush=True)
+
+    modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
+    results = []
+    for mode in modes:
+        mode_start = time.perf_counter()
+        settings = mode_settings(args, mode)
+        torch.manual_seed(args.seed)  # every mode starts from the same encoder, classifier and random numbers
+        model = Classifier(copy.deepcopy(pretrained), num_classes).to(device, memory_format=memory_format)
+        train_loader = eval_loader(args.dataset, args.data_dir, "train", image_size, settings["batch_size"], args.workers,
+                                   device, args.seed, subset=args.train_size)
+        images_per_s = fine_tune(model, mode, train_loader, settings, args, device, amp, memory_format)
+
+        clean, robust = correct_per_image(model, test_loader, device, eps, alpha, args.pgd_steps, amp, memory_format)
+        entry = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": mode, "bn": args.bn,
+                 **settings, "momentum": args.momentum, "weight_decay": args.weight_decay,
+                 "trades_beta": args.trades_beta if mode == "aff" else None, "eps": args.eps, "pgd_alpha": args.pgd_alpha,
+                 "pgd_steps": args.pgd_steps, "train_pgd_steps": args.train_pgd_steps if mode != "slf" else None,
+                 "image_size": image_size, "width": pretrained.width, "stem": pretrained.stem, "num_classes": num_classes,
+                 "train_images": len(train_loader.dataset), "test_images": len(clean), "seed": args.seed,
+                 "device": device.type, "amp": amp, "train_images_per_s": images_per_s,
+                 "clean_acc": clean.float().mean().item(), "pgd20_acc": robust.float().mean().item(),
+                 "autoattack_acc": None, "corruption_acc": None, "cka": None}
+        if args.autoattack:
+            robust_aa = autoattack_correct(model, test_loader, num_classes, eps, device, args.seed)
+            entry["autoattack_acc"] = robust_aa.float().mean().item()
+        if corruptions:
+            entry["corruption_acc"] = corruption_accuracy(model, *corruptions, args.test_batch_size, device, image_size, amp)
+        if args.cka and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
+            entry["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha,
+                                                     args.pgd_steps, amp, memory_format, mode)
+        entry["seconds"] = time.perf_counter() - mode_start
+        results.append(entry)
+
+    result = results[0] if len(results) == 1 else {
+        "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": args.bn,
+        "results": results, "seconds": time.perf_counter() - start}
+    print_table(results)
+    try:
+        write_json(out, result)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}); choose another --out") from None
+    print(f"\nwrote {out}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main_guard(main)
