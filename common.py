@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
 
 
 class UserError(Exception):
@@ -229,21 +231,27 @@ NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "synthetic": 10}
 
 
-def _extracted_copy(cls):
-    """torchvision checks the md5 of every file before reading a dataset. This variant reads a copy
+class _ExtractedCopy:
+    """torchvision checks the md5 of every file before reading a dataset. These variants read a copy
     that is already extracted in place as it is (our departure: no md5 check on extracted files, so
-    re-packed and test copies load); a missing copy still goes through torchvision's download."""
+    re-packed and test copies load); a missing copy still goes through torchvision's download.
+    They are module-level classes so that data-loader workers started by 'spawn' can pickle them."""
 
-    class Extracted(cls):
-        if hasattr(cls, "meta"):  # CIFAR's label-names file is checked separately; md5 None = exists
-            meta = dict(cls.meta, md5=None)
+    def _check_integrity(self):
+        files = self.train_list + self.test_list
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in files)
 
-        def _check_integrity(self):
-            files = self.train_list + self.test_list
-            return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in files)
 
-    Extracted.__name__ = cls.__name__
-    return Extracted
+class CIFAR10(_ExtractedCopy, datasets.CIFAR10):
+    meta = dict(datasets.CIFAR10.meta, md5=None)  # the label-names file: md5 None = it exists
+
+
+class CIFAR100(_ExtractedCopy, datasets.CIFAR100):
+    meta = dict(datasets.CIFAR100.meta, md5=None)
+
+
+class STL10(_ExtractedCopy, datasets.STL10):
+    pass
 
 
 class SyntheticImages(Dataset):
@@ -266,8 +274,6 @@ class SyntheticImages(Dataset):
 def load_dataset(name, data_dir, split, seed=0):
     """The raw dataset (PIL image, label) for split 'pretrain', 'train' or 'test'. Missing data ends
     with one sentence naming the folder and what to put there."""
-    from torchvision import datasets
-
     if name == "synthetic":
         return SyntheticImages(train=split != "test", seed=seed)
     if name == "imagefolder":
@@ -281,11 +287,11 @@ def load_dataset(name, data_dir, split, seed=0):
             raise UserError(f"{folder} holds no images in class subfolders ({e}); "
                             "put one folder of images per class there") from None
     if name in ("cifar10", "cifar100"):
-        cls = _extracted_copy(datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)
+        cls = CIFAR10 if name == "cifar10" else CIFAR100
         kwargs = {"train": split != "test"}
         archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
     elif name == "stl10":
-        cls = _extracted_copy(datasets.STL10)
+        cls = STL10
         kwargs = {"split": {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]}
         archive = "stl10_binary.tar.gz"
     else:
@@ -300,8 +306,6 @@ def load_dataset(name, data_dir, split, seed=0):
 
 def pretrain_transform(size, strength=1.0):
     """ACL's augmentation at strength s in [0, 1] (s = 1 is ACL's; DynACL lowers it, SPEC 1.6)."""
-    import torchvision.transforms as T
-
     s = strength
     return T.Compose([
         T.RandomResizedCrop(size, scale=(1 - 0.9 * s, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -313,13 +317,11 @@ def pretrain_transform(size, strength=1.0):
 
 
 def _resize(size, native):
-    import torchvision.transforms as T
     return [] if native == size else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
 
 
 def eval_transform(size, native, train):
     """Evaluation: train split RandomCrop(size, padding=4) + flip; test split unaugmented."""
-    import torchvision.transforms as T
     aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
     return T.Compose(_resize(size, native) + aug + [T.ToTensor()])
 
@@ -410,23 +412,27 @@ def pretrain_loader(args, device):
     return loader, sampler
 
 
+class LabelledImages(Dataset):
+    """(transformed image, label) of a raw dataset, optionally only its first `subset` images."""
+
+    def __init__(self, base, transform, subset=None):
+        self.base, self.transform, self.subset = base, transform, subset
+
+    def __len__(self):
+        return min(len(self.base), self.subset) if self.subset else len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return self.transform(image.convert("RGB") if image.mode != "RGB" else image), int(label)
+
+
 def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, seed=0, subset=None):
     """Labelled loader for evaluation: (x, y). `subset` keeps the first N images (quick runs)."""
-    base = load_dataset(dataset, data_dir, split, seed)
-    native = NATIVE_SIZE[dataset]
     train = split == "train"
-    transform = eval_transform(size, native, train)
-
-    class Labelled(Dataset):
-        def __len__(self):
-            return min(len(base), subset) if subset else len(base)
-
-        def __getitem__(self, i):
-            image, label = base[i]
-            return transform(image.convert("RGB") if image.mode != "RGB" else image), int(label)
-
+    images = LabelledImages(load_dataset(dataset, data_dir, split, seed),
+                            eval_transform(size, NATIVE_SIZE[dataset], train), subset)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(Labelled(), batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
+    return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
                       num_workers=workers, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0, worker_init_fn=_worker_init)
 

@@ -225,6 +225,8 @@ def test_cifar10_through_torchvision_on_a_tiny_archive(tmp_path):
     x1, x2, x0 = views[(5, 1, 1.0)]
     assert x1.shape == x2.shape == x0.shape == (3, 32, 32)
     assert torch.equal(x0, torch.from_numpy(expected).permute(2, 0, 1).float() / 255)
+    copied = pickle.loads(pickle.dumps(views))  # workers started by 'spawn' (macOS, Windows) receive a copy
+    assert all(torch.equal(a, b) for a, b in zip(copied[(5, 1, 1.0)], (x1, x2, x0)))
 
 
 def test_failed_download_says_where_to_put_the_data(tmp_path):
