@@ -964,3 +964,9 @@ def test_autoattack_without_torchattacks_is_refused_before_training(pretrained, 
     captured = capsys.readouterr()
     assert info.value.code == 2 and "torchattacks" in captured.err and "Traceback" not in captured.err
     assert "epoch" not in captured.out  # refused before any fine-tuning
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
+    status, err = in_process_error(acl.main, TINY + ["--device", "cuda", "--out-dir", str(tmp_path)], capsys)
+    assert status == 2 and "--device cuda" in err and "no CUDA GPU" in err
