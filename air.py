@@ -139,7 +139,7 @@ def main(argv=None):
             optimizer.step()
             step += 1
 
-            terms = torch.stack([loss.detach(), *terms.values()])
+            terms = torch.stack([loss, *terms.values()]).detach()
             watch.update(step, terms)
             log.accumulate(terms)
             if bench:
