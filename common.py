@@ -173,7 +173,8 @@ def nt_xent(za, zb, temperature=0.5):
     return F.cross_entropy(logits, partner)
 
 
-def _step_and_project(x_adv, grad, x, eps, alpha):
+def step_and_project(x_adv, grad, x, eps, alpha):
+    """One sign-gradient ascent step, projected to the L-inf eps-ball around x and to [0, 1]."""
     x_adv = x_adv.detach() + alpha * grad.sign()
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
 
@@ -200,7 +201,7 @@ def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperat
                 z = model(x_adv, adv=True)
             loss = nt_xent(*z.float().chunk(2), temperature)
             (grad,) = torch.autograd.grad(loss, [x_adv])
-        x_adv = _step_and_project(x_adv, grad, x, eps, alpha)
+        x_adv = step_and_project(x_adv, grad, x, eps, alpha)
     for p in frozen:
         p.requires_grad_(True)
     model.train(was_training)
@@ -218,7 +219,7 @@ def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
                 logits = forward(x_adv)
             loss = F.cross_entropy(logits.float(), y)
             (grad,) = torch.autograd.grad(loss, [x_adv])
-        x_adv = _step_and_project(x_adv, grad, x, eps, alpha)
+        x_adv = step_and_project(x_adv, grad, x, eps, alpha)
     return x_adv.detach()
 
 

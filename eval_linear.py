@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, ResNet18, UserError, autocast, default_workers, eval_loader,
-                    load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, synchronize, write_json)
+                    load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, step_and_project, synchronize,
+                    write_json)
 
 # SPEC 4.2: the modes' own defaults; a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -220,7 +221,7 @@ def trades_attack(model, x, eps, alpha, steps, amp=False):
                 logits_adv = model(x_adv, adv=True)
             kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_clean, reduction="sum")
             (grad,) = torch.autograd.grad(kl, [x_adv])
-        x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+        x_adv = step_and_project(x_adv, grad, x, eps, alpha)
     model.train(was_training)
     return x_adv.detach()
 
