@@ -13,11 +13,14 @@ pre-training checkpoints.
 Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
 per mode, each with every key. Our choices: an image counts as robust only when its clean version is
 also classified correctly (the clean image lies in the eps-ball), so robust accuracy <= clean accuracy;
---cka measures the model of the last mode run (AFF with --mode all).
+--cka measures the model of the last mode run (AFF with --mode all). --cka also writes minibatch CKA maps
+between points of the network (clean x adv, clean x clean, adv x adv; --cka-eps per attack radius; --compare
+across checkpoints), --probes trains a linear probe at every point, --plot draws the figures (matplotlib).
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
+    python eval_linear.py checkpoint.pt --mode slf --cka --probes --compare other.pt --plot   # representation analysis
 """
 import argparse
 import copy
