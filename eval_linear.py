@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, ResNet18, UserError, autocast, default_workers, eval_loader,
+from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast, default_workers, eval_loader,
                     load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, step_and_project, synchronize,
                     write_json)
 
@@ -43,10 +43,10 @@ MODE_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     a = parser.add_argument
     a("checkpoint", help="pre-training checkpoint: this project's checkpoint.pt, or a released ACL/DynACL/AIR file")
-    a("--mode", default="all", choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF from one encoder")
+    a("--mode", default="slf", choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF from one encoder")
     a("--bn", default="adv", choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF")
     a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")

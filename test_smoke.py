@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,11 @@ def test_failed_download_says_where_to_put_the_data(tmp_path):
         common.load_dataset("cifar10", str(tmp_path / "nothing-here"), "pretrain")
     message = str(error.value)
     assert str(tmp_path / "nothing-here") in message and "cifar-10-python.tar.gz" in message
+    assert not os.path.exists(tmp_path / "nothing-here")  # a failed load creates no folder
+    os.makedirs(tmp_path / "kept")  # a folder that was there before stays
+    with pytest.raises(common.UserError):
+        common.load_dataset("cifar10", str(tmp_path / "kept" / "a" / "b"), "pretrain")
+    assert os.path.isdir(tmp_path / "kept") and not os.path.exists(tmp_path / "kept" / "a")
 
 
 def write_image_tree(root, sizes=((40, 48), (32, 32), (64, 50))):
@@ -258,8 +264,11 @@ def test_imagefolder_tree(tmp_path):
 
 
 def test_imagefolder_missing_or_empty(tmp_path):
-    with pytest.raises(common.UserError, match="no folder"):
-        common.load_dataset("imagefolder", str(tmp_path), "pretrain")
+    for split, asked, not_asked in (("pretrain", "train", "test"), ("test", "test", "train")):
+        with pytest.raises(common.UserError, match="no folder") as error:  # asks for what this split reads
+            common.load_dataset("imagefolder", str(tmp_path), split)
+        assert os.path.join(str(tmp_path), asked) in str(error.value)
+        assert os.path.join(str(tmp_path), not_asked) not in str(error.value)
     os.makedirs(tmp_path / "train")
     with pytest.raises(common.UserError, match="holds no images"):
         common.load_dataset("imagefolder", str(tmp_path), "pretrain")
@@ -735,6 +744,7 @@ def test_unreadable_checkpoint_ends_with_one_sentence(kind, pretrained, tmp_path
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
+    assert not re.search(r"[A-Z][a-z]+(Error|Exception)\b", lines[0]), lines[0]  # no Python exception names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -970,3 +980,24 @@ def test_autoattack_without_torchattacks_is_refused_before_training(pretrained, 
 def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
     status, err = in_process_error(acl.main, TINY + ["--device", "cuda", "--out-dir", str(tmp_path)], capsys)
     assert status == 2 and "--device cuda" in err and "no CUDA GPU" in err
+
+
+# =============================================================================================
+# What a new user reads: --help
+# =============================================================================================
+
+@pytest.mark.parametrize("module", [acl, air, a_infonce, eval_linear])
+def test_help_shows_every_default(module, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    out = capsys.readouterr().out
+    blocks = re.split(r"\n  (?=-)", out.split("options:", 1)[1])  # one block per option, wrapped lines joined
+    helps = {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks if b.strip()}
+    expected = {"--seed": 0, "--workers": common.default_workers(), "--eps": 8}
+    if module is eval_linear:
+        expected.update({"--mode": "slf", "--pgd-steps": 20, "--cka-samples": 1000})
+    else:
+        expected.update({"--epochs": 1000, "--batch-size": 512, "--lr": 5.0, "--width": 64, "--temperature": 0.5})
+    for flag, value in expected.items():
+        assert helps[flag].endswith(f"(default: {value})"), (flag, helps[flag])
+    assert "(default: None)" not in out and "(default: False)" not in out
