@@ -306,7 +306,7 @@ def test_learning_rate_schedule():
 
 
 # =============================================================================================
-# AIR (SPEC 2.2)
+# AIR
 # =============================================================================================
 
 def softmax_list(values):
@@ -368,7 +368,7 @@ def test_air_loss_sums_acl_and_regularizers_with_gradients_everywhere():
 
 
 # =============================================================================================
-# A-InfoNCE (SPEC 2.3)
+# A-InfoNCE
 # =============================================================================================
 
 def multi_positive_infonce_loops(zs, t):
@@ -403,7 +403,7 @@ def test_a_infonce_hard_negatives_reduce_to_plain_at_beta_0_tau_0():
 
 
 def test_a_infonce_hard_negative_formula_on_one_pair():
-    """HN mass for one anchor and positive, written out from SPEC 2.3 (M = S, IP off)."""
+    """HN mass for one anchor and positive, written out from the HN formula in a_infonce.py (M = S, IP off)."""
     zs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     t, beta, tau = 0.5, 1.5, 0.2
     z = F.normalize(torch.cat(zs).double(), dim=1)
@@ -589,7 +589,7 @@ def test_imagefolder_training_end_to_end(tmp_path):
 
 
 # =============================================================================================
-# eval_linear.py (SPEC 4)
+# eval_linear.py
 # =============================================================================================
 
 QUICK = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--batch-size", "16",
@@ -615,11 +615,11 @@ def run_eval_cli(*argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: the released checkpoints' layout (SPEC 4.1) against a functional forward pass
+# Loading: the released checkpoints' layout against a functional forward pass
 # ---------------------------------------------------------------------------------------------
 
 def released_state_dict(width, stem, seed=0):
-    """Random weights under the key names of SPEC 4.1, each BN copy with its own statistics."""
+    """Random weights under the released checkpoints' key names, each BN copy with its own statistics."""
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     sd = {}
@@ -748,7 +748,7 @@ def test_unreadable_checkpoint_ends_with_one_sentence(kind, pretrained, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear CKA (SPEC 4.4)
+# Linear CKA
 # ---------------------------------------------------------------------------------------------
 
 def test_linear_cka_properties_and_direct_formula():
@@ -771,7 +771,7 @@ def test_linear_cka_properties_and_direct_formula():
 
 
 # ---------------------------------------------------------------------------------------------
-# Fine-tuning and metrics (SPEC 4.2, 4.3)
+# Fine-tuning and metrics
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["slf", "alf", "aff"])
