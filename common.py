@@ -5,6 +5,7 @@ imports it and keeps its own loss and training loop in view. The contract for ev
 SPEC.md in the project's shared folder; section numbers below refer to it.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -427,24 +428,28 @@ def pretrain_loader(args, device):
 
 
 class LabelledImages(Dataset):
-    """(transformed image, label) of a raw dataset, optionally only its first `subset` images."""
+    """(transformed image, label) of a raw dataset, optionally only its first `subset` images and with
+    `labels` (one per image) in place of the dataset's own."""
 
-    def __init__(self, base, transform, subset=None):
-        self.base, self.transform, self.subset = base, transform, subset
+    def __init__(self, base, transform, subset=None, labels=None):
+        self.base, self.transform, self.subset, self.labels = base, transform, subset, labels
 
     def __len__(self):
         return min(len(self.base), self.subset) if self.subset else len(self.base)
 
     def __getitem__(self, i):
         image, label = self.base[i]
+        label = label if self.labels is None else self.labels[i]  # pseudo labels replace the true ones
         return self.transform(image.convert("RGB") if image.mode != "RGB" else image), int(label)
 
 
-def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, seed=0, subset=None):
-    """Labelled loader for evaluation: (x, y). `subset` keeps the first N images (quick runs)."""
-    train = split == "train"
+def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, seed=0, subset=None, labels=None,
+                train=None):
+    """Labelled loader for evaluation: (x, y). `subset` keeps the first N images (quick runs); `labels`
+    replaces the dataset's labels; `train` (default: split == 'train') augments and shuffles."""
+    train = split == "train" if train is None else train
     images = LabelledImages(load_dataset(dataset, data_dir, split, seed),
-                            eval_transform(size, NATIVE_SIZE[dataset], train), subset)
+                            eval_transform(size, NATIVE_SIZE[dataset], train), subset, labels)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
                       num_workers=workers, pin_memory=device.type == "cuda",
@@ -643,21 +648,32 @@ def run_dir_for(args, method, checkpoint_path=None):
     return path
 
 
-def write_json(path, obj):
+@contextlib.contextmanager
+def atomic_file(path, mode):
+    """Write `path` atomically: a temporary file, flushed to disk, then renamed over `path`. On any
+    failure (a full disk, an exception raised by a signal handler) the temporary file is removed."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_file(path, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path, checkpoint):
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path):

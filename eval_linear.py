@@ -23,6 +23,7 @@ import argparse
 import copy
 import importlib.util
 import os
+import signal
 import time
 
 import numpy as np
@@ -31,23 +32,122 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast, default_workers, eval_loader,
-                    load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, step_and_project, synchronize,
-                    write_json)
+                    fail, load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, save_checkpoint,
+                    step_and_project, synchronize, write_json)
 
 # SPEC 4.2: the modes' own defaults; a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
-    "slf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20]),
-    "alf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20]),
-    "aff": dict(epochs=25, batch_size=128, lr=0.1, milestones=[15, 20]),
+    "slf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),
+    "alf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),
+    "aff": dict(epochs=25, batch_size=128, lr=0.1, milestones=[15, 20], bn="adv"),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: the authors' fine-tuning settings per method, dataset and mode (--recipe paper)
+# ---------------------------------------------------------------------------------------------
+# The published tables (and the RobustSSL leaderboard) were fine-tuned with the AIR authors'
+# finetuning_utils.setup_hyperparameter; these are its values as they take effect. A row holds the lr
+# milestones, the BN copy and one cell per dataset/image size: (batch, lr), (batch, lr, epochs) or
+# (batch, lr, epochs, milestones); 25 epochs unless given. A cell the released code leaves unset
+# (None) keeps its command-line defaults, batch 128, lr 0.1, 25 epochs. Always SGD, momentum 0.9,
+# weight decay 2e-4 (the flags' defaults). "stl10/32" is STL-10 resized to 32 px.
+RECIPE_SIZES = ["cifar10/32", "cifar100/32", "stl10/96", "stl10/32"]
+RECIPE_METHODS = ["acl", "dynacl", "dynacl++", "acl-air", "dynacl-air", "dynacl-air++", "a-infonce"]
+UNSET_CELL = (128, 0.1)
+PAPER_RECIPES = {
+    # (method, mode):        (milestones, BN,   [cifar10/32,   cifar100/32,  stl10/96,              stl10/32])
+    ("acl", "slf"):          ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("acl", "alf"):          ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("acl", "aff"):          ([40, 60], "adv",   [(128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100)]),
+    ("dynacl", "slf"):       ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl", "alf"):       ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl", "aff"):       ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1, 25, [10, 20]), (128, 0.1)]),
+    ("dynacl++", "slf"):     ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl++", "alf"):     ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl++", "aff"):     ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1, 25, [10, 20]), (128, 0.1)]),
+    ("acl-air", "slf"):      ([10, 20], "adv",   [(512, 0.005), (512, 0.1),   (512, 0.01),           (128, 0.01)]),
+    ("acl-air", "alf"):      ([10, 20], "adv",   [(512, 0.01),  (512, 0.1),   (512, 0.01),           (128, 0.01)]),
+    ("acl-air", "aff"):      ([40, 60], "adv",   [(128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100)]),
+    ("dynacl-air", "slf"):   ([10, 20], "adv",   [(512, 0.01, 5), (512, 0.1), (512, 0.1),            (128, 0.01)]),
+    ("dynacl-air", "alf"):   ([10, 20], "adv",   [(512, 0.01),  (512, 0.1),   (128, 0.1),            (128, 0.01)]),
+    ("dynacl-air", "aff"):   ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    # DynACL-AIR++ is evaluated through the clean BN copy, as the released code does (bnNameCnt = 0),
+    # although its post-processing trained the adversarial copy; --bn adv overrides.
+    ("dynacl-air++", "slf"): ([10, 20], "clean", [(512, 0.01),  (512, 0.1),   (512, 0.1),            None]),
+    ("dynacl-air++", "alf"): ([10, 20], "clean", [(512, 0.01, 4), (512, 0.1), (128, 0.1),            None]),
+    # the released AFF says epoch = 19, a typo that its loop turns into 25 epochs
+    ("dynacl-air++", "aff"): ([15, 20], "clean", [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    # "anything else" in the released code: A-InfoNCE, and ACL++ / ACL-AIR++ / A-InfoNCE++
+    ("a-infonce", "slf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    ("a-infonce", "alf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    ("a-infonce", "aff"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+}
+
+
+def recipe_size(dataset, image_size):
+    """The table's column for a dataset at an image size; one sentence for the ones it lacks."""
+    key = f"{dataset}/{image_size}"
+    if key not in RECIPE_SIZES:
+        raise UserError(f"--recipe paper has settings for {', '.join(RECIPE_SIZES)} (dataset/image size), not for "
+                        f"{key}; use one of those or --recipe uniform")
+    return key
+
+
+def paper_settings(method, mode, dataset, image_size):
+    """The released recipe's batch_size, lr, epochs, milestones and BN copy for a method, mode and dataset."""
+    milestones, bn, cells = PAPER_RECIPES.get((method, mode)) or PAPER_RECIPES[("a-infonce", mode)]
+    cell = cells[RECIPE_SIZES.index(recipe_size(dataset, image_size))] or UNSET_CELL
+    settings = dict(epochs=25, batch_size=cell[0], lr=cell[1], milestones=milestones, bn=bn)
+    if len(cell) > 2:
+        settings["epochs"] = cell[2]
+    if len(cell) > 3:
+        settings["milestones"] = cell[3]
+    return settings
+
+
+def recorded_method(checkpoint):
+    """The recipe name of the method a checkpoint of this project records (acl.py --dynacl -> 'dynacl',
+    air.py -> 'acl-air', ...; a post-processed one says e.g. 'dynacl++'); None for released files."""
+    method = checkpoint.get("method") if isinstance(checkpoint, dict) else None
+    if not isinstance(method, str) or method.endswith("++"):
+        return method
+    name = {"acl": "acl", "air": "acl-air", "a_infonce": "a-infonce"}.get(method, method)
+    run_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    # DynACL's omega does not apply to A-InfoNCE, which has no DynACL row: it stays 'a-infonce'
+    return "dyn" + name if run_args.get("dynacl") and name.startswith("acl") else name
+
+
+def resolve_method(args, recorded):
+    """The checkpoint's method: what it records, else --method; a contradiction is refused, and the
+    paper recipe and post-processing refuse a checkpoint that says neither."""
+    if args.method and recorded and args.method != recorded:
+        raise UserError(f"{args.checkpoint} records the method {recorded}, but --method {args.method} was given; "
+                        "drop --method (it is only for released checkpoints, which record none)")
+    method = recorded or args.method
+    if method is None and (args.recipe == "paper" or args.post_process):
+        raise UserError(f"{args.checkpoint} does not record its method (a released checkpoint); say which it is "
+                        f"with --method {{{','.join(RECIPE_METHODS)}}}")
+    return method
+
+
+def recipe_record(args, method, mode, settings):
+    """The settings a mode runs with, printed in one line and kept in the JSON under 'recipe'."""
+    recipe = {"name": args.recipe, "method": method, "mode": mode, **settings, "momentum": args.momentum,
+              "weight_decay": args.weight_decay, "from_flags": [name for name in settings if getattr(args, name) is not None]}
+    print("recipe " + " | ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in recipe.items()),
+          flush=True)
+    return recipe
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     a = parser.add_argument
     a("checkpoint", help="pre-training checkpoint: this project's checkpoint.pt, or a released ACL/DynACL/AIR file")
-    a("--mode", default="slf", choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF from one encoder")
-    a("--bn", default="adv", choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF")
+    a("--mode", default=None, choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF "
+      "from one encoder (default: slf; with --post-process none: post-process only)")
+    a("--bn", default=None, choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF "
+      "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper)")
     a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
     a("--image-size", type=int, default=None, help="input size in px (default: the checkpoint's, else 32 / 96 for the CIFAR / ImageNet stem)")
@@ -74,6 +174,21 @@ def parse_args(argv=None):
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
     a("--no-amp", action="store_true", help="CUDA: fp32 instead of bf16 autocast (the CPU always uses fp32)")
     a("--out", default=None, help="JSON file for the results (default: <checkpoint folder>/eval_<mode>_<dataset>.json)")
+    # Recipes and post-processing (DynACL++ / DynACL-AIR++): the authors' settings, LPAFT
+    a("--recipe", default="uniform", choices=["uniform", "paper"], help="fine-tuning settings: 'uniform' (the modes' "
+      "defaults) or 'paper' (the authors' per method, dataset and mode); a flag given overrides either")
+    a("--method", default=None, choices=RECIPE_METHODS, help="the checkpoint's method, for released checkpoints "
+      "(this project's record it)")
+    a("--post-process", default=None, choices=["lpaft"], help="first turn a DynACL / DynACL-AIR encoder into DynACL++ "
+      "/ DynACL-AIR++ (k-means pseudo labels, linear probing, TRADES): writes postprocessed.pt next to the checkpoint")
+    a("--lpaft-probe-epochs", type=int, default=10, help="post-processing: linear-probing epochs")
+    a("--lpaft-probe-lr", type=float, default=0.01, help="post-processing: linear-probing lr (no decay)")
+    a("--lpaft-epochs", type=int, default=25, help="post-processing: TRADES full fine-tuning epochs")
+    a("--lpaft-lr", type=float, default=0.1, help="post-processing: TRADES full fine-tuning lr")
+    a("--lpaft-milestones", type=int, nargs="+", default=[10, 20], help="post-processing: epochs after which the TRADES lr is x0.1")
+    a("--lpaft-batch-size", type=int, default=512, help="post-processing: batch of both training stages")
+    a("--lpaft-weight-decay", type=float, default=1e-4, help="post-processing: SGD weight decay of both training stages")
+    a("--kmeans-restarts", type=int, default=5, help="post-processing: k-means++ runs; the lowest inertia is kept")
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -96,11 +211,21 @@ def check_args(args):
         raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
     if args.cka_samples < 2:
         raise UserError(f"--cka-samples must be at least 2 (got {args.cka_samples}): CKA centres over images")
+    for name in ("lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size", "kmeans_restarts"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("lpaft_probe_lr", "lpaft_lr"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.lpaft_weight_decay < 0:
+        raise UserError(f"--lpaft-weight-decay must be >= 0 (got {args.lpaft_weight_decay})")
+    if args.mode is None and not args.post_process:
+        args.mode = "slf"
 
 
-def mode_settings(args, mode):
-    """The mode's SPEC 4.2 defaults, overridden by the flags that were given."""
-    settings = dict(MODE_DEFAULTS[mode])
+def mode_settings(args, mode, method=None, image_size=None):
+    """The mode's defaults (--recipe uniform) or the authors' (--recipe paper), overridden by the flags given."""
+    settings = dict(MODE_DEFAULTS[mode]) if args.recipe == "uniform" else paper_settings(method, mode, args.dataset, image_size)
     for name in settings:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -154,7 +279,8 @@ def load_encoder(path, bn="adv", device="cpu"):
     unexpected or mis-shaped key is refused: a partly loaded encoder would be evaluated silently."""
     if bn not in ("adv", "clean"):
         raise UserError(f"bn must be 'adv' or 'clean' (got {bn!r})")
-    state, run_args = _state_dict_of(load_checkpoint(path), path)
+    checkpoint = load_checkpoint(path)
+    state, run_args = _state_dict_of(checkpoint, path)
     conv1 = state.get("conv1.weight")
     if not isinstance(conv1, torch.Tensor) or conv1.ndim != 4 or conv1.shape[1] != 3 or conv1.shape[2] not in (3, 7):
         raise UserError(f"{path} has no ResNet-18 'conv1.weight' of shape [width, 3, 3, 3] or [width, 3, 7, 7]; "
@@ -182,6 +308,7 @@ def load_encoder(path, bn="adv", device="cpu"):
     model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
     encoder = Encoder(model, bn).to(device).eval()
     encoder.width, encoder.stem, encoder.run_args = width, stem, run_args
+    encoder.method = recorded_method(checkpoint)
     size = run_args.get("image_size") if run_args else None
     encoder.image_size = size or (32 if stem == "cifar" else 96)
     return encoder
@@ -205,14 +332,15 @@ class Classifier(nn.Module):
 # Fine-tuning (SPEC 4.2)
 # ---------------------------------------------------------------------------------------------
 
-def trades_attack(model, x, eps, alpha, steps, amp=False):
+def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
     """TRADES' inner maximisation of KL(f(x) || f(x')) from x + 0.001 N(0, I), in eval mode, input
-    gradients only: f(x) through the clean BN, f(x') through the adversarial BN (SPEC 4.2). Like
-    TRADES' code the start is not uniform; unlike it we clamp the start to [0, 1] too."""
+    gradients only: f(x) through the clean BN (the adversarial one with `natural_adv`, as in LPAFT),
+    f(x') through the adversarial BN (SPEC 4.2). Like TRADES' code the start is not uniform; unlike it
+    we clamp the start to [0, 1] too."""
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(amp):
-        p_clean = F.softmax(model(x, adv=False).float(), dim=1)
+        p_clean = F.softmax(model(x, adv=natural_adv).float(), dim=1)
     x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -228,12 +356,16 @@ def trades_attack(model, x, eps, alpha, steps, amp=False):
 
 def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
     """Train `model` (a Classifier) by `mode` for settings['epochs']; the last epoch is kept (no
-    selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns."""
+    selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns.
+    Optional settings (post-processing): 'weight_decay' (else --weight-decay), 'natural_bn' ('adv': AFF
+    sends the natural images through the adversarial BN too) and 'label' (of the progress lines)."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     frozen = mode in ("slf", "alf")
+    natural_adv = settings.get("natural_bn") == "adv"
     model.encoder.requires_grad_(not frozen)
     params = model.fc.parameters() if frozen else model.parameters()
-    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=args.momentum,
+                                weight_decay=settings.get("weight_decay", args.weight_decay))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings["milestones"], gamma=0.1)
     model.eval()  # SLF/ALF stay in eval mode; AFF switches to train mode after each inner attack
     for epoch in range(1, settings["epochs"] + 1):
@@ -251,10 +383,10 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
                     logits = model.fc(features).float()
                 loss = F.cross_entropy(logits, y)
             else:  # AFF: TRADES, the whole network in train mode; clean -> clean BN, adversarial -> adversarial BN
-                x_adv = trades_attack(model, x, eps, alpha, args.train_pgd_steps, amp)
+                x_adv = trades_attack(model, x, eps, alpha, args.train_pgd_steps, amp, natural_adv)
                 model.train()
                 with autocast(amp):
-                    logits = model(x, adv=False).float()
+                    logits = model(x, adv=natural_adv).float()
                     logits_adv = model(x_adv, adv=True).float()
                 kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
                 loss = F.cross_entropy(logits, y) + args.trades_beta * kl
@@ -268,7 +400,7 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
         scheduler.step()
         synchronize(device)
         seconds = time.perf_counter() - start
-        print(f"{mode} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
+        print(f"{settings.get('label', mode)} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
               f"{correct.item() / seen:.4f} | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
     model.eval()
     return seen / seconds
@@ -426,6 +558,145 @@ def print_table(results):
 
 
 # ---------------------------------------------------------------------------------------------
+# Post-processing (DynACL++ / DynACL-AIR++)
+# ---------------------------------------------------------------------------------------------
+# LPAFT (Luo et al., ICLR 2023; used by AIR for DynACL-AIR++): pooled clean-BN features of the
+# unaugmented pre-training images -> k-means pseudo labels -> linear probing on them -> TRADES
+# fine-tuning of the whole encoder on them. The result is a pre-training checkpoint again.
+
+def _squared_distances(x, centres):
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ centres.T + (centres * centres).sum(1)).clamp_(min=0)
+
+
+def _initial_centres(x, k, init, generator):
+    """'k-means++' (Arthur & Vassilvitskii, 2007: each next centre drawn with probability proportional
+    to the squared distance to the nearest chosen one) or 'random' (k distinct points, as the released code)."""
+    if init == "random":
+        return x[torch.randperm(len(x), generator=generator)[:k].to(x.device)].clone()
+    centres = [x[torch.randint(len(x), (1,), generator=generator).item()]]
+    nearest = _squared_distances(x, centres[0][None])[:, 0]
+    for _ in range(1, k):
+        weights = nearest.double().cpu()
+        weights = weights if weights.sum() > 0 else torch.ones_like(weights)  # every point is already a centre
+        centres.append(x[torch.multinomial(weights, 1, generator=generator).item()])
+        nearest = torch.minimum(nearest, _squared_distances(x, centres[-1][None])[:, 0])
+    return torch.stack(centres)
+
+
+def kmeans(x, k, restarts=5, init="k-means++", iterations=300, tol=1e-5, seed=0):
+    """Lloyd's k-means (Euclidean) of the rows of x on x's device, the best of `restarts` runs by inertia
+    (the sum of squared distances to the assigned centre, in float64). A run stops when its centres
+    move by less than tol x the features' mean variance (squared). Returns (assignments, centres, inertia)."""
+    x = x.float()
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
+    threshold = tol * x.var(0).mean()
+    best = None
+    for _ in range(restarts):
+        centres = _initial_centres(x, k, init, generator)
+        for _ in range(iterations):
+            assignments = _squared_distances(x, centres).argmin(1)
+            counts = torch.bincount(assignments, minlength=k)[:, None]
+            sums = torch.zeros_like(centres).index_add_(0, assignments, x)
+            moved = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
+            shift, centres = (moved - centres).pow(2).sum(), moved
+            if shift <= threshold:
+                break
+        assignments = _squared_distances(x, centres).argmin(1)
+        inertia = (x.double() - centres.double()[assignments]).pow(2).sum().item()
+        if best is None or inertia < best[2]:
+            best = (assignments, centres, inertia)
+    return best
+
+
+def cluster_quality(labels, clusters):
+    """Purity (each cluster counted as its most frequent label) and NMI = 2 I(Y; C) / (H(Y) + H(C)) (the
+    arithmetic normalisation; 1 when both are constant) of cluster assignments against true labels."""
+    _, y = np.unique(np.asarray(labels), return_inverse=True)
+    _, c = np.unique(np.asarray(clusters), return_inverse=True)
+    joint = np.zeros((c.max() + 1, y.max() + 1))
+    np.add.at(joint, (c, y), 1)
+    purity = joint.max(1).sum() / joint.sum()
+    joint /= joint.sum()
+    pc, py = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * np.log(joint[nonzero] / np.outer(pc, py)[nonzero])).sum()
+    entropy = lambda p: -(p[p > 0] * np.log(p[p > 0])).sum()  # noqa: E731
+    h = entropy(pc) + entropy(py)
+    return float(purity), float(min(1.0, max(0.0, 2 * mutual / h)) if h > 0 else 1.0)
+
+
+def _stop_post_processing(signum, frame):
+    # SystemExit unwinds through common.atomic_file, which removes a half-written temporary file
+    fail("post-processing was stopped by SIGTERM; no partial file was left", status=128 + signum)
+
+
+def post_process(args, method, image_size, num_classes, device, amp, memory_format):
+    """LPAFT on --dataset's pre-training split; writes postprocessed.pt (this project's checkpoint format,
+    method '<method>++') and postprocessed.json next to the checkpoint and returns the .pt path."""
+    if method.endswith("++"):
+        raise UserError(f"{args.checkpoint} is already post-processed ({method}); post-process the original checkpoint")
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    path, report_path = os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")
+    previous_handler = signal.signal(signal.SIGTERM, _stop_post_processing)
+    try:
+        seconds, start = {}, time.perf_counter()
+        torch.manual_seed(args.seed)
+        # the probe and TRADES use the adversarial BN; the k-means features the clean one (below)
+        model = Classifier(load_encoder(args.checkpoint, "adv"), num_classes).to(device, memory_format=memory_format)
+        images = eval_loader(args.dataset, args.data_dir, "pretrain", image_size, args.test_batch_size, args.workers,
+                             device, args.seed, subset=args.train_size)  # unaugmented, in order
+        if len(images.dataset) < num_classes:
+            raise UserError(f"the {args.dataset} pre-training split has {len(images.dataset)} images, fewer than the "
+                            f"{num_classes} clusters of --post-process; use more images (--train-size) or more data")
+        features, labels = [], []
+        with torch.no_grad(), autocast(amp):
+            for x, y in images:
+                features.append(model.encoder(x.to(device, non_blocking=True, memory_format=memory_format), adv=False).float())
+                labels.append(y)
+        labels = torch.cat(labels).numpy()
+        synchronize(device)
+        seconds["features"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        # Departure: k-means++ with restarts, keeping the lowest inertia; the released code runs one
+        # random-initialised k-means (tolerance 1e-5).
+        pseudo, _, inertia = kmeans(torch.cat(features), num_classes, args.kmeans_restarts, seed=args.seed)
+        pseudo = pseudo.cpu().numpy()
+        purity, nmi = cluster_quality(labels, pseudo) if (labels >= 0).all() else (None, None)  # STL-10: unlabelled
+        seconds["kmeans"] = time.perf_counter() - start
+        quality = f"purity {purity:.4f}, NMI {nmi:.4f}" if purity is not None else "no labels to compare with"
+        print(f"k-means: {num_classes} clusters of {len(pseudo)} images, inertia {inertia:.4g} (best of "
+              f"{args.kmeans_restarts}); {quality}", flush=True)
+
+        loader = eval_loader(args.dataset, args.data_dir, "pretrain", image_size, args.lpaft_batch_size, args.workers,
+                             device, args.seed, subset=args.train_size, labels=pseudo.tolist(), train=True)
+        probe = dict(label="lpaft probe", epochs=args.lpaft_probe_epochs, lr=args.lpaft_probe_lr, milestones=[],
+                     weight_decay=args.lpaft_weight_decay)
+        aft = dict(label="lpaft trades", epochs=args.lpaft_epochs, lr=args.lpaft_lr, milestones=args.lpaft_milestones,
+                   weight_decay=args.lpaft_weight_decay, natural_bn="adv")
+        for name, mode, settings in (("probe", "slf", probe), ("trades", "aff", aft)):
+            start = time.perf_counter()
+            fine_tune(model, mode, loader, settings, args, device, amp, memory_format)
+            seconds[name] = time.perf_counter() - start
+
+        record = {"checkpoint": os.path.abspath(args.checkpoint), "postprocessed": path, "method": method + "++",
+                  "dataset": args.dataset, "images": len(pseudo), "clusters": num_classes, "purity": purity, "nmi": nmi,
+                  "kmeans_inertia": inertia, "kmeans_restarts": args.kmeans_restarts, "probe": probe, "trades": aft,
+                  "batch_size": args.lpaft_batch_size, "trades_beta": args.trades_beta, "eps": args.eps,
+                  "pgd_alpha": args.pgd_alpha, "train_pgd_steps": args.train_pgd_steps, "seed": args.seed,
+                  "seconds": seconds}
+        # The linear head is not kept: the result is a pre-training checkpoint for any mode.
+        state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.model.state_dict().items()}
+        run_args = dict(model.encoder.run_args or {}, image_size=image_size)
+        save_checkpoint(path, {"method": method + "++", "args": run_args, "model": state, "post_process": record})
+        write_json(report_path, record)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    print(f"wrote {path} and {report_path}", flush=True)
+    return path, record
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -437,12 +708,13 @@ def main(argv=None):
         raise UserError("--autoattack needs the torchattacks package, which is not installed; "
                         "run 'pip install torchattacks' or drop --autoattack")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
+    postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"eval_{args.mode}_{args.dataset}.json")
+                                   f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    pretrained = load_encoder(args.checkpoint, args.bn)
+    pretrained = load_encoder(args.checkpoint, args.bn or "adv")
     if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
         raise UserError(f"cannot write {out}; choose another --out")
     image_size = args.image_size or pretrained.image_size
@@ -457,27 +729,38 @@ def main(argv=None):
     if corruptions and corruptions[0].max() >= num_classes:
         raise UserError(f"{args.corruptions} has labels up to {corruptions[0].max()}, but {args.dataset} has "
                         f"{num_classes} classes; use the corruptions of the fine-tuning dataset")
+    method = resolve_method(args, pretrained.method)
+    if args.recipe == "paper":
+        recipe_size(args.dataset, image_size)  # a dataset or image size the table lacks is refused before any work
+    if args.post_process:
+        args.checkpoint, record = post_process(args, method, image_size, num_classes, device, amp, memory_format)
+        if args.mode is None:
+            return record
+        pretrained = load_encoder(args.checkpoint, args.bn or "adv")
+        method = pretrained.method
     test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
                               device, args.seed, subset=args.test_size)
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
-    print(f"{args.checkpoint}: width {pretrained.width}, {pretrained.stem} stem, {args.bn} BN; {args.dataset} at "
-          f"{image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
+    print(f"{args.checkpoint}: {method or 'method not recorded'}, width {pretrained.width}, {pretrained.stem} stem; "
+          f"{args.dataset} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
 
     modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
     results = []
     for mode in modes:
         mode_start = time.perf_counter()
-        settings = mode_settings(args, mode)
+        settings = mode_settings(args, mode, method, image_size)
+        recipe = recipe_record(args, method, mode, settings)
         torch.manual_seed(args.seed)  # every mode starts from the same encoder, classifier and random numbers
         model = Classifier(copy.deepcopy(pretrained), num_classes).to(device, memory_format=memory_format)
+        model.encoder.adv = settings["bn"] == "adv"
         train_loader = eval_loader(args.dataset, args.data_dir, "train", image_size, settings["batch_size"], args.workers,
                                    device, args.seed, subset=args.train_size)
         images_per_s = fine_tune(model, mode, train_loader, settings, args, device, amp, memory_format)
 
         clean, robust = correct_per_image(model, test_loader, device, eps, alpha, args.pgd_steps, amp, memory_format)
-        entry = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": mode, "bn": args.bn,
-                 **settings, "momentum": args.momentum, "weight_decay": args.weight_decay,
+        entry = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": mode, **settings,
+                 "recipe": recipe, "momentum": args.momentum, "weight_decay": args.weight_decay,
                  "trades_beta": args.trades_beta if mode == "aff" else None, "eps": args.eps, "pgd_alpha": args.pgd_alpha,
                  "pgd_steps": args.pgd_steps, "train_pgd_steps": args.train_pgd_steps if mode != "slf" else None,
                  "image_size": image_size, "width": pretrained.width, "stem": pretrained.stem, "num_classes": num_classes,
@@ -497,7 +780,7 @@ def main(argv=None):
         results.append(entry)
 
     result = results[0] if len(results) == 1 else {
-        "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": args.bn,
+        "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": results[0]["bn"],
         "results": results, "seconds": time.perf_counter() - start}
     print_table(results)
     try:
