@@ -145,7 +145,7 @@ def parse_args(argv=None):
     a = parser.add_argument
     a("checkpoint", help="pre-training checkpoint: this project's checkpoint.pt, or a released ACL/DynACL/AIR file")
     a("--mode", default=None, choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF "
-      "from one encoder (default: slf; with --post-process none: post-process only)")
+      "from one encoder; --post-process without --mode only post-processes (default: slf)")
     a("--bn", default=None, choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF "
       "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper)")
     a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
