@@ -530,15 +530,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys,
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigterm_leaves_a_loadable_checkpoint(workers, tmp_path):
     """SIGTERM to the whole process group, as a cluster scheduler sends it: data-loader workers included."""
-    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "acl.py"), *TINY, "--max-steps", "1000",
-                                "--workers", workers, "--out-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if "step 2/" in line or time.time() > deadline:
-            break
-    os.killpg(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    process, out, err = sigterm_after("step 2/", "acl.py", *TINY, "--max-steps", "1000", "--workers", workers,
+                                      "--out-dir", str(tmp_path))
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in out and "Traceback" not in err
     (run_dir,) = [p for p in tmp_path.iterdir()]
@@ -1163,19 +1156,25 @@ def test_post_process_end_to_end_then_every_mode(recipe_files, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def sigterm_after(marker, script, *argv):
+    """Start a script in its own process group, send the group SIGTERM once a line of its output
+    contains `marker` (as a cluster scheduler does: data-loader workers included); (process, out, err)."""
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, script), *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
+    deadline = time.time() + 120
+    for line in process.stdout:
+        if marker in line or time.time() > deadline:
+            break
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    return process, out, err
+
+
 def test_sigterm_during_post_processing_leaves_no_file(recipe_files, tmp_path):
     source = tmp_path / "checkpoint.pt"
     source.write_bytes(open(recipe_files["acl"], "rb").read())
     argv = [str(source), *LPAFT_TINY, "--data-dir", recipe_files["data"], "--lpaft-epochs", "1000"]
-    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "eval_linear.py"), *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-                               start_new_session=True)
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if "lpaft trades epoch 2/" in line or time.time() > deadline:
-            break
-    os.killpg(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    process, out, err = sigterm_after("lpaft trades epoch 2/", "eval_linear.py", *argv)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines() == ["error: post-processing was stopped by SIGTERM; no partial file was left"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
