@@ -18,6 +18,13 @@ also classified correctly (the clean image lies in the eps-ball), so robust accu
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
+    python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
+    python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
+
+--recipe paper takes batch size, lr, epochs, milestones and BN copy per (method, dataset/size, mode)
+from the authors' released fine-tuning code (PAPER_RECIPES); --post-process lpaft is LPAFT (Luo et al.,
+ICLR 2023): k-means pseudo labels on clean-BN features of the unaugmented pre-training images, a linear
+probe on them, then TRADES on the whole encoder; it writes postprocessed.pt next to the checkpoint.
 """
 import argparse
 import copy
@@ -163,7 +170,7 @@ def parse_args(argv=None):
     a("--pgd-steps", type=int, default=20, help="steps of the test PGD attack (pgd20_acc)")
     a("--train-pgd-steps", type=int, default=10, help="steps of the ALF (PGD) and AFF (TRADES) training attacks")
     a("--test-batch-size", type=int, default=512, help="batch of the evaluation passes (clean, PGD, corruptions, CKA)")
-    a("--train-size", type=int, default=None, help="use only the first N training images (quick runs)")
+    a("--train-size", type=int, default=None, help="use only the first N training images (quick runs; also of --post-process's split)")
     a("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
     a("--autoattack", action="store_true", help="also report AutoAttack (standard, L-inf) through the torchattacks package")
     a("--corruptions", default=None, metavar="DIR", help="CIFAR-10-C / CIFAR-100-C folder (labels.npy, <name>.npy)")
