@@ -140,8 +140,9 @@ def resolve_method(args, recorded):
 
 def recipe_record(args, method, mode, settings):
     """The settings a mode runs with, printed in one line and kept in the JSON under 'recipe'."""
+    given = [name for name in settings if getattr(args, name) is not None]
     recipe = {"name": args.recipe, "method": method, "mode": mode, **settings, "momentum": args.momentum,
-              "weight_decay": args.weight_decay, "from_flags": [name for name in settings if getattr(args, name) is not None]}
+              "weight_decay": args.weight_decay, "from_flags": given}
     print("recipe " + " | ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in recipe.items()),
           flush=True)
     return recipe
@@ -170,7 +171,8 @@ def parse_args(argv=None):
     a("--pgd-steps", type=int, default=20, help="steps of the test PGD attack (pgd20_acc)")
     a("--train-pgd-steps", type=int, default=10, help="steps of the ALF (PGD) and AFF (TRADES) training attacks")
     a("--test-batch-size", type=int, default=512, help="batch of the evaluation passes (clean, PGD, corruptions, CKA)")
-    a("--train-size", type=int, default=None, help="use only the first N training images (quick runs; also of --post-process's split)")
+    a("--train-size", type=int, default=None, help="use only the first N training images "
+      "(quick runs; also of --post-process's split)")
     a("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
     a("--autoattack", action="store_true", help="also report AutoAttack (standard, L-inf) through the torchattacks package")
     a("--corruptions", default=None, metavar="DIR", help="CIFAR-10-C / CIFAR-100-C folder (labels.npy, <name>.npy)")
@@ -192,7 +194,8 @@ def parse_args(argv=None):
     a("--lpaft-probe-lr", type=float, default=0.01, help="post-processing: linear-probing lr (no decay)")
     a("--lpaft-epochs", type=int, default=25, help="post-processing: TRADES full fine-tuning epochs")
     a("--lpaft-lr", type=float, default=0.1, help="post-processing: TRADES full fine-tuning lr")
-    a("--lpaft-milestones", type=int, nargs="+", default=[10, 20], help="post-processing: epochs after which the TRADES lr is x0.1")
+    a("--lpaft-milestones", type=int, nargs="+", default=[10, 20],
+      help="post-processing: epochs after which the TRADES lr is x0.1")
     a("--lpaft-batch-size", type=int, default=512, help="post-processing: batch of both training stages")
     a("--lpaft-weight-decay", type=float, default=1e-4, help="post-processing: SGD weight decay of both training stages")
     a("--kmeans-restarts", type=int, default=5, help="post-processing: k-means++ runs; the lowest inertia is kept")
@@ -232,7 +235,10 @@ def check_args(args):
 
 def mode_settings(args, mode, method=None, image_size=None):
     """The mode's defaults (--recipe uniform) or the authors' (--recipe paper), overridden by the flags given."""
-    settings = dict(MODE_DEFAULTS[mode]) if args.recipe == "uniform" else paper_settings(method, mode, args.dataset, image_size)
+    if args.recipe == "uniform":
+        settings = dict(MODE_DEFAULTS[mode])
+    else:
+        settings = paper_settings(method, mode, args.dataset, image_size)
     for name in settings:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -368,7 +374,7 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
     sends the natural images through the adversarial BN too) and 'label' (of the progress lines)."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     frozen = mode in ("slf", "alf")
-    natural_adv = settings.get("natural_bn") == "adv"
+    natural_adv, label = settings.get("natural_bn") == "adv", settings.get("label", mode)
     model.encoder.requires_grad_(not frozen)
     params = model.fc.parameters() if frozen else model.parameters()
     optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=args.momentum,
@@ -407,7 +413,7 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
         scheduler.step()
         synchronize(device)
         seconds = time.perf_counter() - start
-        print(f"{settings.get('label', mode)} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
+        print(f"{label} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
               f"{correct.item() / seen:.4f} | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
     model.eval()
     return seen / seconds
@@ -658,7 +664,8 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
         features, labels = [], []
         with torch.no_grad(), autocast(amp):
             for x, y in images:
-                features.append(model.encoder(x.to(device, non_blocking=True, memory_format=memory_format), adv=False).float())
+                x = x.to(device, non_blocking=True, memory_format=memory_format)
+                features.append(model.encoder(x, adv=False).float())
                 labels.append(y)
         labels = torch.cat(labels).numpy()
         synchronize(device)

@@ -1089,7 +1089,8 @@ def test_a_flag_overrides_the_recipe_and_uniform_needs_no_method(recipe_files, m
     ("released", ["--post-process", "lpaft"], ["does not record its method", "--method"]),
     ("acl", ["--method", "dynacl"], ["records the method acl", "--method dynacl"]),
     ("air_dynacl", ["--method", "acl-air", "--recipe", "paper"], ["records the method dynacl-air"]),
-    ("acl", ["--recipe", "paper", "--dataset", "synthetic"], ["cifar10/32, cifar100/32, stl10/96, stl10/32", "synthetic/32"]),
+    ("acl", ["--recipe", "paper", "--dataset", "synthetic"],
+     ["cifar10/32, cifar100/32, stl10/96, stl10/32", "synthetic/32"]),
     ("acl", ["--recipe", "paper", "--image-size", "64"], ["cifar10/32, cifar100/32", "not for cifar10/64"]),
     ("acl", ["--post-process", "lpaft", "--train-size", "7"], ["has 7 images, fewer than the 10 clusters"]),
 ])
@@ -1142,7 +1143,8 @@ def test_post_process_end_to_end_then_every_mode(recipe_files, tmp_path):
     before = torch.load(source, weights_only=True)["model"]
     assert not torch.equal(written["model"]["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
     assert not torch.equal(written["model"]["bn1.bn_list.1.running_mean"], before["bn1.bn_list.1.running_mean"])
-    assert torch.equal(written["model"]["bn1.bn_list.0.running_mean"], before["bn1.bn_list.0.running_mean"])  # LPAFT: adv BN only
+    # LPAFT trains through the adversarial BN only: the clean copy's statistics are untouched
+    assert torch.equal(written["model"]["bn1.bn_list.0.running_mean"], before["bn1.bn_list.0.running_mean"])
     encoder = eval_linear.load_encoder(str(tmp_path / "postprocessed.pt"))
     assert encoder.method == "dynacl-air++" and encoder.width == 8
     report = json.loads((tmp_path / "postprocessed.json").read_text())
