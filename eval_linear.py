@@ -59,6 +59,9 @@ MODE_DEFAULTS = {
 # (batch, lr, epochs, milestones); 25 epochs unless given. A cell the released code leaves unset
 # (None) keeps its command-line defaults, batch 128, lr 0.1, 25 epochs. Always SGD, momentum 0.9,
 # weight decay 2e-4 (the flags' defaults). "stl10/32" is STL-10 resized to 32 px.
+# Departure: our AFF starts from the checkpoint's BN weights and statistics. The released AFF builds a
+# dual-BN network but loads the BN weights under names that network does not have, so it starts from
+# freshly initialised batch norms; that is a loading bug, not a recipe, and is not copied.
 RECIPE_SIZES = ["cifar10/32", "cifar100/32", "stl10/96", "stl10/32"]
 RECIPE_METHODS = ["acl", "dynacl", "dynacl++", "acl-air", "dynacl-air", "dynacl-air++", "a-infonce"]
 UNSET_CELL = (128, 0.1)
