@@ -165,7 +165,8 @@ def parse_args(argv=None):
     a("--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's; uniform: 25 for every mode)")
     a("--batch-size", type=int, default=None, help="training batch (default: the recipe's; uniform: SLF/ALF 512, AFF 128)")
     a("--lr", type=float, default=None, help="initial learning rate (default: the recipe's; uniform: SLF/ALF 0.01, AFF 0.1)")
-    a("--milestones", type=int, nargs="+", default=None, help="epochs after which the lr is x0.1 (default: the recipe's; uniform: SLF/ALF 10 20, AFF 15 20)")
+    a("--milestones", type=int, nargs="+", default=None,
+      help="epochs after which the lr is x0.1 (default: the recipe's; uniform: SLF/ALF 10 20, AFF 15 20)")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
     a("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
     a("--trades-beta", type=float, default=6.0, help="AFF: weight of TRADES' KL term")
