@@ -649,7 +649,7 @@ def _stop_post_processing(signum, frame):
 
 def post_process(args, method, image_size, num_classes, device, amp, memory_format):
     """LPAFT on --dataset's pre-training split; writes postprocessed.pt (this project's checkpoint format,
-    method '<method>++') and postprocessed.json next to the checkpoint and returns the .pt path."""
+    method '<method>++') and postprocessed.json next to the checkpoint; returns (.pt path, the JSON's record)."""
     if method.endswith("++"):
         raise UserError(f"{args.checkpoint} is already post-processed ({method}); post-process the original checkpoint")
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
