@@ -5,9 +5,11 @@ imports it and keeps its own loss and training loop in view. The contract for ev
 SPEC.md in the project's shared folder; section numbers below refer to it.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -279,9 +281,9 @@ def load_dataset(name, data_dir, split, seed=0):
         return SyntheticImages(train=split != "test", seed=seed)
     if name == "imagefolder":
         folder = os.path.join(data_dir, "test" if split == "test" else "train")
-        if not os.path.isdir(folder):
-            raise UserError(f"no folder {folder}: --dataset imagefolder needs {data_dir}/train/ and "
-                            f"{data_dir}/test/ with one subfolder of images per class")
+        if not os.path.isdir(folder):  # pre-training reads only train/; evaluation reads train/ and test/
+            raise UserError(f"no folder {folder}: --dataset imagefolder needs {folder}{os.sep} with one subfolder "
+                            "of images per class")
         try:
             return datasets.ImageFolder(folder)
         except (FileNotFoundError, RuntimeError) as e:
@@ -297,12 +299,24 @@ def load_dataset(name, data_dir, split, seed=0):
         archive = "stl10_binary.tar.gz"
     else:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    created = _first_missing_folder(data_dir)  # torchvision creates the folder before it downloads
     try:
         return cls(data_dir, download=True, **kwargs)
     except Exception as e:  # no network, a broken archive, a full disk: say where the data must go
-        raise UserError(f"could not find or download {name} in {os.path.abspath(data_dir)} "
-                        f"({type(e).__name__}: {e}); download {archive} elsewhere and put it (or its "
-                        "extracted folder) there, or point --data-dir at a folder that has it") from None
+        if created:  # a failed load leaves nothing behind, e.g. after a mistyped --data-dir
+            shutil.rmtree(created, ignore_errors=True)
+        reason = str(e).strip() or type(e).__name__
+        raise UserError(f"could not find or download {name} in {os.path.abspath(data_dir)} ({reason}); "
+                        f"download {archive} elsewhere and put it (or its extracted folder) there, or point "
+                        "--data-dir at a folder that has it") from None
+
+
+def _first_missing_folder(path):
+    """The outermost folder of `path` that does not exist yet (None if it all exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def pretrain_transform(size, strength=1.0):
@@ -414,24 +428,28 @@ def pretrain_loader(args, device):
 
 
 class LabelledImages(Dataset):
-    """(transformed image, label) of a raw dataset, optionally only its first `subset` images."""
+    """(transformed image, label) of a raw dataset, optionally only its first `subset` images and with
+    `labels` (one per image) in place of the dataset's own."""
 
-    def __init__(self, base, transform, subset=None):
-        self.base, self.transform, self.subset = base, transform, subset
+    def __init__(self, base, transform, subset=None, labels=None):
+        self.base, self.transform, self.subset, self.labels = base, transform, subset, labels
 
     def __len__(self):
         return min(len(self.base), self.subset) if self.subset else len(self.base)
 
     def __getitem__(self, i):
         image, label = self.base[i]
+        label = label if self.labels is None else self.labels[i]  # pseudo labels replace the true ones
         return self.transform(image.convert("RGB") if image.mode != "RGB" else image), int(label)
 
 
-def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, seed=0, subset=None):
-    """Labelled loader for evaluation: (x, y). `subset` keeps the first N images (quick runs)."""
-    train = split == "train"
+def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, seed=0, subset=None, labels=None,
+                train=None):
+    """Labelled loader for evaluation: (x, y). `subset` keeps the first N images (quick runs); `labels`
+    replaces the dataset's labels; `train` (default: split == 'train') augments and shuffles."""
+    train = split == "train" if train is None else train
     images = LabelledImages(load_dataset(dataset, data_dir, split, seed),
-                            eval_transform(size, NATIVE_SIZE[dataset], train), subset)
+                            eval_transform(size, NATIVE_SIZE[dataset], train), subset, labels)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
                       num_workers=workers, pin_memory=device.type == "cuda",
@@ -497,8 +515,19 @@ def dynacl_schedule(epoch, epochs, dynacl, k=50, lambda_dyn=2 / 3):
 # Run utilities: arguments, device, run folder, logging, checkpoints, signals
 # =============================================================================================
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every default that is a value ("(default: 512)"); None and off switches show none."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def add_shared_flags(parser):
     """The flags every training script takes, in one order with one wording (SPEC 3)."""
+    parser.formatter_class = DefaultsHelpFormatter
     a = parser.add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pre-training data; 'synthetic' is for tests and benchmarks only")
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
@@ -513,18 +542,19 @@ def add_shared_flags(parser):
     a("--eps", type=float, default=8, help="L-inf radius of the pre-training attack, in /255 units")
     a("--pgd-steps", type=int, default=5, help="steps of the contrastive PGD attack")
     a("--pgd-alpha", type=float, default=2, help="step size of the contrastive PGD attack, in /255 units")
-    a("--dynacl", action="store_true", help="DynACL: augmentation strength and loss weights annealed every 50 epochs")
+    a("--dynacl", action="store_true", help="DynACL: augmentation strength lowered every 50 epochs and, in acl.py and air.py, the "
+      "clean/adversarial loss weights moved with it (A-InfoNCE has one loss: strength only)")
     a("--width", type=int, default=64, help="ResNet-18 base width (64 is the standard network; 8 for CPU tests)")
     a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts, init)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
-    a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
+    a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process; default min(8, CPU cores))")
     a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
     a("--resume", default=None, help="checkpoint.pt of an earlier run of this method to continue (same run folder)")
     a("--max-steps", type=int, default=None, help="stop after this global step (tests, benchmarks); resume can raise it")
     a("--log-every", type=int, default=50, help="steps between progress lines and metrics.jsonl records")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at epoch ends, stops and signals)")
     a("--no-amp", action="store_true", help="CUDA: train in fp32 instead of bf16 autocast (the CPU always uses fp32)")
-    a("--compile", action="store_true", help="CUDA: torch.compile the network")
+    a("--compile", action="store_true", help="torch.compile the network (experimental: tried on the CPU only so far)")
     a("--benchmark", action="store_true", help="with --max-steps: also time the data loader alone and print a summary")
 
 
@@ -618,21 +648,32 @@ def run_dir_for(args, method, checkpoint_path=None):
     return path
 
 
-def write_json(path, obj):
+@contextlib.contextmanager
+def atomic_file(path, mode):
+    """Write `path` atomically: a temporary file, flushed to disk, then renamed over `path`. On any
+    failure (a full disk, an exception raised by a signal handler) the temporary file is removed."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_file(path, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path, checkpoint):
     """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path):
@@ -642,8 +683,8 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated, corrupt or "
-                        "not a PyTorch checkpoint: use another file") from None
+        raise UserError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch "
+                        "checkpoint; use another file") from None
 
 
 def rng_state():

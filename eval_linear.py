@@ -21,12 +21,20 @@ across checkpoints), --probes trains a linear probe at every point, --plot draws
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
     python eval_linear.py checkpoint.pt --mode slf --cka --probes --compare other.pt --plot   # representation analysis
+    python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
+    python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
+
+--recipe paper takes batch size, lr, epochs, milestones and BN copy per (method, dataset/size, mode)
+from the authors' released fine-tuning code (PAPER_RECIPES); --post-process lpaft is LPAFT (Luo et al.,
+ICLR 2023): k-means pseudo labels on clean-BN features of the unaugmented pre-training images, a linear
+probe on them, then TRADES on the whole encoder; it writes postprocessed.pt next to the checkpoint.
 """
 import argparse
 import copy
 import importlib.util
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -34,31 +42,135 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DualBN, ResNet18, UserError, autocast,
-                    default_workers, eval_loader, load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, step_and_project, synchronize,
-                    write_json)
+from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DefaultsHelpFormatter, DualBN, ResNet18, UserError,
+                    autocast, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard, pgd_attack,
+                    pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
 # SPEC 4.2: the modes' own defaults; a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
-    "slf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20]),
-    "alf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20]),
-    "aff": dict(epochs=25, batch_size=128, lr=0.1, milestones=[15, 20]),
+    "slf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),
+    "alf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),
+    "aff": dict(epochs=25, batch_size=128, lr=0.1, milestones=[15, 20], bn="adv"),
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# Recipes: the authors' fine-tuning settings per method, dataset and mode (--recipe paper)
+# ---------------------------------------------------------------------------------------------
+# The published tables (and the RobustSSL leaderboard) were fine-tuned with the AIR authors'
+# finetuning_utils.setup_hyperparameter; these are its values as they take effect. A row holds the lr
+# milestones, the BN copy and one cell per dataset/image size: (batch, lr), (batch, lr, epochs) or
+# (batch, lr, epochs, milestones); 25 epochs unless given. A cell the released code leaves unset
+# (None) keeps its command-line defaults, batch 128, lr 0.1, 25 epochs. Always SGD, momentum 0.9,
+# weight decay 2e-4 (the flags' defaults). "stl10/32" is STL-10 resized to 32 px.
+# Departure: our AFF starts from the checkpoint's BN weights and statistics. The released AFF builds a
+# dual-BN network but loads the BN weights under names that network does not have, so it starts from
+# freshly initialised batch norms; that is a loading bug, not a recipe, and is not copied.
+RECIPE_SIZES = ["cifar10/32", "cifar100/32", "stl10/96", "stl10/32"]
+RECIPE_METHODS = ["acl", "dynacl", "dynacl++", "acl-air", "dynacl-air", "dynacl-air++", "a-infonce"]
+UNSET_CELL = (128, 0.1)
+PAPER_RECIPES = {
+    # (method, mode):        (milestones, BN,   [cifar10/32,   cifar100/32,  stl10/96,              stl10/32])
+    ("acl", "slf"):          ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("acl", "alf"):          ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("acl", "aff"):          ([40, 60], "adv",   [(128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100)]),
+    ("dynacl", "slf"):       ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl", "alf"):       ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl", "aff"):       ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1, 25, [10, 20]), (128, 0.1)]),
+    ("dynacl++", "slf"):     ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl++", "alf"):     ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
+    ("dynacl++", "aff"):     ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1, 25, [10, 20]), (128, 0.1)]),
+    ("acl-air", "slf"):      ([10, 20], "adv",   [(512, 0.005), (512, 0.1),   (512, 0.01),           (128, 0.01)]),
+    ("acl-air", "alf"):      ([10, 20], "adv",   [(512, 0.01),  (512, 0.1),   (512, 0.01),           (128, 0.01)]),
+    ("acl-air", "aff"):      ([40, 60], "adv",   [(128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100), (128, 0.1, 100)]),
+    ("dynacl-air", "slf"):   ([10, 20], "adv",   [(512, 0.01, 5), (512, 0.1), (512, 0.1),            (128, 0.01)]),
+    ("dynacl-air", "alf"):   ([10, 20], "adv",   [(512, 0.01),  (512, 0.1),   (128, 0.1),            (128, 0.01)]),
+    ("dynacl-air", "aff"):   ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    # DynACL-AIR++ is evaluated through the clean BN copy, as the released code does (bnNameCnt = 0),
+    # although its post-processing trained the adversarial copy; --bn adv overrides.
+    ("dynacl-air++", "slf"): ([10, 20], "clean", [(512, 0.01),  (512, 0.1),   (512, 0.1),            None]),
+    ("dynacl-air++", "alf"): ([10, 20], "clean", [(512, 0.01, 4), (512, 0.1), (128, 0.1),            None]),
+    # the released AFF says epoch = 19, a typo that its loop turns into 25 epochs
+    ("dynacl-air++", "aff"): ([15, 20], "clean", [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    # "anything else" in the released code: A-InfoNCE, and ACL++ / ACL-AIR++ / A-InfoNCE++
+    ("a-infonce", "slf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    ("a-infonce", "alf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    ("a-infonce", "aff"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+}
+
+
+def recipe_size(dataset, image_size):
+    """The table's column for a dataset at an image size; one sentence for the ones it lacks."""
+    key = f"{dataset}/{image_size}"
+    if key not in RECIPE_SIZES:
+        raise UserError(f"--recipe paper has settings for {', '.join(RECIPE_SIZES)} (dataset/image size), not for "
+                        f"{key}; use one of those or --recipe uniform")
+    return key
+
+
+def paper_settings(method, mode, dataset, image_size):
+    """The released recipe's batch_size, lr, epochs, milestones and BN copy for a method, mode and dataset."""
+    milestones, bn, cells = PAPER_RECIPES.get((method, mode)) or PAPER_RECIPES[("a-infonce", mode)]
+    cell = cells[RECIPE_SIZES.index(recipe_size(dataset, image_size))] or UNSET_CELL
+    settings = dict(epochs=25, batch_size=cell[0], lr=cell[1], milestones=milestones, bn=bn)
+    if len(cell) > 2:
+        settings["epochs"] = cell[2]
+    if len(cell) > 3:
+        settings["milestones"] = cell[3]
+    return settings
+
+
+def recorded_method(checkpoint):
+    """The recipe name of the method a checkpoint of this project records (acl.py --dynacl -> 'dynacl',
+    air.py -> 'acl-air', ...; a post-processed one says e.g. 'dynacl++'); None for released files."""
+    method = checkpoint.get("method") if isinstance(checkpoint, dict) else None
+    if not isinstance(method, str) or method.endswith("++"):
+        return method
+    name = {"acl": "acl", "air": "acl-air", "a_infonce": "a-infonce"}.get(method, method)
+    run_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    # DynACL's omega does not apply to A-InfoNCE, which has no DynACL row: it stays 'a-infonce'
+    return "dyn" + name if run_args.get("dynacl") and name.startswith("acl") else name
+
+
+def resolve_method(args, recorded):
+    """The checkpoint's method: what it records, else --method; a contradiction is refused, and the
+    paper recipe and post-processing refuse a checkpoint that says neither."""
+    if args.method and recorded and args.method != recorded:
+        raise UserError(f"{args.checkpoint} records the method {recorded}, but --method {args.method} was given; "
+                        "drop --method (it is only for released checkpoints, which record none)")
+    method = recorded or args.method
+    if method is None and (args.recipe == "paper" or args.post_process):
+        raise UserError(f"{args.checkpoint} does not record its method (a released checkpoint); say which it is "
+                        f"with --method {{{','.join(RECIPE_METHODS)}}}")
+    return method
+
+
+def recipe_record(args, method, mode, settings):
+    """The settings a mode runs with, printed in one line and kept in the JSON under 'recipe'."""
+    given = [name for name in settings if getattr(args, name) is not None]
+    recipe = {"name": args.recipe, "method": method, "mode": mode, **settings, "momentum": args.momentum,
+              "weight_decay": args.weight_decay, "from_flags": given}
+    print("recipe " + " | ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in recipe.items()),
+          flush=True)
+    return recipe
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     a = parser.add_argument
     a("checkpoint", help="pre-training checkpoint: this project's checkpoint.pt, or a released ACL/DynACL/AIR file")
-    a("--mode", default="all", choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF from one encoder")
-    a("--bn", default="adv", choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF")
+    a("--mode", default=None, choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF "
+      "from one encoder; --post-process without --mode only post-processes (default: slf)")
+    a("--bn", default=None, choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF "
+      "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper)")
     a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
     a("--image-size", type=int, default=None, help="input size in px (default: the checkpoint's, else 32 / 96 for the CIFAR / ImageNet stem)")
-    a("--epochs", type=int, default=None, help="fine-tuning epochs (default 25 for every mode)")
-    a("--batch-size", type=int, default=None, help="training batch (default: SLF/ALF 512, AFF 128)")
-    a("--lr", type=float, default=None, help="initial learning rate (default: SLF/ALF 0.01, AFF 0.1)")
-    a("--milestones", type=int, nargs="+", default=None, help="epochs after which the lr is x0.1 (default: SLF/ALF 10 20, AFF 15 20)")
+    a("--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's; uniform: 25 for every mode)")
+    a("--batch-size", type=int, default=None, help="training batch (default: the recipe's; uniform: SLF/ALF 512, AFF 128)")
+    a("--lr", type=float, default=None, help="initial learning rate (default: the recipe's; uniform: SLF/ALF 0.01, AFF 0.1)")
+    a("--milestones", type=int, nargs="+", default=None,
+      help="epochs after which the lr is x0.1 (default: the recipe's; uniform: SLF/ALF 10 20, AFF 15 20)")
     a("--momentum", type=float, default=0.9, help="SGD momentum")
     a("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
     a("--trades-beta", type=float, default=6.0, help="AFF: weight of TRADES' KL term")
@@ -67,25 +179,49 @@ def parse_args(argv=None):
     a("--pgd-steps", type=int, default=20, help="steps of the test PGD attack (pgd20_acc)")
     a("--train-pgd-steps", type=int, default=10, help="steps of the ALF (PGD) and AFF (TRADES) training attacks")
     a("--test-batch-size", type=int, default=512, help="batch of the evaluation passes (clean, PGD, corruptions, CKA)")
-    a("--train-size", type=int, default=None, help="use only the first N training images (quick runs)")
+    a("--train-size", type=int, default=None, help="use only the first N training images "
+      "(quick runs; also of --post-process's split)")
     a("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
     a("--autoattack", action="store_true", help="also report AutoAttack (standard, L-inf) through the torchattacks package")
     a("--corruptions", default=None, metavar="DIR", help="CIFAR-10-C / CIFAR-100-C folder (labels.npy, <name>.npy)")
-    a("--cka", action="store_true", help="clean-vs-PGD linear CKA per stage, and minibatch CKA maps between points, on the last mode's model")
+    a("--cka", action="store_true", help="clean-vs-PGD linear CKA per stage, and minibatch CKA maps between points, "
+      "on the last mode's model")
     a("--cka-samples", type=int, default=1000, help="test images used for --cka")
-    a("--cka-points", default="blocks", choices=["blocks", "all"], help="points of the maps and probes: stem, 8 blocks, pooled; or also every conv, BN and shortcut")
-    a("--cka-eps", type=float, nargs="+", default=None, help="repeat the clean x adv map at each attack radius, in /255 (default: --eps; implies --cka)")
-    a("--compare", nargs="+", default=None, metavar="OTHER", help="also map against these checkpoints' points (same --bn, fine-tuned in the same mode; implies --cka)")
+    a("--cka-points", default="blocks", choices=["blocks", "all"], help="points of the maps and probes: stem, the 8 "
+      "blocks, pooled; 'all' adds every conv, BN and shortcut")
+    a("--cka-eps", type=float, nargs="+", default=None, help="repeat the clean x adv map at each attack radius, in "
+      "/255 (default: --eps; implies --cka)")
+    a("--compare", nargs="+", default=None, metavar="OTHER", help="also map against these checkpoints' points (same "
+      "BN copy, each fine-tuned in the same mode; implies --cka)")
     a("--probes", action="store_true", help="a linear probe at every point: clean and adversarial accuracy")
-    a("--probe-features", default="flatten", choices=["flatten", "pool"], help="probe input: the point's flattened map, or its global average pool")
-    a("--probe-attack", default="fixed", choices=["fixed", "probe"], help="adversarial probe images: PGD-20 made once against the fine-tuned classifier, or against each probe")
+    a("--probe-features", default="flatten", choices=["flatten", "pool"], help="probe input: the point's flattened "
+      "map, or its global average pool")
+    a("--probe-attack", default="fixed", choices=["fixed", "probe"], help="adversarial probe images: PGD-20 made once "
+      "against the fine-tuned classifier, or against each probe")
     a("--probe-epochs", type=int, default=30, help="training epochs of each probe (SLF's other settings)")
-    a("--plot", action="store_true", help="PNG figures of the maps and probe accuracies next to the JSON (needs matplotlib)")
+    a("--plot", action="store_true", help="PNG figures of the maps and probe accuracies next to the JSON "
+      "(needs matplotlib)")
     a("--seed", type=int, default=0, help="random seed (data order, attack starts); every mode starts from it")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run; auto picks CUDA when available")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
     a("--no-amp", action="store_true", help="CUDA: fp32 instead of bf16 autocast (the CPU always uses fp32)")
     a("--out", default=None, help="JSON file for the results (default: <checkpoint folder>/eval_<mode>_<dataset>.json)")
+    # Recipes and post-processing (DynACL++ / DynACL-AIR++): the authors' settings, LPAFT
+    a("--recipe", default="uniform", choices=["uniform", "paper"], help="fine-tuning settings: 'uniform' (the modes' "
+      "defaults) or 'paper' (the authors' per method, dataset and mode); a flag given overrides either")
+    a("--method", default=None, choices=RECIPE_METHODS, help="the checkpoint's method, for released checkpoints "
+      "(this project's record it)")
+    a("--post-process", default=None, choices=["lpaft"], help="first turn a DynACL / DynACL-AIR encoder into DynACL++ "
+      "/ DynACL-AIR++ (k-means pseudo labels, linear probing, TRADES): writes postprocessed.pt next to the checkpoint")
+    a("--lpaft-probe-epochs", type=int, default=10, help="post-processing: linear-probing epochs")
+    a("--lpaft-probe-lr", type=float, default=0.01, help="post-processing: linear-probing lr (no decay)")
+    a("--lpaft-epochs", type=int, default=25, help="post-processing: TRADES full fine-tuning epochs")
+    a("--lpaft-lr", type=float, default=0.1, help="post-processing: TRADES full fine-tuning lr")
+    a("--lpaft-milestones", type=int, nargs="+", default=[10, 20],
+      help="post-processing: epochs after which the TRADES lr is x0.1")
+    a("--lpaft-batch-size", type=int, default=512, help="post-processing: batch of both training stages")
+    a("--lpaft-weight-decay", type=float, default=1e-4, help="post-processing: SGD weight decay of both training stages")
+    a("--kmeans-restarts", type=int, default=5, help="post-processing: k-means++ runs; the lowest inertia is kept")
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -107,7 +243,8 @@ def check_args(args):
     if args.image_size is not None and args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
     if args.cka_samples < 4:
-        raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): the unbiased CKA estimator needs n > 3 images")
+        raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): the unbiased CKA estimator "
+                        "needs n > 3 images")
     if args.probe_epochs < 1:
         raise UserError(f"--probe-epochs must be at least 1 (got {args.probe_epochs})")
     if args.cka_eps is not None and min(args.cka_eps) < 0:
@@ -118,11 +255,24 @@ def check_args(args):
                         "the unbiased CKA estimator needs n > 3 images per batch")
     if args.plot and not (args.cka or args.probes):
         raise UserError("--plot draws the --cka maps and the --probes accuracies; add --cka or --probes")
+    for name in ("lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size", "kmeans_restarts"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    for name in ("lpaft_probe_lr", "lpaft_lr"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.lpaft_weight_decay < 0:
+        raise UserError(f"--lpaft-weight-decay must be >= 0 (got {args.lpaft_weight_decay})")
+    if args.mode is None and not args.post_process:
+        args.mode = "slf"
 
 
-def mode_settings(args, mode):
-    """The mode's SPEC 4.2 defaults, overridden by the flags that were given."""
-    settings = dict(MODE_DEFAULTS[mode])
+def mode_settings(args, mode, method=None, image_size=None):
+    """The mode's defaults (--recipe uniform) or the authors' (--recipe paper), overridden by the flags given."""
+    if args.recipe == "uniform":
+        settings = dict(MODE_DEFAULTS[mode])
+    else:
+        settings = paper_settings(method, mode, args.dataset, image_size)
     for name in settings:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
@@ -176,7 +326,8 @@ def load_encoder(path, bn="adv", device="cpu"):
     unexpected or mis-shaped key is refused: a partly loaded encoder would be evaluated silently."""
     if bn not in ("adv", "clean"):
         raise UserError(f"bn must be 'adv' or 'clean' (got {bn!r})")
-    state, run_args = _state_dict_of(load_checkpoint(path), path)
+    checkpoint = load_checkpoint(path)
+    state, run_args = _state_dict_of(checkpoint, path)
     conv1 = state.get("conv1.weight")
     if not isinstance(conv1, torch.Tensor) or conv1.ndim != 4 or conv1.shape[1] != 3 or conv1.shape[2] not in (3, 7):
         raise UserError(f"{path} has no ResNet-18 'conv1.weight' of shape [width, 3, 3, 3] or [width, 3, 7, 7]; "
@@ -204,6 +355,7 @@ def load_encoder(path, bn="adv", device="cpu"):
     model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
     encoder = Encoder(model, bn).to(device).eval()
     encoder.width, encoder.stem, encoder.run_args = width, stem, run_args
+    encoder.method = recorded_method(checkpoint)
     size = run_args.get("image_size") if run_args else None
     encoder.image_size = size or (32 if stem == "cifar" else 96)
     return encoder
@@ -227,14 +379,15 @@ class Classifier(nn.Module):
 # Fine-tuning (SPEC 4.2)
 # ---------------------------------------------------------------------------------------------
 
-def trades_attack(model, x, eps, alpha, steps, amp=False):
+def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
     """TRADES' inner maximisation of KL(f(x) || f(x')) from x + 0.001 N(0, I), in eval mode, input
-    gradients only: f(x) through the clean BN, f(x') through the adversarial BN (SPEC 4.2). Like
-    TRADES' code the start is not uniform; unlike it we clamp the start to [0, 1] too."""
+    gradients only: f(x) through the clean BN (the adversarial one with `natural_adv`, as in LPAFT),
+    f(x') through the adversarial BN (SPEC 4.2). Like TRADES' code the start is not uniform; unlike it
+    we clamp the start to [0, 1] too."""
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(amp):
-        p_clean = F.softmax(model(x, adv=False).float(), dim=1)
+        p_clean = F.softmax(model(x, adv=natural_adv).float(), dim=1)
     x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -250,12 +403,16 @@ def trades_attack(model, x, eps, alpha, steps, amp=False):
 
 def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
     """Train `model` (a Classifier) by `mode` for settings['epochs']; the last epoch is kept (no
-    selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns."""
+    selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns.
+    Optional settings (post-processing): 'weight_decay' (else --weight-decay), 'natural_bn' ('adv': AFF
+    sends the natural images through the adversarial BN too) and 'label' (of the progress lines)."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     frozen = mode in ("slf", "alf")
+    natural_adv, label = settings.get("natural_bn") == "adv", settings.get("label", mode)
     model.encoder.requires_grad_(not frozen)
     params = model.fc.parameters() if frozen else model.parameters()
-    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=settings["lr"], momentum=args.momentum,
+                                weight_decay=settings.get("weight_decay", args.weight_decay))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, settings["milestones"], gamma=0.1)
     model.eval()  # SLF/ALF stay in eval mode; AFF switches to train mode after each inner attack
     for epoch in range(1, settings["epochs"] + 1):
@@ -273,10 +430,10 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
                     logits = model.fc(features).float()
                 loss = F.cross_entropy(logits, y)
             else:  # AFF: TRADES, the whole network in train mode; clean -> clean BN, adversarial -> adversarial BN
-                x_adv = trades_attack(model, x, eps, alpha, args.train_pgd_steps, amp)
+                x_adv = trades_attack(model, x, eps, alpha, args.train_pgd_steps, amp, natural_adv)
                 model.train()
                 with autocast(amp):
-                    logits = model(x, adv=False).float()
+                    logits = model(x, adv=natural_adv).float()
                     logits_adv = model(x_adv, adv=True).float()
                 kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
                 loss = F.cross_entropy(logits, y) + args.trades_beta * kl
@@ -290,7 +447,7 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
         scheduler.step()
         synchronize(device)
         seconds = time.perf_counter() - start
-        print(f"{mode} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
+        print(f"{label} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
               f"{correct.item() / seen:.4f} | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
     model.eval()
     return seen / seconds
@@ -457,7 +614,7 @@ def print_table(results):
             stages = ", ".join(f"{k} {v:.3f}" for k, v in cka["linear_cka"].items())
             print(f"\nclean vs PGD ({cka['model']} model, {cka['samples']} images): linear CKA {stages}; "
                   f"pooled cosine {cka['pooled_cosine']:.3f}")
-            diagonal = ", ".join(f"{p} {row[i]:.3f}" for i, (p, row) in enumerate(zip(cka["points"], cka["clean_x_adv"])))
+            diagonal = ", ".join(f"{p} {cka['clean_x_adv'][i][i]:.3f}" for i, p in enumerate(cka["points"]))
             print(f"clean x adv map, diagonal (minibatch CKA, {cka['map_samples']} images): {diagonal}")
         if r.get("probes"):
             print(f"\nlinear probes ({r['mode']} model, {r['probes']['features']} features, {r['probes']['attack']} "
@@ -617,8 +774,9 @@ class Probe(nn.Module):
     def __init__(self, encoder, point, features, num_classes, image_size):
         super().__init__()
         self.encoder = PointFeatures(encoder, point, features)
+        device = next(encoder.parameters()).device
         with torch.no_grad():
-            dim = self.encoder(torch.zeros(1, 3, image_size, image_size, device=next(encoder.parameters()).device)).shape[1]
+            dim = self.encoder(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
         self.fc = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
@@ -627,19 +785,23 @@ class Probe(nn.Module):
         return self.fc(self.encoder(x))
 
 
-def representation_analysis(model, mode, settings, others, test_loader, num_classes, image_size, args, device, amp,
-                            memory_format):
+def representation_analysis(model, mode, settings, method, others, test_loader, num_classes, image_size, args, device,
+                            amp, memory_format):
     """--cka, --compare and --probes on the last mode's fine-tuned `model`: {'cka', 'compare', 'probes'}.
-    Each compared encoder gets a classifier fine-tuned in the same mode with the same settings and seed,
-    so that it is attacked through its own classifier (the epsilon-effect diagonals)."""
+    Each compared encoder uses this model's BN copy and gets a classifier fine-tuned in the same mode with
+    the same settings and seed, so that it is attacked through its own classifier (the eps-effect diagonals)."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
-    train_loader = lambda batch_size: eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size,  # noqa: E731
-                                                  args.workers, device, args.seed, subset=args.train_size)
+
+    def train_loader(batch_size):
+        return eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size, args.workers, device,
+                           args.seed, subset=args.train_size)
+
     compared = []
     for path, encoder in others:
         print(f"\n--compare {path}: {mode} fine-tuning", flush=True)
         torch.manual_seed(args.seed)
         other = Classifier(encoder, num_classes).to(device, memory_format=memory_format)
+        other.encoder.adv = model.encoder.adv
         fine_tune(other, mode, train_loader(settings["batch_size"]), settings, args, device, amp, memory_format)
         compared.append(other)
     keep_all = args.probes and args.probe_attack == "fixed"
@@ -648,8 +810,8 @@ def representation_analysis(model, mode, settings, others, test_loader, num_clas
     names = point_names(model.encoder, image_size, args.cka_points)
     result = {"cka": None, "compare": None, "probes": None}
     if args.cka:
-        result["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha, args.pgd_steps,
-                                                  amp, memory_format, mode, adversarial)
+        result["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha,
+                                                  args.pgd_steps, amp, memory_format, mode, adversarial)
         per_eps = {f"{e:g}": maps.map("clean", "adv" if e == args.eps else f"adv@{e:g}").tolist()
                    for e in args.cka_eps or [args.eps]}
         result["cka"].update({"estimator": CKA_ESTIMATOR, "points_mode": args.cka_points, "points": names,
@@ -664,19 +826,18 @@ def representation_analysis(model, mode, settings, others, test_loader, num_clas
                               "own_clean_x_adv": maps.map(f"{i}:clean", f"{i}:own_adv").tolist()}
                              for i, (path, encoder) in enumerate(others)]
     if args.probes:
-        probe_settings = dict(mode_settings(args, "slf"), epochs=args.probe_epochs)
+        probe_settings = dict(mode_settings(args, "slf", method, image_size), epochs=args.probe_epochs)
         accuracy = {}
         for point in names:
-            print(f"\nprobe at {point}", flush=True)
             torch.manual_seed(args.seed)  # as each mode: the probe at 'pooled' repeats SLF exactly
             probe = Probe(model.encoder, point, args.probe_features, num_classes, image_size).to(device)
-            fine_tune(probe, "slf", train_loader(probe_settings["batch_size"]), probe_settings, args, device, amp,
-                      memory_format)
-            clean, robust = correct_per_image(probe, test_loader, device, eps, alpha, args.pgd_steps, amp, memory_format,
-                                              adversarial if args.probe_attack == "fixed" else None)
+            fine_tune(probe, "slf", train_loader(probe_settings["batch_size"]),
+                      dict(probe_settings, label=f"probe {point}"), args, device, amp, memory_format)
+            clean, robust = correct_per_image(probe, test_loader, device, eps, alpha, args.pgd_steps, amp,
+                                              memory_format, adversarial if args.probe_attack == "fixed" else None)
             accuracy[point] = {"clean": clean.float().mean().item(), "adversarial": robust.float().mean().item()}
-        result["probes"] = {"points_mode": args.cka_points, "features": args.probe_features, "attack": args.probe_attack,
-                            **probe_settings, "accuracy": accuracy}
+        result["probes"] = {"points_mode": args.cka_points, "features": args.probe_features,
+                            "attack": args.probe_attack, **probe_settings, "accuracy": accuracy}
     return result
 
 
@@ -763,6 +924,146 @@ def plot_analysis(entry, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# Post-processing (DynACL++ / DynACL-AIR++)
+# ---------------------------------------------------------------------------------------------
+# LPAFT (Luo et al., ICLR 2023; used by AIR for DynACL-AIR++): pooled clean-BN features of the
+# unaugmented pre-training images -> k-means pseudo labels -> linear probing on them -> TRADES
+# fine-tuning of the whole encoder on them. The result is a pre-training checkpoint again.
+
+def _squared_distances(x, centres):
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ centres.T + (centres * centres).sum(1)).clamp_(min=0)
+
+
+def _initial_centres(x, k, init, generator):
+    """'k-means++' (Arthur & Vassilvitskii, 2007: each next centre drawn with probability proportional
+    to the squared distance to the nearest chosen one) or 'random' (k distinct points, as the released code)."""
+    if init == "random":
+        return x[torch.randperm(len(x), generator=generator)[:k].to(x.device)].clone()
+    centres = [x[torch.randint(len(x), (1,), generator=generator).item()]]
+    nearest = _squared_distances(x, centres[0][None])[:, 0]
+    for _ in range(1, k):
+        weights = nearest.double().cpu()
+        weights = weights if weights.sum() > 0 else torch.ones_like(weights)  # every point is already a centre
+        centres.append(x[torch.multinomial(weights, 1, generator=generator).item()])
+        nearest = torch.minimum(nearest, _squared_distances(x, centres[-1][None])[:, 0])
+    return torch.stack(centres)
+
+
+def kmeans(x, k, restarts=5, init="k-means++", iterations=300, tol=1e-5, seed=0):
+    """Lloyd's k-means (Euclidean) of the rows of x on x's device, the best of `restarts` runs by inertia
+    (the sum of squared distances to the assigned centre, in float64). A run stops when its centres
+    move by less than tol x the features' mean variance (squared). Returns (assignments, centres, inertia)."""
+    x = x.float()
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
+    threshold = tol * x.var(0).mean()
+    best = None
+    for _ in range(restarts):
+        centres = _initial_centres(x, k, init, generator)
+        for _ in range(iterations):
+            assignments = _squared_distances(x, centres).argmin(1)
+            counts = torch.bincount(assignments, minlength=k)[:, None]
+            sums = torch.zeros_like(centres).index_add_(0, assignments, x)
+            moved = torch.where(counts > 0, sums / counts.clamp(min=1), centres)  # an empty cluster keeps its centre
+            shift, centres = (moved - centres).pow(2).sum(), moved
+            if shift <= threshold:
+                break
+        assignments = _squared_distances(x, centres).argmin(1)
+        inertia = (x.double() - centres.double()[assignments]).pow(2).sum().item()
+        if best is None or inertia < best[2]:
+            best = (assignments, centres, inertia)
+    return best
+
+
+def cluster_quality(labels, clusters):
+    """Purity (each cluster counted as its most frequent label) and NMI = 2 I(Y; C) / (H(Y) + H(C)) (the
+    arithmetic normalisation; 1 when both are constant) of cluster assignments against true labels."""
+    _, y = np.unique(np.asarray(labels), return_inverse=True)
+    _, c = np.unique(np.asarray(clusters), return_inverse=True)
+    joint = np.zeros((c.max() + 1, y.max() + 1))
+    np.add.at(joint, (c, y), 1)
+    purity = joint.max(1).sum() / joint.sum()
+    joint /= joint.sum()
+    pc, py = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * np.log(joint[nonzero] / np.outer(pc, py)[nonzero])).sum()
+    entropy = lambda p: -(p[p > 0] * np.log(p[p > 0])).sum()  # noqa: E731
+    h = entropy(pc) + entropy(py)
+    return float(purity), float(min(1.0, max(0.0, 2 * mutual / h)) if h > 0 else 1.0)
+
+
+def _stop_post_processing(signum, frame):
+    # SystemExit unwinds through common.atomic_file, which removes a half-written temporary file
+    fail("post-processing was stopped by SIGTERM; no partial file was left", status=128 + signum)
+
+
+def post_process(args, method, image_size, num_classes, device, amp, memory_format):
+    """LPAFT on --dataset's pre-training split; writes postprocessed.pt (this project's checkpoint format,
+    method '<method>++') and postprocessed.json next to the checkpoint; returns (.pt path, the JSON's record)."""
+    if method.endswith("++"):
+        raise UserError(f"{args.checkpoint} is already post-processed ({method}); post-process the original checkpoint")
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    path, report_path = os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")
+    previous_handler = signal.signal(signal.SIGTERM, _stop_post_processing)
+    try:
+        seconds, start = {}, time.perf_counter()
+        torch.manual_seed(args.seed)
+        # the probe and TRADES use the adversarial BN; the k-means features the clean one (below)
+        model = Classifier(load_encoder(args.checkpoint, "adv"), num_classes).to(device, memory_format=memory_format)
+        images = eval_loader(args.dataset, args.data_dir, "pretrain", image_size, args.test_batch_size, args.workers,
+                             device, args.seed, subset=args.train_size)  # unaugmented, in order
+        if len(images.dataset) < num_classes:
+            raise UserError(f"the {args.dataset} pre-training split has {len(images.dataset)} images, fewer than the "
+                            f"{num_classes} clusters of --post-process; use more images (--train-size) or more data")
+        features, labels = [], []
+        with torch.no_grad(), autocast(amp):
+            for x, y in images:
+                x = x.to(device, non_blocking=True, memory_format=memory_format)
+                features.append(model.encoder(x, adv=False).float())
+                labels.append(y)
+        labels = torch.cat(labels).numpy()
+        synchronize(device)
+        seconds["features"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        # Departure: k-means++ with restarts, keeping the lowest inertia; the released code runs one
+        # random-initialised k-means (tolerance 1e-5).
+        pseudo, _, inertia = kmeans(torch.cat(features), num_classes, args.kmeans_restarts, seed=args.seed)
+        pseudo = pseudo.cpu().numpy()
+        purity, nmi = cluster_quality(labels, pseudo) if (labels >= 0).all() else (None, None)  # STL-10: unlabelled
+        seconds["kmeans"] = time.perf_counter() - start
+        quality = f"purity {purity:.4f}, NMI {nmi:.4f}" if purity is not None else "no labels to compare with"
+        print(f"k-means: {num_classes} clusters of {len(pseudo)} images, inertia {inertia:.4g} (best of "
+              f"{args.kmeans_restarts}); {quality}", flush=True)
+
+        loader = eval_loader(args.dataset, args.data_dir, "pretrain", image_size, args.lpaft_batch_size, args.workers,
+                             device, args.seed, subset=args.train_size, labels=pseudo.tolist(), train=True)
+        probe = dict(label="lpaft probe", epochs=args.lpaft_probe_epochs, lr=args.lpaft_probe_lr, milestones=[],
+                     weight_decay=args.lpaft_weight_decay)
+        aft = dict(label="lpaft trades", epochs=args.lpaft_epochs, lr=args.lpaft_lr, milestones=args.lpaft_milestones,
+                   weight_decay=args.lpaft_weight_decay, natural_bn="adv")
+        for name, mode, settings in (("probe", "slf", probe), ("trades", "aff", aft)):
+            start = time.perf_counter()
+            fine_tune(model, mode, loader, settings, args, device, amp, memory_format)
+            seconds[name] = time.perf_counter() - start
+
+        record = {"checkpoint": os.path.abspath(args.checkpoint), "postprocessed": path, "method": method + "++",
+                  "dataset": args.dataset, "images": len(pseudo), "clusters": num_classes, "purity": purity, "nmi": nmi,
+                  "kmeans_inertia": inertia, "kmeans_restarts": args.kmeans_restarts, "probe": probe, "trades": aft,
+                  "batch_size": args.lpaft_batch_size, "trades_beta": args.trades_beta, "eps": args.eps,
+                  "pgd_alpha": args.pgd_alpha, "train_pgd_steps": args.train_pgd_steps, "seed": args.seed,
+                  "seconds": seconds}
+        # The linear head is not kept: the result is a pre-training checkpoint for any mode.
+        state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.model.state_dict().items()}
+        run_args = dict(model.encoder.run_args or {}, image_size=image_size)
+        save_checkpoint(path, {"method": method + "++", "args": run_args, "model": state, "post_process": record})
+        write_json(report_path, record)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    print(f"wrote {path} and {report_path}", flush=True)
+    return path, record
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -777,13 +1078,14 @@ def main(argv=None):
         raise UserError("--plot needs the matplotlib package, which is not installed; run 'pip install matplotlib' "
                         "or drop --plot (the numbers are in the JSON either way)")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
+    postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"eval_{args.mode}_{args.dataset}.json")
+                                   f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    pretrained = load_encoder(args.checkpoint, args.bn)
-    others = [(path, load_encoder(path, args.bn)) for path in args.compare or []]
+    pretrained = load_encoder(args.checkpoint, args.bn or "adv")
+    others = [(path, load_encoder(path, args.bn or "adv")) for path in args.compare or []]
     for path, other in others:  # same input images for both: the stems must agree; widths may differ
         if other.stem != pretrained.stem:
             raise UserError(f"--compare {path} has the {other.stem} stem but {args.checkpoint} the {pretrained.stem} "
@@ -802,27 +1104,38 @@ def main(argv=None):
     if corruptions and corruptions[0].max() >= num_classes:
         raise UserError(f"{args.corruptions} has labels up to {corruptions[0].max()}, but {args.dataset} has "
                         f"{num_classes} classes; use the corruptions of the fine-tuning dataset")
+    method = resolve_method(args, pretrained.method)
+    if args.recipe == "paper":
+        recipe_size(args.dataset, image_size)  # a dataset or image size the table lacks is refused before any work
+    if args.post_process:
+        args.checkpoint, record = post_process(args, method, image_size, num_classes, device, amp, memory_format)
+        if args.mode is None:
+            return record
+        pretrained = load_encoder(args.checkpoint, args.bn or "adv")
+        method = pretrained.method
     test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
                               device, args.seed, subset=args.test_size)
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
-    print(f"{args.checkpoint}: width {pretrained.width}, {pretrained.stem} stem, {args.bn} BN; {args.dataset} at "
-          f"{image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
+    print(f"{args.checkpoint}: {method or 'method not recorded'}, width {pretrained.width}, {pretrained.stem} stem; "
+          f"{args.dataset} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
 
     modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
     results = []
     for mode in modes:
         mode_start = time.perf_counter()
-        settings = mode_settings(args, mode)
+        settings = mode_settings(args, mode, method, image_size)
+        recipe = recipe_record(args, method, mode, settings)
         torch.manual_seed(args.seed)  # every mode starts from the same encoder, classifier and random numbers
         model = Classifier(copy.deepcopy(pretrained), num_classes).to(device, memory_format=memory_format)
+        model.encoder.adv = settings["bn"] == "adv"
         train_loader = eval_loader(args.dataset, args.data_dir, "train", image_size, settings["batch_size"], args.workers,
                                    device, args.seed, subset=args.train_size)
         images_per_s = fine_tune(model, mode, train_loader, settings, args, device, amp, memory_format)
 
         clean, robust = correct_per_image(model, test_loader, device, eps, alpha, args.pgd_steps, amp, memory_format)
-        entry = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": mode, "bn": args.bn,
-                 **settings, "momentum": args.momentum, "weight_decay": args.weight_decay,
+        entry = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": mode, **settings,
+                 "recipe": recipe, "momentum": args.momentum, "weight_decay": args.weight_decay,
                  "trades_beta": args.trades_beta if mode == "aff" else None, "eps": args.eps, "pgd_alpha": args.pgd_alpha,
                  "pgd_steps": args.pgd_steps, "train_pgd_steps": args.train_pgd_steps if mode != "slf" else None,
                  "image_size": image_size, "width": pretrained.width, "stem": pretrained.stem, "num_classes": num_classes,
@@ -836,13 +1149,13 @@ def main(argv=None):
         if corruptions:
             entry["corruption_acc"] = corruption_accuracy(model, *corruptions, args.test_batch_size, device, image_size, amp)
         if (args.cka or args.probes) and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
-            entry.update(representation_analysis(model, mode, settings, others, test_loader, num_classes, image_size,
-                                                 args, device, amp, memory_format))
+            entry.update(representation_analysis(model, mode, settings, method, others, test_loader, num_classes,
+                                                 image_size, args, device, amp, memory_format))
         entry["seconds"] = time.perf_counter() - mode_start
         results.append(entry)
 
     result = results[0] if len(results) == 1 else {
-        "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": args.bn,
+        "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": results[0]["bn"],
         "results": results, "seconds": time.perf_counter() - start}
     print_table(results)
     try:

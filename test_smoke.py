@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,11 @@ def test_failed_download_says_where_to_put_the_data(tmp_path):
         common.load_dataset("cifar10", str(tmp_path / "nothing-here"), "pretrain")
     message = str(error.value)
     assert str(tmp_path / "nothing-here") in message and "cifar-10-python.tar.gz" in message
+    assert not os.path.exists(tmp_path / "nothing-here")  # a failed load creates no folder
+    os.makedirs(tmp_path / "kept")  # a folder that was there before stays
+    with pytest.raises(common.UserError):
+        common.load_dataset("cifar10", str(tmp_path / "kept" / "a" / "b"), "pretrain")
+    assert os.path.isdir(tmp_path / "kept") and not os.path.exists(tmp_path / "kept" / "a")
 
 
 def write_image_tree(root, sizes=((40, 48), (32, 32), (64, 50))):
@@ -258,8 +264,11 @@ def test_imagefolder_tree(tmp_path):
 
 
 def test_imagefolder_missing_or_empty(tmp_path):
-    with pytest.raises(common.UserError, match="no folder"):
-        common.load_dataset("imagefolder", str(tmp_path), "pretrain")
+    for split, asked, not_asked in (("pretrain", "train", "test"), ("test", "test", "train")):
+        with pytest.raises(common.UserError, match="no folder") as error:  # asks for what this split reads
+            common.load_dataset("imagefolder", str(tmp_path), split)
+        assert os.path.join(str(tmp_path), asked) in str(error.value)
+        assert os.path.join(str(tmp_path), not_asked) not in str(error.value)
     os.makedirs(tmp_path / "train")
     with pytest.raises(common.UserError, match="holds no images"):
         common.load_dataset("imagefolder", str(tmp_path), "pretrain")
@@ -297,7 +306,7 @@ def test_learning_rate_schedule():
 
 
 # =============================================================================================
-# AIR (SPEC 2.2)
+# AIR
 # =============================================================================================
 
 def softmax_list(values):
@@ -359,7 +368,7 @@ def test_air_loss_sums_acl_and_regularizers_with_gradients_everywhere():
 
 
 # =============================================================================================
-# A-InfoNCE (SPEC 2.3)
+# A-InfoNCE
 # =============================================================================================
 
 def multi_positive_infonce_loops(zs, t):
@@ -394,7 +403,7 @@ def test_a_infonce_hard_negatives_reduce_to_plain_at_beta_0_tau_0():
 
 
 def test_a_infonce_hard_negative_formula_on_one_pair():
-    """HN mass for one anchor and positive, written out from SPEC 2.3 (M = S, IP off)."""
+    """HN mass for one anchor and positive, written out from the HN formula in a_infonce.py (M = S, IP off)."""
     zs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     t, beta, tau = 0.5, 1.5, 0.2
     z = F.normalize(torch.cat(zs).double(), dim=1)
@@ -521,15 +530,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys,
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigterm_leaves_a_loadable_checkpoint(workers, tmp_path):
     """SIGTERM to the whole process group, as a cluster scheduler sends it: data-loader workers included."""
-    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "acl.py"), *TINY, "--max-steps", "1000",
-                                "--workers", workers, "--out-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if "step 2/" in line or time.time() > deadline:
-            break
-    os.killpg(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
+    process, out, err = sigterm_after("step 2/", "acl.py", *TINY, "--max-steps", "1000", "--workers", workers,
+                                      "--out-dir", str(tmp_path))
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in out and "Traceback" not in err
     (run_dir,) = [p for p in tmp_path.iterdir()]
@@ -580,7 +582,7 @@ def test_imagefolder_training_end_to_end(tmp_path):
 
 
 # =============================================================================================
-# eval_linear.py (SPEC 4)
+# eval_linear.py
 # =============================================================================================
 
 QUICK = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--batch-size", "16",
@@ -606,11 +608,11 @@ def run_eval_cli(*argv):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: the released checkpoints' layout (SPEC 4.1) against a functional forward pass
+# Loading: the released checkpoints' layout against a functional forward pass
 # ---------------------------------------------------------------------------------------------
 
 def released_state_dict(width, stem, seed=0):
-    """Random weights under the key names of SPEC 4.1, each BN copy with its own statistics."""
+    """Random weights under the released checkpoints' key names, each BN copy with its own statistics."""
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     sd = {}
@@ -735,10 +737,11 @@ def test_unreadable_checkpoint_ends_with_one_sentence(kind, pretrained, tmp_path
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
+    assert not re.search(r"[A-Z][a-z]+(Error|Exception)\b", lines[0]), lines[0]  # no Python exception names
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear CKA (SPEC 4.4)
+# Linear CKA
 # ---------------------------------------------------------------------------------------------
 
 def test_linear_cka_properties_and_direct_formula():
@@ -761,7 +764,7 @@ def test_linear_cka_properties_and_direct_formula():
 
 
 # ---------------------------------------------------------------------------------------------
-# Fine-tuning and metrics (SPEC 4.2, 4.3)
+# Fine-tuning and metrics
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["slf", "alf", "aff"])
@@ -970,6 +973,229 @@ def test_autoattack_without_torchattacks_is_refused_before_training(pretrained, 
 def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
     status, err = in_process_error(acl.main, TINY + ["--device", "cuda", "--out-dir", str(tmp_path)], capsys)
     assert status == 2 and "--device cuda" in err and "no CUDA GPU" in err
+
+
+# =============================================================================================
+# What a new user reads: --help
+# =============================================================================================
+
+@pytest.mark.parametrize("module", [acl, air, a_infonce, eval_linear])
+def test_help_shows_every_default(module, capsys):
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    out = capsys.readouterr().out
+    blocks = re.split(r"\n  (?=-)", out.split("options:", 1)[1])  # one block per option, wrapped lines joined
+    helps = {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks if b.strip()}
+    expected = {"--seed": 0, "--workers": common.default_workers(), "--eps": 8}
+    if module is eval_linear:
+        expected.update({"--mode": "slf", "--pgd-steps": 20, "--cka-samples": 1000})
+    else:
+        expected.update({"--epochs": 1000, "--batch-size": 512, "--lr": 5.0, "--width": 64, "--temperature": 0.5})
+    for flag, value in expected.items():
+        assert helps[flag].endswith(f"(default: {value})"), (flag, helps[flag])
+    assert "(default: None)" not in out and "(default: False)" not in out
+
+
+# =============================================================================================
+# eval_linear.py: the authors' recipes (--recipe paper) and LPAFT post-processing
+# =============================================================================================
+
+# The recipe table's cifar10/32 cells, written out again: (batch_size, lr, epochs, milestones, bn)
+PAPER_CIFAR10 = {
+    "acl": {"slf": (512, 0.01, 25, [10, 20], "adv"), "alf": (512, 0.01, 25, [10, 20], "adv"),
+            "aff": (128, 0.1, 100, [40, 60], "adv")},
+    "dynacl": {"slf": (512, 0.01, 25, [10, 20], "adv"), "alf": (512, 0.01, 25, [10, 20], "adv"),
+               "aff": (128, 0.1, 25, [15, 20], "adv")},
+    "acl-air": {"slf": (512, 0.005, 25, [10, 20], "adv"), "alf": (512, 0.01, 25, [10, 20], "adv"),
+                "aff": (128, 0.1, 100, [40, 60], "adv")},
+    "dynacl-air": {"slf": (512, 0.01, 5, [10, 20], "adv"), "alf": (512, 0.01, 25, [10, 20], "adv"),
+                   "aff": (128, 0.1, 25, [15, 20], "adv")},
+    "dynacl-air++": {"slf": (512, 0.01, 25, [10, 20], "clean"), "alf": (512, 0.01, 4, [10, 20], "clean"),
+                     "aff": (128, 0.1, 25, [15, 20], "clean")},
+    "a-infonce": {mode: (128, 0.1, 25, [15, 20], "adv") for mode in ("slf", "alf", "aff")},
+}
+SETTING_NAMES = ["batch_size", "lr", "epochs", "milestones", "bn"]
+
+
+@pytest.fixture(scope="module")
+def recipe_files(tmp_path_factory):
+    """A tiny CIFAR-10 folder (20 train, 4 test images), one-step width-8 checkpoints of acl, air,
+    air --dynacl and a_infonce pre-trained on it, and a released-layout checkpoint."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    root = tmp_path_factory.mktemp("recipes")
+    data = str(root / "data")
+    write_tiny_cifar10(data, n=4)
+    tiny = ["--dataset", "cifar10", "--data-dir", data, "--width", "8", "--batch-size", "4", "--pgd-steps", "1",
+            "--max-steps", "1", "--workers", "0"]
+    files = {"data": data}
+    for name, module, extra in (("acl", acl, []), ("air", air, []), ("air_dynacl", air, ["--dynacl"]),
+                                ("a_infonce", a_infonce, [])):
+        run_dir = module.main(tiny + extra + ["--out-dir", str(root / name)])
+        files[name] = os.path.join(run_dir, "checkpoint.pt")
+    files["released"] = str(root / "released.pt")
+    torch.save({"state_dict": released_state_dict(8, "cifar")}, files["released"])
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    return files
+
+
+def eval_with_spy(monkeypatch, checkpoint, *argv):
+    """eval_linear.main with fine_tune replaced by a spy: (its result, what each mode was trained with)."""
+    used = {}
+
+    def spy(model, mode, loader, settings, args, *rest):
+        used[mode] = dict(settings, loader_batch_size=loader.batch_size, encoder_adv=model.encoder.adv)
+        return 1.0
+
+    monkeypatch.setattr(eval_linear, "fine_tune", spy)
+    result = eval_linear.main([checkpoint, "--dataset", "cifar10", "--test-size", "4", "--pgd-steps", "1",
+                               "--workers", "0", *argv])
+    return result, used
+
+
+@pytest.mark.parametrize("kind, flags, method", [
+    ("acl", [], "acl"), ("air", [], "acl-air"), ("air_dynacl", [], "dynacl-air"), ("a_infonce", [], "a-infonce"),
+    ("released", ["--method", "dynacl"], "dynacl"), ("released", ["--method", "dynacl-air++"], "dynacl-air++")])
+def test_paper_recipe_settings_are_the_tables(kind, flags, method, recipe_files, monkeypatch, tmp_path):
+    out = tmp_path / "eval.json"
+    result, used = eval_with_spy(monkeypatch, recipe_files[kind], "--data-dir", recipe_files["data"],
+                                 "--recipe", "paper", "--mode", "all", "--out", str(out), *flags)
+    saved = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in saved] == ["slf", "alf", "aff"]
+    for entry in saved:
+        mode, expected = entry["mode"], dict(zip(SETTING_NAMES, PAPER_CIFAR10[method][entry["mode"]]))
+        assert {k: used[mode][k] for k in SETTING_NAMES} == expected  # what fine_tune was given
+        assert used[mode]["loader_batch_size"] == expected["batch_size"]
+        assert used[mode]["encoder_adv"] == (expected["bn"] == "adv")
+        assert {k: entry["recipe"][k] for k in SETTING_NAMES} == expected and entry["bn"] == expected["bn"]
+        assert entry["recipe"]["name"] == "paper" and entry["recipe"]["method"] == method
+        assert entry["recipe"]["from_flags"] == [] and entry["recipe"]["weight_decay"] == 2e-4
+
+
+def test_a_flag_overrides_the_recipe_and_uniform_needs_no_method(recipe_files, monkeypatch, tmp_path):
+    result, used = eval_with_spy(monkeypatch, recipe_files["acl"], "--data-dir", recipe_files["data"], "--recipe",
+                                 "paper", "--mode", "aff", "--lr", "0.3", "--bn", "clean", "--out", str(tmp_path / "a.json"))
+    assert {k: used["aff"][k] for k in SETTING_NAMES} == dict(batch_size=128, lr=0.3, epochs=100, milestones=[40, 60],
+                                                             bn="clean")
+    assert result["recipe"]["from_flags"] == ["lr", "bn"] and result["lr"] == 0.3 and result["bn"] == "clean"
+    result, used = eval_with_spy(monkeypatch, recipe_files["released"], "--data-dir", recipe_files["data"], "--mode",
+                                 "slf", "--out", str(tmp_path / "b.json"))
+    assert result["recipe"]["name"] == "uniform" and result["recipe"]["method"] is None
+    assert {k: used["slf"][k] for k in SETTING_NAMES} == dict(eval_linear.MODE_DEFAULTS["slf"])
+
+
+@pytest.mark.parametrize("kind, argv, fragments", [
+    ("released", ["--recipe", "paper"], ["does not record its method", "--method {acl,dynacl,dynacl++"]),
+    ("released", ["--post-process", "lpaft"], ["does not record its method", "--method"]),
+    ("acl", ["--method", "dynacl"], ["records the method acl", "--method dynacl"]),
+    ("air_dynacl", ["--method", "acl-air", "--recipe", "paper"], ["records the method dynacl-air"]),
+    ("acl", ["--recipe", "paper", "--dataset", "synthetic"],
+     ["cifar10/32, cifar100/32, stl10/96, stl10/32", "synthetic/32"]),
+    ("acl", ["--recipe", "paper", "--image-size", "64"], ["cifar10/32, cifar100/32", "not for cifar10/64"]),
+    ("acl", ["--post-process", "lpaft", "--train-size", "7"], ["has 7 images, fewer than the 10 clusters"]),
+])
+def test_recipe_and_post_process_bad_input(kind, argv, fragments, recipe_files, capsys):
+    argv = [recipe_files[kind], "--dataset", "cifar10", "--data-dir", recipe_files["data"], "--workers", "0", *argv]
+    status, err = in_process_error(eval_linear.main, argv, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+    assert not os.path.exists(os.path.join(os.path.dirname(recipe_files[kind]), "postprocessed.pt"))
+
+
+def test_kmeans_finds_separated_blobs_and_beats_random_starts():
+    g = torch.Generator().manual_seed(0)
+    k, per = 8, 15
+    truth = torch.arange(k).repeat_interleave(per)
+    means = 12 * torch.randn(k, 6, generator=g)
+    x = means[truth] + torch.randn(k * per, 6, generator=g)
+    assignments, centres, inertia = eval_linear.kmeans(x, k, restarts=3)
+    purity, nmi = eval_linear.cluster_quality(truth.numpy(), assignments.numpy())
+    assert purity == 1.0 and nmi == pytest.approx(1.0, abs=1e-12)
+    blob_means = torch.stack([x[truth == j].mean(0) for j in range(k)])
+    assert inertia == pytest.approx((x.double() - blob_means.double()[truth]).pow(2).sum().item(), rel=1e-9)
+    singles = [eval_linear.kmeans(x, k, restarts=1, init="random", seed=s)[2] for s in range(10)]
+    assert all(inertia <= single * (1 + 1e-9) for single in singles)
+    assert max(singles) > 1.5 * inertia  # some random starts do end in a worse local optimum
+
+
+def test_cluster_quality_on_a_hand_made_case():
+    labels, clusters = [0, 0, 0, 1, 1, 1], [5, 5, 7, 7, 9, 9]  # cluster ids need not be 0..K-1
+    # I(Y; C) = 2 * (1/3) log((1/3) / (1/3 * 1/2)) = (2/3) log 2; H(C) = log 3; H(Y) = log 2
+    purity, nmi = eval_linear.cluster_quality(labels, clusters)
+    assert purity == pytest.approx(5 / 6) and nmi == pytest.approx(2 * (2 / 3) * math.log(2) / math.log(6))
+    assert eval_linear.cluster_quality(labels, [1, 1, 1, 0, 0, 0]) == (1.0, pytest.approx(1.0))
+    assert eval_linear.cluster_quality([0, 0, 1, 1], [0, 1, 0, 1]) == (0.5, pytest.approx(0.0, abs=1e-12))  # independent
+
+
+LPAFT_TINY = ["--dataset", "cifar10", "--post-process", "lpaft", "--lpaft-probe-epochs", "1", "--lpaft-epochs", "1",
+              "--lpaft-batch-size", "10", "--train-pgd-steps", "1", "--pgd-steps", "1", "--workers", "0",
+              "--kmeans-restarts", "2"]
+
+
+def test_post_process_end_to_end_then_every_mode(recipe_files, tmp_path):
+    source = tmp_path / "checkpoint.pt"
+    source.write_bytes(open(recipe_files["air_dynacl"], "rb").read())
+    result = eval_linear.main([str(source), *LPAFT_TINY, "--data-dir", recipe_files["data"], "--mode", "all",
+                               "--recipe", "paper", "--epochs", "1", "--train-size", "12", "--test-size", "4"])
+    written = torch.load(tmp_path / "postprocessed.pt", weights_only=True)
+    assert written["method"] == "dynacl-air++" and written["args"]["dynacl"] and set(written) >= {"args", "model"}
+    before = torch.load(source, weights_only=True)["model"]
+    assert not torch.equal(written["model"]["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
+    assert not torch.equal(written["model"]["bn1.bn_list.1.running_mean"], before["bn1.bn_list.1.running_mean"])
+    # LPAFT trains through the adversarial BN only: the clean copy's statistics are untouched
+    assert torch.equal(written["model"]["bn1.bn_list.0.running_mean"], before["bn1.bn_list.0.running_mean"])
+    encoder = eval_linear.load_encoder(str(tmp_path / "postprocessed.pt"))
+    assert encoder.method == "dynacl-air++" and encoder.width == 8
+    report = json.loads((tmp_path / "postprocessed.json").read_text())
+    assert 0 <= report["purity"] <= 1 and 0 <= report["nmi"] <= 1 and report["images"] == 12 and report["clusters"] == 10
+    assert report["kmeans_inertia"] > 0 and set(report["seconds"]) == {"features", "kmeans", "probe", "trades"}
+    # then the ++ row of the recipe: every mode reads the post-processed encoder, through the clean BN
+    assert [r["mode"] for r in result["results"]] == ["slf", "alf", "aff"]
+    assert all(r["checkpoint"] == str(tmp_path / "postprocessed.pt") and r["bn"] == "clean" for r in result["results"])
+    assert [(r["batch_size"], r["lr"], r["recipe"]["method"]) for r in result["results"]] == [
+        (512, 0.01, "dynacl-air++"), (512, 0.01, "dynacl-air++"), (128, 0.1, "dynacl-air++")]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def sigterm_after(marker, script, *argv):
+    """Start a script in its own process group, send the group SIGTERM once a line of its output
+    contains `marker` (as a cluster scheduler does: data-loader workers included); (process, out, err)."""
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, script), *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
+    deadline = time.time() + 120
+    for line in process.stdout:
+        if marker in line or time.time() > deadline:
+            break
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    return process, out, err
+
+
+def test_sigterm_during_post_processing_leaves_no_file(recipe_files, tmp_path):
+    source = tmp_path / "checkpoint.pt"
+    source.write_bytes(open(recipe_files["acl"], "rb").read())
+    argv = [str(source), *LPAFT_TINY, "--data-dir", recipe_files["data"], "--lpaft-epochs", "1000"]
+    process, out, err = sigterm_after("lpaft trades epoch 2/", "eval_linear.py", *argv)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines() == ["error: post-processing was stopped by SIGTERM; no partial file was left"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+
+
+def test_atomic_file_leaves_no_temporary_file_when_interrupted(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    common.save_checkpoint(path, {"step": 1})
+
+    def interrupted_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"step": 2})
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
 
 
 # =============================================================================================
