@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -881,6 +882,10 @@ def main_guard(main):
 # the gradients. `python acl.py ...` (no WORLD_SIZE in the environment) starts no process group.
 
 _CPU_GROUP = None  # a gloo group for small CPU collectives; None = the default group (gloo already)
+# PyTorch 2.14 deprecates DDP's broadcast_buffers and torch.distributed.nn.functional.all_gather; both
+# work as documented, and their replacements are private or missing in the older versions we support.
+warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
 
 
 def rank_and_world():
@@ -950,8 +955,9 @@ def parallel(model, compile, device):
     DistributedDataParallel over net, and on CUDA every batch norm, clean and adversarial copy, is a
     SyncBatchNorm, so batch statistics are the global batch's (PyTorch has none on the CPU: there
     each process normalises its slice). broadcast_buffers=False: DDP would otherwise copy rank 0's
-    buffers into the model in place before every forward, and the second of the two (AIR: three)
-    forwards before one backward would overwrite buffers the first saved for its backward."""
+    buffers into every process before each of the two (AIR: three) forwards that precede one
+    backward, in place between forwards that share a backward; with SyncBatchNorm the running
+    statistics are the global batch's on every process anyway (on the CPU, rank 0's are saved)."""
     world = rank_and_world()[1]
     if world > 1 and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place, same parameters
