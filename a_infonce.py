@@ -9,6 +9,7 @@ and schedule are acl.py's. --dynacl changes only the augmentation strength here.
 
     python a_infonce.py --dataset cifar10                 # IP + HN, the authors' CIFAR-10 setting
     python a_infonce.py --dataset cifar10 --no-ip --no-hn # plain multi-positive InfoNCE on ACL's views
+    torchrun --nproc_per_node 4 a_infonce.py --dataset cifar10 # 4 GPUs, the same run (README: Several GPUs)
     python a_infonce.py --dataset synthetic --width 8 --batch-size 32 --pgd-steps 2 --max-steps 20 --workers 0
 """
 import argparse

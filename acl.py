@@ -8,6 +8,7 @@ unless --dynacl (DynACL, Luo et al., ICLR 2023). The equations are SPEC.md 1.2-1
 
     python acl.py --dataset cifar10                       # the paper's setting (1000 epochs, batch 512)
     python acl.py --dataset cifar10 --dynacl              # DynACL
+    torchrun --nproc_per_node 4 acl.py --dataset cifar10  # 4 GPUs, the same run (README: Several GPUs)
     python acl.py --dataset synthetic --width 8 --batch-size 32 --pgd-steps 2 --max-steps 20 --workers 0
 """
 import argparse

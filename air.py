@@ -8,6 +8,7 @@ L_ACL is acl.py's loss; everything else (views, attack, schedule, DynACL) is acl
 
     python air.py --dataset cifar10 --dynacl              # DynACL-AIR, the paper's best setting
     python air.py --dataset cifar10 --official-ir         # the released code's arithmetic (see README)
+    torchrun --nproc_per_node 4 air.py --dataset cifar10  # 4 GPUs, the same run (README: Several GPUs)
     python air.py --dataset synthetic --width 8 --batch-size 32 --pgd-steps 2 --max-steps 20 --workers 0
 """
 import argparse
