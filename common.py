@@ -200,7 +200,7 @@ def _random_start(x, eps, rank=0, world=1):
 
 def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False):
     """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv) through the adversarial BN in
-    eval mode (SPEC 1.3). Only input gradients are computed (torch.autograd.grad with the images as
+    eval mode. Only input gradients are computed (torch.autograd.grad with the images as
     the only inputs), so no parameter gradient is built or accumulated. The mode is restored.
     eps = 0 returns the views as they are, with no forward or backward (so --eps 0 is standard,
     non-adversarial contrastive learning at no attack cost); steps = 0 leaves the random start only.

@@ -521,16 +521,9 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys,
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigterm_leaves_a_loadable_checkpoint(workers, tmp_path):
     """SIGTERM to the whole process group, as a cluster scheduler sends it: data-loader workers included."""
-    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, "acl.py"), *TINY, "--max-steps", "1000",
-                                "--workers", workers, "--out-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if "step 2/" in line or time.time() > deadline:
-            break
-    os.killpg(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, err
+    status, out, err = sigterm_when([sys.executable, "-u", os.path.join(HERE, "acl.py"), *TINY, "--max-steps", "1000",
+                                     "--workers", workers, "--out-dir", str(tmp_path)], "step 2/")
+    assert status == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in out and "Traceback" not in err
     (run_dir,) = [p for p in tmp_path.iterdir()]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -976,6 +969,21 @@ def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
 # Run bookkeeping and several processes (torchrun): CPU, gloo, 2 processes
 # =============================================================================================
 
+def sigterm_when(command, marker, timeout=120):
+    """Start `command` in a process group of its own and, once its stdout shows `marker`, send SIGTERM
+    to the whole group, as a cluster scheduler does; returns (exit status, stdout, stderr)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                               start_new_session=True)
+    seen, deadline = [], time.time() + timeout
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line or time.time() > deadline:
+            break
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=90)
+    return process.returncode, "".join(seen) + out, err
+
+
 def first_batch(seed=0, batch_size=16, epoch=1):
     """The first pre-training batch of TINY, built by hand from the seeded permutation."""
     views = common.PretrainViews(common.SyntheticImages(seed=seed), 32, 32, seed)
@@ -1234,16 +1242,8 @@ def test_torchrun_resumes_a_one_process_run_stops_on_sigterm_and_resumes_on_one(
     group (as a scheduler sends it) stops both after one step with one checkpoint, 1 process resumes."""
     run_dir = acl.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path)])
     path = os.path.join(run_dir, "checkpoint.pt")
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                os.path.join(HERE, "acl.py"), "--resume", path, "--max-steps", "1000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if "step 4/" in line or time.time() > deadline:
-            break
-    os.killpg(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=90)
-    out = line + out
+    _, out, err = sigterm_when([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                os.path.join(HERE, "acl.py"), "--resume", path, "--max-steps", "1000"], "step 4/")
     assert "received SIGTERM: stopping after this step" in out and "stopped by SIGTERM at step" in out, (out, err)
     assert "error:" not in err and os.path.join(HERE, "acl.py") not in err  # torchrun prints its own traceback
     assert os.listdir(tmp_path) == [os.path.basename(run_dir)]
