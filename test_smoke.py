@@ -16,6 +16,11 @@ import subprocess
 import sys
 import time
 
+# One OpenMP thread per process, here and in every process the tests start (they inherit it): the
+# tests run several PyTorch processes at once on a small CI machine, where spinning OpenMP threads
+# slow each other down by orders of magnitude (README, Speed). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -994,6 +999,17 @@ def test_help_shows_every_default(module, capsys):
     for flag, value in expected.items():
         assert helps[flag].endswith(f"(default: {value})"), (flag, helps[flag])
     assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_accuracies_on_screen_are_percent_and_fractions_in_the_json(pretrained, tmp_path, capsys):
+    out = tmp_path / "slf.json"
+    result = eval_linear.main([pretrained, *QUICK, "--out", str(out)])  # no --mode: SLF
+    printed = capsys.readouterr().out
+    assert result["mode"] == "slf" and json.load(open(out))["clean_acc"] == result["clean_acc"]
+    assert 0 <= result["clean_acc"] <= 1  # the JSON: fractions
+    (train,) = re.findall(r"slf epoch 1/1 .*\| train acc ([0-9.]+)% \|", printed)  # the screen: percent
+    (row,) = [line.split() for line in printed.splitlines() if line.split()[:2] in (["slf", "adv"], ["slf", "clean"])]
+    assert 0 <= float(train) <= 100 and float(row[3]) == pytest.approx(100 * result["clean_acc"], abs=0.005)
 
 
 # =============================================================================================
