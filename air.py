@@ -8,18 +8,17 @@ L_ACL is acl.py's loss; everything else (views, attack, schedule, DynACL) is acl
 
     python air.py --dataset cifar10 --dynacl              # DynACL-AIR, the paper's best setting
     python air.py --dataset cifar10 --official-ir         # the released code's arithmetic (see README)
+    torchrun --nproc_per_node 4 air.py --dataset cifar10  # 4 GPUs, the same run (README: Several GPUs)
     python air.py --dataset synthetic --width 8 --batch-size 32 --pgd-steps 2 --max-steps 20 --workers 0
 """
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, NonFiniteWatch, Benchmark, RunLog, StopSignal, ResNet18, add_shared_flags, autocast,
-                    contrastive_pgd, dynacl_schedule, lr_at, main_guard, make_checkpoint, make_optimizer, nt_xent,
-                    parse_and_resume, pick_device, pretrain_loader, run_dir_for, save_checkpoint, set_rng_state,
-                    stem_for, write_json)
+from common import (UserError, ResNet18, Run, add_shared_flags, autocast, contrastive_pgd, dynacl_schedule, gather,
+                    init_distributed, lr_at, main_guard, make_optimizer, nt_xent, parallel, parse_and_resume,
+                    pretrain_loader, stem_for)
 
 METHOD = "air"
 
@@ -78,43 +77,24 @@ def air_loss(z1, z2, z0, z1_adv, z2_adv, omega=0.0, temperature=0.5, lambda1=0.5
 def main(argv=None):
     args, checkpoint = parse_args(argv)
     check_args(args)
-    device = pick_device(args.device)
+    device = init_distributed(args)  # under torchrun: join the process group; this process's GPU
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     torch.manual_seed(args.seed)
 
-    loader, sampler = pretrain_loader(args, device)
+    loader, sampler = pretrain_loader(args, device)  # under torchrun: this process's slice of each batch
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = args.epochs * steps_per_epoch
-    stop_step = min(total_steps, args.max_steps or total_steps)
     warmup_steps = args.warmup_epochs * steps_per_epoch
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
 
     model = ResNet18(args.width, stem_for(args.image_size)).to(device, memory_format=memory_format)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
-    step = 0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
-        set_rng_state(checkpoint["rng"])
-        print(f"resumed {args.resume} at step {step}", flush=True)
-    net = torch.compile(model, dynamic=False) if args.compile else model  # the state dict stays the plain model's
+    run = Run(METHOD, args, checkpoint, model, optimizer, loader, device, amp)  # resume, run folder, log, checkpoints
+    net, train_net = parallel(model, args.compile, device)  # the attack's module; DDP under torchrun
+    step = run.step
 
-    run_dir = run_dir_for(args, METHOD, args.resume)
-    write_json(os.path.join(run_dir, "args.json"), vars(args))
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    print(f"{METHOD} on {args.dataset} ({device.type}{', bf16' if amp else ''}): {stop_step - step} steps "
-          f"to step {stop_step} of {total_steps}, {steps_per_epoch} per epoch; writing {run_dir}", flush=True)
-    names = ["loss", "loss_clean", "loss_adv", "sir", "air"]
-    log = RunLog(run_dir, stop_step, step, args.batch_size, device)
-    watch = NonFiniteWatch(device)
-    stop = StopSignal()
-    bench = Benchmark(device, args.batch_size, min(10, max(1, (stop_step - step) // 5))) if args.max_steps else None
-    if bench and args.benchmark:
-        bench.time_loader(loader, sampler, min(50, steps_per_epoch))
-
-    while step < stop_step:
+    while step < run.stop_step:
         epoch = step // steps_per_epoch + 1
         strength, omega = dynacl_schedule(epoch, args.epochs, args.dynacl)
         sampler.set_epoch(epoch, strength, start=step % steps_per_epoch)
@@ -128,9 +108,10 @@ def main(argv=None):
 
             x1_adv, x2_adv = contrastive_pgd(net, x1, x2, eps, alpha, args.pgd_steps, args.temperature, amp)
             with autocast(amp):
-                z1, z2 = net(torch.cat([x1, x2])).float().chunk(2)
-                z1_adv, z2_adv = net(torch.cat([x1_adv, x2_adv]), adv=True).float().chunk(2)
-                z0 = net(x0).float()  # its own clean-BN batch, as in the released code
+                z1, z2 = train_net(torch.cat([x1, x2])).float().chunk(2)
+                z1_adv, z2_adv = train_net(torch.cat([x1_adv, x2_adv]), adv=True).float().chunk(2)
+                z0 = train_net(x0).float()  # its own clean-BN batch, as in the released code
+            z1, z2, z0, z1_adv, z2_adv = gather(z1, z2, z0, z1_adv, z2_adv)  # the global batch under torchrun
             loss, terms = air_loss(z1, z2, z0, z1_adv, z2_adv, omega, args.temperature,
                                    args.lambda1, args.lambda2, args.official_ir)
 
@@ -138,30 +119,9 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
             step += 1
-
-            terms = torch.stack([loss, *terms.values()]).detach()
-            watch.update(step, terms)
-            log.accumulate(terms)
-            if bench:
-                bench.step()
-            if step % args.log_every == 0 or step == stop_step:
-                watch.check(names, checkpoint_path, model)
-                log.write(step, epoch, args.epochs, lr, names)
-            epoch_end = step % steps_per_epoch == 0
-            if epoch_end or stop.received or step == stop_step or (args.save_every and step % args.save_every == 0):
-                watch.check(names, checkpoint_path, model)
-                save_checkpoint(checkpoint_path, make_checkpoint(METHOD, args, model, optimizer, epoch, step))
-            if stop.received:
-                print(f"received {stop.received}: saved {checkpoint_path} at step {step}; continue with "
-                      f"--resume {checkpoint_path}", flush=True)
-                raise SystemExit(128 + {"SIGINT": 2, "SIGTERM": 15}[stop.received])
-            if step == stop_step:
+            if run.end_of_step(step, epoch, lr, loss, terms):  # log, non-finite watch, checkpoint, Ctrl-C
                 break
-
-    if bench:
-        bench.summary(run_dir, METHOD)
-    print(f"done: step {step}, checkpoint {checkpoint_path}", flush=True)
-    return run_dir
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -27,8 +30,13 @@ class UserError(Exception):
     """A problem with the user's input: reported as one sentence, exit status 2, no traceback."""
 
 
-def fail(message, status=2):
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def fail(message, status=2, everywhere=False):
+    """One sentence on stderr, then exit. everywhere=True: every torchrun process fails here together
+    and they wait for each other, so none exits (and has torchrun stop the rest) before it is said."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun: one message per node, not one per process
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if everywhere:
+        barrier()
     sys.exit(status)
 
 
@@ -181,27 +189,42 @@ def step_and_project(x_adv, grad, x, eps, alpha):
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
 
 
-def _random_start(x, eps):
-    return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0, 1)
+def _random_start(x, eps, rank=0, world=1):
+    """x + U(-eps, eps) per pixel, clipped to [0, 1]. Under torchrun x = [x1; x2] holds this process's
+    slice of each view, and the noise is that slice of the draw one process makes for the global
+    batch (every process draws it from the same random state), so the attack starts where the
+    one-process attack starts."""
+    if world == 1:
+        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0, 1)
+    noise = torch.empty_like(torch.cat([x] * world)).uniform_(-eps, eps)  # rows: [x1 of ranks 0..N-1; x2 of ranks 0..N-1]
+    return (x + noise.unflatten(0, (2, world, -1))[:, rank].flatten(0, 1)).clamp_(0, 1)
 
 
 def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False):
     """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv) through the adversarial BN in
-    eval mode (SPEC 1.3). Only input gradients are computed (torch.autograd.grad with the images as
-    the only inputs), so no parameter gradient is built or accumulated. The mode is restored."""
+    eval mode. Only input gradients are computed (torch.autograd.grad with the images as
+    the only inputs), so no parameter gradient is built or accumulated. The mode is restored.
+    eps = 0 returns the views as they are, with no forward or backward (so --eps 0 is standard,
+    non-adversarial contrastive learning at no attack cost); steps = 0 leaves the random start only.
+    Under torchrun, `model` is the unwrapped module (never DDP's forward) and the loss is the global
+    batch's: the embeddings of every process's slice are gathered (see gather)."""
+    if eps == 0:
+        return x1, x2
+    x = torch.cat([x1, x2])
+    x_adv = _random_start(x, eps, *rank_and_world())
+    if steps == 0:
+        return [t.detach() for t in x_adv.chunk(2)]
     was_training = model.training
     model.eval()
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # input gradients only, also for a torch.compile'd model whose backward is traced
         p.requires_grad_(False)
-    x = torch.cat([x1, x2])
-    x_adv = _random_start(x, eps)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             with autocast(amp):
                 z = model(x_adv, adv=True)
-            loss = nt_xent(*z.float().chunk(2), temperature)
+            loss = nt_xent(*gather(*z.float().chunk(2)), temperature)
             (grad,) = torch.autograd.grad(loss, [x_adv])
         x_adv = step_and_project(x_adv, grad, x, eps, alpha)
     for p in frozen:
@@ -376,10 +399,13 @@ class PretrainViews(Dataset):
 class PretrainSampler(Sampler):
     """Batches of keys (index, epoch, strength): a permutation seeded by (seed, epoch), last partial
     batch dropped. set_epoch(epoch, strength, start) chooses the epoch and skips `start` batches
-    (resume). The sampler runs in the main process, so this reaches persistent workers too."""
+    (resume). The sampler runs in the main process, so this reaches persistent workers too.
+    With `world` processes, process `rank` takes the rank-th of `world` equal, consecutive slices of
+    each global batch of `batch_size`: the slices, in rank order, are the one-process batch."""
 
-    def __init__(self, n, batch_size, seed):
+    def __init__(self, n, batch_size, seed, rank=0, world=1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.local = rank, batch_size // world
         self.epoch, self.strength, self.start = 1, 1.0, 0
 
     def set_epoch(self, epoch, strength=1.0, start=0):
@@ -396,7 +422,8 @@ class PretrainSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         for b in range(self.start, self.batches_per_epoch):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            first = b * self.batch_size + self.rank * self.local
+            batch = order[first:first + self.local]
             yield [(i, self.epoch, self.strength) for i in batch]
 
 
@@ -418,7 +445,7 @@ def pretrain_loader(args, device):
         raise UserError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}; "
                         "lower the batch size or add images")
     views = PretrainViews(base, args.image_size, NATIVE_SIZE[args.dataset], args.seed)
-    sampler = PretrainSampler(len(views), args.batch_size, args.seed)
+    sampler = PretrainSampler(len(views), args.batch_size, args.seed, *rank_and_world())
     # The loader gets its own generator: creating an iterator then draws from it, not from the global
     # RNG that the attack uses, so a resumed run's attacks start from the same random numbers.
     loader = DataLoader(views, batch_sampler=sampler, num_workers=args.workers, generator=torch.Generator(),
@@ -561,6 +588,9 @@ def add_shared_flags(parser):
 # Arguments that may change when a run is resumed; every other one belongs to the run.
 RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
              "benchmark", "out_dir", "data_dir"}
+# Of those, the run's length and cadence are the checkpoint's unless given again: a resumed run ends
+# where the interrupted one would have, and logs and saves at the same steps.
+KEPT_ON_RESUME = {"max_steps", "log_every", "save_every"}
 
 
 def given_flags(parser, argv):
@@ -607,14 +637,14 @@ def parse_and_resume(parser, argv, method):
         if checkpoint.get("method") != method:
             raise UserError(f"{args.resume} is a checkpoint of {checkpoint.get('method')!r}, not of {method!r}; "
                             f"resume it with {checkpoint.get('method')}.py, or start a new run")
-        saved = checkpoint["args"]
-        for name in sorted(given_flags(parser, argv) - RESUMABLE):
+        saved, given = checkpoint["args"], given_flags(parser, argv)
+        for name in sorted(given - RESUMABLE):
             if name in saved and saved[name] != getattr(args, name):
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{args.resume} was trained with {flag} {saved[name]}, but {flag} {getattr(args, name)} "
                                 "was given; drop the flag to resume, or start a new run")
         for name, value in saved.items():
-            if name not in RESUMABLE and hasattr(args, name):
+            if hasattr(args, name) and (name not in RESUMABLE or (name in KEPT_ON_RESUME and name not in given)):
                 setattr(args, name, value)
     check_shared_args(args)
     return args, checkpoint
@@ -688,36 +718,62 @@ def load_checkpoint(path):
 
 
 def rng_state():
+    """The CPU generator's state and the current GPU's (the one this process draws from; under torchrun
+    every process draws the same numbers, so rank 0's state resumes any number of processes)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state):
-    """Restore the random state; a CUDA state saved with another number of GPUs (or on the CPU) can't
-    be restored, and then the CUDA generators keep their seed: the run continues, not bit for bit."""
+    """Restore the random state into the current GPU. A checkpoint saved on the CPU has no CUDA state,
+    and older ones hold every GPU's list (restored only with as many GPUs); then the CUDA generator
+    keeps its seed: the run continues, not bit for bit."""
     torch.set_rng_state(state["cpu"])
-    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if torch.cuda.is_available() and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda)
+    elif torch.cuda.is_available() and cuda is not None and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def make_checkpoint(method, args, model, optimizer, epoch, step):
-    """A dict of plain types and tensors only, so torch.load(weights_only=True) reads it."""
+def make_checkpoint(method, args, model, optimizer, epoch, step, log=None):
+    """A dict of plain types and tensors only, so torch.load(weights_only=True) reads it. `log` holds
+    the open log window's sums (RunLog.state) so that a resumed run's first record averages the
+    same steps as an uninterrupted run's."""
     return {"method": method, "args": dict(vars(args)), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng_state()}
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng_state(), "log": log}
 
 
 class StopSignal:
-    """Ctrl-C and SIGTERM set a flag; the loop checkpoints at the end of the current step and exits."""
+    """Ctrl-C and SIGTERM set a flag and (where `announce`) say so at once; the loop checkpoints at the
+    end of the current step and exits. `agreed()` is the same on every torchrun process."""
 
-    def __init__(self):
-        self.received = None
+    def __init__(self, announce=True):
+        self.received, self.announce = None, announce
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if self.announce:
+            try:
+                print(f"received {self.received}: stopping after this step and saving a checkpoint", flush=True)
+            except RuntimeError:  # it came while this process was printing (reentrant call): the flag is set
+                pass
+
+    def agreed(self):
+        """The signal that any process received (the highest number), or None. Under torchrun this is one
+        all-reduce of a CPU integer per step over a gloo group: a few microseconds that never wait for
+        the GPU (no host-device sync), so Ctrl-C is answered after this step on every process.
+        Agreeing only on log steps would answer up to --log-every steps late, past torchrun's 30 s
+        grace before it kills the workers of a slow run."""
+        if rank_and_world()[1] == 1:
+            return self.received
+        code = torch.tensor([signal.Signals[self.received].value if self.received else 0])
+        dist.all_reduce(code, dist.ReduceOp.MAX, group=cpu_group())
+        return signal.Signals(int(code)).name if int(code) else None
 
 
 class NonFiniteWatch:
@@ -735,27 +791,41 @@ class NonFiniteWatch:
         self.terms = terms.detach() if self.terms is None else torch.where(first, terms.detach(), self.terms)
 
     def check(self, names, checkpoint_path, model):
-        """Stop if a loss was non-finite, or if the weights are (a finite loss with infinite gradients)."""
+        """Stop if a loss was non-finite, or if the weights are (a finite loss with infinite gradients).
+        Under torchrun the processes agree first (check steps sync anyway), so all stop at this step."""
         weights_finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        step = int(self.step)
-        if step < 0 and not bool(weights_finite):
+        step, own_step, weights_bad = int(self.step), int(self.step), not bool(weights_finite)
+        if rank_and_world()[1] > 1:
+            never = 2**62
+            flags = torch.tensor([step if step >= 0 else never, -int(weights_bad)])
+            dist.all_reduce(flags, dist.ReduceOp.MIN, group=cpu_group())
+            step, weights_bad = (int(flags[0]) if int(flags[0]) < never else -1), int(flags[1]) < 0
+        if step < 0 and weights_bad:
             fail(f"the network's weights became non-finite by step {self.last_step} although the loss stayed finite; "
-                 f"training stopped and the last good checkpoint is {checkpoint_path}; lower --lr", status=1)
+                 f"training stopped and the last good checkpoint is {checkpoint_path}; lower --lr", status=1, everywhere=True)
         if step >= 0:
-            values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist()))
+            values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist())) if own_step == step else "on another process"
             kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint was written yet"
             fail(f"the loss became non-finite at step {step} ({values}); training stopped and {kept}; "
-                 "lower --lr or check the data", status=1)
+                 "lower --lr or check the data", status=1, everywhere=True)
 
 
 class RunLog:
-    """Progress lines on stdout and one JSON object per log line in metrics.jsonl."""
+    """Progress lines on stdout and one JSON object per log line in metrics.jsonl. A window closes at
+    each multiple of --log-every; a record at a stop between two multiples (--max-steps) leaves it
+    open. `state()` is the open window's sums, carried by the checkpoint (`state` here), so that a
+    resumed run's first record averages the same steps as an uninterrupted run's."""
 
-    def __init__(self, run_dir, total_steps, start_step, batch_size, device):
+    def __init__(self, run_dir, total_steps, start_step, batch_size, device, log_every=1, state=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.total_steps, self.batch_size, self.device = total_steps, batch_size, device
-        self.sum, self.count = None, 0
+        self.total_steps, self.batch_size, self.device, self.log_every = total_steps, batch_size, device, log_every
+        self.sum, self.count = (None, 0) if state is None else (state["sum"], state["count"])
+        if self.sum is not None:
+            self.sum = self.sum.to(device)
         self.last_time, self.last_step = time.perf_counter(), start_step
+
+    def state(self):
+        return {"sum": self.sum, "count": self.count}
 
     def accumulate(self, terms):
         self.sum = terms.detach().clone() if self.sum is None else self.sum + terms.detach()
@@ -774,7 +844,9 @@ class RunLog:
         losses = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
         print(f"epoch {epoch}/{epochs} step {step}/{self.total_steps} | {losses} | lr {lr:.4g} | "
               f"{images_per_s:.0f} img/s | eta {format_seconds(eta)}", flush=True)
-        self.sum, self.count, self.last_time, self.last_step = None, 0, now, step
+        if step % self.log_every == 0:
+            self.sum, self.count = None, 0
+        self.last_time, self.last_step = now, step
         return record
 
 
@@ -837,3 +909,210 @@ def main_guard(main):
         main()
     except UserError as e:
         fail(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# =============================================================================================
+# Several processes (torchrun): process group, each process's slice, gradient-summing gather
+# =============================================================================================
+# `torchrun --nproc_per_node N acl.py ...` computes the one-process run at the same global
+# --batch-size: every process takes its slice of the same batch (PretrainSampler) with the same
+# per-image augmentation, the losses and the attack see the global batch (gather), and DDP averages
+# the gradients. `python acl.py ...` (no WORLD_SIZE in the environment) starts no process group.
+
+_CPU_GROUP = None  # a gloo group for small CPU collectives; None = the default group (gloo already)
+# PyTorch 2.14 deprecates DDP's broadcast_buffers and torch.distributed.nn.functional.all_gather; both
+# work as documented, and their replacements are private or missing in the older versions we support.
+warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+
+
+def rank_and_world():
+    """(this process's rank, number of processes); (0, 1) without torchrun."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def cpu_group():
+    return _CPU_GROUP
+
+
+def barrier():
+    """Wait for every torchrun process (over gloo: no GPU sync); nothing without torchrun."""
+    if rank_and_world()[1] > 1:
+        dist.barrier(group=cpu_group())
+
+
+def init_distributed(args):
+    """This process's device. Started by torchrun (WORLD_SIZE set): also join its process group, NCCL
+    with the GPU LOCAL_RANK on CUDA, gloo on the CPU, after checking that the global --batch-size
+    divides by the number of processes and that this node has a GPU for each of its processes."""
+    global _CPU_GROUP
+    if "WORLD_SIZE" not in os.environ:
+        return pick_device(args.device)
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the {world} processes; "
+                        f"use a multiple of {world}")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and torch.cuda.device_count() < local_world:
+        raise UserError(f"{local_world} processes on this node need one GPU each, but PyTorch sees "
+                        f"{torch.cuda.device_count()}; start fewer processes (--nproc-per-node) or use --device cpu")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    pick_device(device.type)  # the cuDNN and TF32 settings
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except Exception as e:  # a missing or unreachable rendezvous: say so in one sentence
+            raise UserError(f"could not start the process group of {world} processes ({str(e).splitlines()[0]}); "
+                            "start the script with torchrun and check its --rdzv-endpoint (or MASTER_ADDR and "
+                            "MASTER_PORT)") from None
+    _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return device
+
+
+def gather(*tensors):
+    """Each tensor's global batch: every process's slice, in rank order (without torchrun, the tensors
+    as they are). Every process then computes the same global loss. The backward of
+    torch.distributed.nn.functional.all_gather sums, over the N processes, the gradient of each
+    slice: N times the one-process gradient, which DDP's averaging of the parameter gradients
+    divides by N again, so the step is the one-process step. (A gather that keeps only the local
+    slice's gradient would drop the other processes' share of it.)"""
+    if rank_and_world()[1] == 1:
+        return tensors
+    return torch.cat(dist_nn.all_gather(torch.stack(tensors)), dim=1).unbind(0)
+
+
+def parallel(model, compile, device):
+    """(net, train_net): `net` is the model (torch.compile'd with --compile; its state dict stays the
+    plain model's) for the attack, `train_net` for the training forwards. Under torchrun train_net is
+    DistributedDataParallel over net, and on CUDA every batch norm, clean and adversarial copy, is a
+    SyncBatchNorm, so batch statistics are the global batch's (PyTorch has none on the CPU: there
+    each process normalises its slice). broadcast_buffers=False: DDP would otherwise copy rank 0's
+    buffers into every process before each of the two (AIR: three) forwards that precede one
+    backward, in place between forwards that share a backward; with SyncBatchNorm the running
+    statistics are the global batch's on every process anyway (on the CPU, rank 0's are saved)."""
+    world = rank_and_world()[1]
+    if world > 1 and device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place, same parameters
+    net = torch.compile(model, dynamic=False) if compile else model
+    if world == 1:
+        return net, net
+    device_ids = [device.index] if device.type == "cuda" else None
+    return net, nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+
+
+# =============================================================================================
+# Run bookkeeping: one object per training run, one call per step
+# =============================================================================================
+
+def cut_metrics(path, step, log_every):
+    """On resume, keep the records up to the checkpoint's step, less one there that closed a partial
+    window (a --max-steps stop): the resumed run writes those again, so metrics.jsonl reads as if
+    the run was never interrupted (also after a crash past the last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut by a crash is dropped
+    kept = [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
+class Run:
+    """Everything a training loop does besides training, made once, then `end_of_step()` once per step:
+    resume (weights, optimiser, step, random state, open log window), the run folder and args.json,
+    progress lines and metrics.jsonl, the non-finite watch, checkpoints (every epoch end, every
+    --save-every steps, the last step, Ctrl-C/SIGTERM) and the benchmark. Under torchrun rank 0 alone
+    names the folder, prints and writes, and every process stops at the same step."""
+
+    def __init__(self, method, args, checkpoint, model, optimizer, loader, device, amp):
+        self.method, self.args, self.model, self.optimizer = method, args, model, optimizer
+        self.rank, world = rank_and_world()
+        self.steps_per_epoch = loader.batch_sampler.batches_per_epoch
+        total_steps = args.epochs * self.steps_per_epoch
+        self.stop_step = min(total_steps, args.max_steps or total_steps)
+        self.step, log_state = 0, None
+        if checkpoint:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            self.step, log_state = checkpoint["step"], checkpoint.get("log")
+            set_rng_state(checkpoint["rng"])
+        self.dir = self._run_dir(world)
+        self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        self.log = self.bench = None
+        if self.rank == 0:
+            write_json(os.path.join(self.dir, "args.json"), vars(args))
+            if checkpoint:
+                cut_metrics(os.path.join(self.dir, "metrics.jsonl"), self.step, checkpoint["args"]["log_every"])
+                print(f"resumed {args.resume} at step {self.step}", flush=True)
+            processes = f", {world} processes" if world > 1 else ""
+            print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
+                  f"{self.stop_step - self.step} steps to step {self.stop_step} of {total_steps}, "
+                  f"{self.steps_per_epoch} per epoch; writing {self.dir}", flush=True)
+            self.log = RunLog(self.dir, self.stop_step, self.step, args.batch_size, device, args.log_every, log_state)
+            if args.max_steps:  # images/s count the global batch: the processes step together
+                self.bench = Benchmark(device, args.batch_size, min(10, max(1, (self.stop_step - self.step) // 5)))
+        self.watch = NonFiniteWatch(device)
+        self.stop = StopSignal(announce=self.rank == 0)
+        if self.bench and args.benchmark:
+            self.bench.time_loader(loader, loader.batch_sampler, min(50, self.steps_per_epoch))
+
+    def _run_dir(self, world):
+        """Rank 0 names and makes the folder; the other processes learn its name, or rank 0's error."""
+        shared = [None, None]
+        if self.rank == 0:
+            try:
+                shared[0] = run_dir_for(self.args, self.method, self.args.resume)
+            except UserError as e:
+                shared[1] = str(e)
+        if world > 1:
+            dist.broadcast_object_list(shared, src=0, group=cpu_group())
+        if shared[1]:
+            raise UserError(shared[1])
+        return shared[0]
+
+    def end_of_step(self, step, epoch, lr, loss, terms):
+        """After each optimiser step: watch, log, checkpoint, stop signal. True at the run's last step."""
+        self.step, args = step, self.args
+        names, values = ["loss", *terms], torch.stack([loss, *terms.values()]).detach()
+        self.watch.update(step, values)
+        if self.log:
+            self.log.accumulate(values)
+        if self.bench:
+            self.bench.step()
+        last, received = step == self.stop_step, self.stop.agreed()
+        log_step = step % args.log_every == 0 or last
+        save_step = step % self.steps_per_epoch == 0 or last or received or (args.save_every and step % args.save_every == 0)
+        if log_step or save_step:
+            self.watch.check(names, self.checkpoint_path, self.model)
+        if log_step and self.log:
+            self.log.write(step, epoch, args.epochs, lr, names)
+        if save_step and self.rank == 0:
+            save_checkpoint(self.checkpoint_path, make_checkpoint(self.method, args, self.model, self.optimizer,
+                                                                  epoch, step, self.log.state()))
+        if received:
+            barrier()  # rank 0's checkpoint is complete before any process exits and torchrun stops the rest
+            if self.rank == 0:
+                print(f"stopped by {received} at step {step}: saved {self.checkpoint_path}; continue with "
+                      f"--resume {self.checkpoint_path}", flush=True)
+            raise SystemExit(128 + signal.Signals[received].value)
+        return last
+
+    def finish(self):
+        """The benchmark summary and the closing line; returns the run folder."""
+        if self.bench:
+            self.bench.summary(self.dir, self.method)
+        if self.rank == 0:
+            print(f"done: step {self.step}, checkpoint {self.checkpoint_path}", flush=True)
+        barrier()
+        return self.dir

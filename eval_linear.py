@@ -448,7 +448,7 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
         synchronize(device)
         seconds = time.perf_counter() - start
         print(f"{label} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
-              f"{correct.item() / seen:.4f} | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
+              f"{100 * correct.item() / seen:.2f}% | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
     model.eval()
     return seen / seconds
 

@@ -16,6 +16,11 @@ import subprocess
 import sys
 import time
 
+# One OpenMP thread per process, here and in every process the tests start (they inherit it): the
+# tests run several PyTorch processes at once on a small CI machine, where spinning OpenMP threads
+# slow each other down by orders of magnitude (README, Speed). Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -530,9 +535,9 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys,
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigterm_leaves_a_loadable_checkpoint(workers, tmp_path):
     """SIGTERM to the whole process group, as a cluster scheduler sends it: data-loader workers included."""
-    process, out, err = sigterm_after("step 2/", "acl.py", *TINY, "--max-steps", "1000", "--workers", workers,
-                                      "--out-dir", str(tmp_path))
-    assert process.returncode == 128 + signal.SIGTERM, err
+    status, out, err = sigterm_when([sys.executable, "-u", os.path.join(HERE, "acl.py"), *TINY, "--max-steps", "1000",
+                                     "--workers", workers, "--out-dir", str(tmp_path)], "step 2/")
+    assert status == 128 + signal.SIGTERM, err
     assert "received SIGTERM" in out and "Traceback" not in err
     (run_dir,) = [p for p in tmp_path.iterdir()]
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -996,6 +1001,17 @@ def test_help_shows_every_default(module, capsys):
     assert "(default: None)" not in out and "(default: False)" not in out
 
 
+def test_accuracies_on_screen_are_percent_and_fractions_in_the_json(pretrained, tmp_path, capsys):
+    out = tmp_path / "slf.json"
+    result = eval_linear.main([pretrained, *QUICK, "--out", str(out)])  # no --mode: SLF
+    printed = capsys.readouterr().out
+    assert result["mode"] == "slf" and json.load(open(out))["clean_acc"] == result["clean_acc"]
+    assert 0 <= result["clean_acc"] <= 1  # the JSON: fractions
+    (train,) = re.findall(r"slf epoch 1/1 .*\| train acc ([0-9.]+)% \|", printed)  # the screen: percent
+    (row,) = [line.split() for line in printed.splitlines() if line.split()[:2] in (["slf", "adv"], ["slf", "clean"])]
+    assert 0 <= float(train) <= 100 and float(row[3]) == pytest.approx(100 * result["clean_acc"], abs=0.005)
+
+
 # =============================================================================================
 # eval_linear.py: the authors' recipes (--recipe paper) and LPAFT post-processing
 # =============================================================================================
@@ -1158,26 +1174,13 @@ def test_post_process_end_to_end_then_every_mode(recipe_files, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-def sigterm_after(marker, script, *argv):
-    """Start a script in its own process group, send the group SIGTERM once a line of its output
-    contains `marker` (as a cluster scheduler does: data-loader workers included); (process, out, err)."""
-    process = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, script), *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if marker in line or time.time() > deadline:
-            break
-    os.killpg(process.pid, signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
-    return process, out, err
-
-
 def test_sigterm_during_post_processing_leaves_no_file(recipe_files, tmp_path):
     source = tmp_path / "checkpoint.pt"
     source.write_bytes(open(recipe_files["acl"], "rb").read())
     argv = [str(source), *LPAFT_TINY, "--data-dir", recipe_files["data"], "--lpaft-epochs", "1000"]
-    process, out, err = sigterm_after("lpaft trades epoch 2/", "eval_linear.py", *argv)
-    assert process.returncode == 128 + signal.SIGTERM, err
+    status, out, err = sigterm_when([sys.executable, "-u", os.path.join(HERE, "eval_linear.py"), *argv],
+                                    "lpaft trades epoch 2/")
+    assert status == 128 + signal.SIGTERM, err
     assert err.strip().splitlines() == ["error: post-processing was stopped by SIGTERM; no partial file was left"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
 
@@ -1196,6 +1199,296 @@ def test_atomic_file_leaves_no_temporary_file_when_interrupted(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+# =============================================================================================
+# Run bookkeeping and several processes (torchrun): CPU, gloo, 2 processes
+# =============================================================================================
+
+def sigterm_when(command, marker, timeout=120):
+    """Start `command` in a process group of its own and, once its stdout shows `marker`, send SIGTERM
+    to the whole group, as a cluster scheduler does; returns (exit status, stdout, stderr)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                               start_new_session=True)
+    seen, deadline = [], time.time() + timeout
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line or time.time() > deadline:
+            break
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=90)
+    return process.returncode, "".join(seen) + out, err
+
+
+def first_batch(seed=0, batch_size=16, epoch=1):
+    """The first pre-training batch of TINY, built by hand from the seeded permutation."""
+    views = common.PretrainViews(common.SyntheticImages(seed=seed), 32, 32, seed)
+    order = torch.randperm(50000, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[:batch_size]
+    return [torch.stack(t) for t in zip(*[views[(int(i), epoch, 1.0)] for i in order])]
+
+
+@pytest.mark.parametrize("module", [acl, air, a_infonce], ids=["acl", "air", "a_infonce"])
+def test_one_script_step_equals_a_hand_written_step(module, tmp_path):
+    run_dir = module.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path)])
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+
+    torch.manual_seed(0)
+    model = common.ResNet18(8, "cifar")
+    optimizer = common.LARS(model.parameters(), lr=5.0, momentum=0.9, weight_decay=1e-6)
+    x1, x2, x0 = first_batch()
+    x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, 8 / 255, 2 / 255, 2, 0.5)
+    z1, z2 = model(torch.cat([x1, x2])).chunk(2)
+    z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), adv=True).chunk(2)
+    if module is acl:
+        loss = acl.acl_loss(z1, z2, z1_adv, z2_adv)[0]
+    elif module is air:
+        loss = air.air_loss(z1, z2, model(x0), z1_adv, z2_adv)[0]
+    else:
+        loss = a_infonce.a_infonce_loss(z1, z2, z1_adv, z2_adv)
+    loss.backward()
+    optimizer.param_groups[0]["lr"] = common.lr_at(0, 5.0, 10 * 3125, 1000 * 3125)
+    optimizer.step()
+    assert metrics(run_dir)[0]["loss"] == loss.item()
+    assert saved["model"].keys() == model.state_dict().keys()
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+
+
+def test_contrastive_pgd_does_no_attack_work_at_eps_0_or_0_steps(tmp_path, monkeypatch):
+    model = common.ResNet18(8, "cifar")
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    x1, x2 = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    rng = torch.get_rng_state()
+    x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, eps=0, steps=5)
+    assert x1_adv is x1 and x2_adv is x2 and not forwards and torch.equal(torch.get_rng_state(), rng)
+    x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, eps=8 / 255, steps=0)
+    assert not forwards and 0 < (x1_adv - x1).abs().max() <= 8 / 255 + 1e-6
+    common.contrastive_pgd(model, x1, x2, eps=8 / 255, steps=3)
+    assert len(forwards) == 3
+    # `acl.py --eps 0 --pgd-steps 0` is the standard contrastive baseline: two training forwards a step
+    calls = []
+    real_forward = common.ResNet18.forward
+    monkeypatch.setattr(common.ResNet18, "forward", lambda self, *a, **k: calls.append(1) or real_forward(self, *a, **k))
+    acl.main(TINY + ["--eps", "0", "--pgd-steps", "0", "--max-steps", "2", "--out-dir", str(tmp_path)])
+    assert len(calls) == 4
+
+
+def test_resume_keeps_max_steps_log_windows_and_says_at_once_that_it_stops(tmp_path, capsys, monkeypatch):
+    """SIGTERM arrives mid-step 3 (sent from inside the loss, the way Ctrl-C arrives); the handler's line
+    comes at once, the step finishes and is saved. Resuming without flags keeps --max-steps 5 and
+    --log-every 4; resuming to 6 gives the records and weights of a run that was never stopped."""
+    argv = TINY + ["--log-every", "4"]
+    straight = acl.main(argv + ["--max-steps", "6", "--out-dir", str(tmp_path / "a")])
+    real_loss, calls = acl.acl_loss, []
+
+    def loss_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("step 3 loss computed", flush=True)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(acl, "acl_loss", loss_then_signal)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        acl.main(argv + ["--max-steps", "5", "--out-dir", str(tmp_path / "b")])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert (out.index("received SIGTERM: stopping after this step and saving") < out.index("step 3 loss computed")
+            < out.index("stopped by SIGTERM at step 3: saved"))
+    monkeypatch.setattr(acl, "acl_loss", real_loss)
+    (interrupted,) = (tmp_path / "b").iterdir()
+    path = str(interrupted / "checkpoint.pt")
+    assert torch.load(path, weights_only=True)["step"] == 3 and not os.path.exists(interrupted / "metrics.jsonl")
+
+    acl.main(["--resume", path])
+    assert torch.load(path, weights_only=True)["step"] == 5
+    assert [r["step"] for r in metrics(interrupted)] == [4, 5]
+    acl.main(["--resume", path, "--max-steps", "6"])
+    drop_speed = lambda records: [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]  # noqa: E731
+    assert [r["step"] for r in metrics(straight)] == [4, 6]
+    assert drop_speed(metrics(interrupted)) == drop_speed(metrics(straight))
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(path, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("env, flags, fragment", [
+    ({"WORLD_SIZE": "3", "RANK": "0"}, [], "--batch-size 16 is the global batch and must divide by the 3 processes"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "2"}, ["--device", "cuda"], "2 processes on this node need one GPU each"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, [], "could not start the process group of 2 processes"),
+], ids=["indivisible-batch", "fewer-gpus", "no-rendezvous"])
+def test_torchrun_bad_input_is_one_sentence_and_writes_nothing(env, flags, fragment, tmp_path, capsys, monkeypatch):
+    if "--device" in flags and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs for 2 processes")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for name, value in dict(env, LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+    status, err = in_process_error(acl.main, TINY + flags + ["--out-dir", str(tmp_path)], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+    assert not os.listdir(tmp_path) and not torch.distributed.is_initialized()
+
+
+# --- two processes (torch.multiprocessing, gloo) against one --------------------------------------
+
+STEP_ARGV = TINY + ["--max-steps", "1", "--optimizer", "sgd", "--lr", "0.5", "--warmup-epochs", "0"]
+LOSSES = {  # every method's loss on the embeddings [z1, z2, z0, z1_adv, z2_adv]
+    "acl": lambda z: acl.acl_loss(z[0], z[1], z[3], z[4], omega=0.3)[0],
+    "air": lambda z: air.air_loss(*z, omega=0.3)[0],
+    "air_official": lambda z: air.air_loss(*z, omega=0.3, official=True)[0],
+    "a_infonce": lambda z: a_infonce.a_infonce_loss(z[0], z[1], z[3], z[4], beta=0.5),
+}
+
+
+def fixed_statistics_bn(self, x, adv=False):
+    """Batch norm with the running statistics in train mode too: what one process computes on the
+    global batch then equals what two compute on halves (PyTorch has no CPU SyncBatchNorm)."""
+    bn = self.bn_list[1 if adv else 0]
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def attack_inputs():
+    torch.manual_seed(1)
+    model = common.ResNet18(8, "cifar")
+    x1, x2, _ = first_batch()
+    return model, x1, x2
+
+
+def two_process_worker(rank, tmp):
+    """One of two processes: each assertion compares with the one-process results in reference.pt."""
+    import contextlib
+    import io
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    ref = torch.load(os.path.join(tmp, "reference.pt"), weights_only=True)
+    # one training step of every script; it also starts the process group, as under torchrun
+    real_bn = common.DualBN.forward
+    common.DualBN.forward = fixed_statistics_bn
+    for module in (acl, air, a_infonce):
+        module.main(STEP_ARGV + ["--out-dir", os.path.join(tmp, "two", module.METHOD)])
+    common.DualBN.forward = real_bn
+    # every loss: value, and gradient with respect to each process's slice of the embeddings
+    b = ref["z"][0].shape[0] // 2
+    for name, loss_fn in LOSSES.items():
+        local = [z[rank * b:(rank + 1) * b].clone().requires_grad_(True) for z in ref["z"]]
+        loss = loss_fn(common.gather(*local))
+        grads = torch.autograd.grad(loss, local, materialize_grads=True)
+        assert abs(loss.item() - ref[name].item()) <= 1e-6, name
+        for g, whole in zip(grads, ref[name + "_grad"]):  # the gather's backward sums the 2 processes' gradients
+            assert torch.allclose(g / 2, whole[rank * b:(rank + 1) * b], rtol=0, atol=1e-6), name
+    # the two slices together are the one-process batch (first batch of epoch 1; epoch 2 resumed at batch 1)
+    args, _ = acl.parse_args(TINY)
+    loader, sampler = common.pretrain_loader(args, torch.device("cpu"))
+    for (epoch, strength, start), expected in zip([(1, 1.0, 0), (2, 0.5, 1)], ref["batches"]):
+        sampler.set_epoch(epoch, strength, start)
+        for x, whole in zip(next(iter(loader)), expected):
+            parts = [torch.empty_like(x) for _ in range(2)]
+            torch.distributed.all_gather(parts, x)
+            assert x.shape[0] == 8 and torch.equal(torch.cat(parts), whole)
+    # the attack on two slices is the one-process attack on the whole batch
+    model, x1, x2 = attack_inputs()
+    torch.manual_seed(2)
+    adv = common.contrastive_pgd(model, x1[rank * 8:(rank + 1) * 8], x2[rank * 8:(rank + 1) * 8], 8 / 255, 2 / 255, 3)
+    for x, whole in zip(adv, ref["attack"]):
+        parts = [torch.empty_like(x) for _ in range(2)]
+        torch.distributed.all_gather(parts, x)
+        assert (torch.cat(parts) - whole).abs().max() <= 1e-6
+    # SIGTERM to process 1 alone: both stop after the same step, rank 0 saves it
+    real_loss, calls = air.air_loss, []
+
+    def loss_then_signal(*a, **k):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a, **k)
+
+    air.air_loss = loss_then_signal
+    try:
+        air.main(TINY + ["--max-steps", "50", "--out-dir", os.path.join(tmp, "signal")])
+    except SystemExit as e:
+        assert e.code == 128 + signal.SIGTERM and len(calls) == 2
+    air.air_loss = real_loss
+    # a non-finite loss on process 1 alone: both stop at that step, with the message
+    real_loss, calls = a_infonce.a_infonce_loss, []
+
+    def loss_with_nan(*a, **k):
+        calls.append(1)
+        loss, terms = real_loss(*a, **k)
+        return (loss * float("nan"), terms) if rank == 1 and len(calls) == 2 else (loss, terms)
+
+    a_infonce.a_infonce_loss = loss_with_nan
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            a_infonce.main(TINY + ["--max-steps", "50", "--save-every", "1", "--out-dir", os.path.join(tmp, "nan")])
+    except SystemExit as e:
+        assert e.code == 1 and len(calls) == 2
+    a_infonce.a_infonce_loss = real_loss
+    assert ("non-finite at step 2" in err.getvalue()) == (rank == 0), err.getvalue()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
+    import socket
+    import torch.multiprocessing as mp
+    z = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    reference = {"z": z, "batches": [], "attack": None}
+    for name, loss_fn in LOSSES.items():
+        leaves = [t.clone().requires_grad_(True) for t in z]
+        loss = loss_fn(leaves)
+        reference[name], reference[name + "_grad"] = loss.detach(), list(torch.autograd.grad(loss, leaves, materialize_grads=True))
+    args, _ = acl.parse_args(TINY)
+    loader, sampler = common.pretrain_loader(args, torch.device("cpu"))
+    for epoch, strength, start in [(1, 1.0, 0), (2, 0.5, 1)]:
+        sampler.set_epoch(epoch, strength, start)
+        reference["batches"].append(list(next(iter(loader))))
+    model, x1, x2 = attack_inputs()
+    torch.manual_seed(2)
+    reference["attack"] = common.contrastive_pgd(model, x1, x2, 8 / 255, 2 / 255, 3)
+    torch.save(reference, tmp_path / "reference.pt")
+    monkeypatch.setattr(common.DualBN, "forward", fixed_statistics_bn)
+    for module in (acl, air, a_infonce):
+        module.main(STEP_ARGV + ["--out-dir", str(tmp_path / "one" / module.METHOD)])
+    monkeypatch.undo()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    mp.spawn(two_process_worker, args=(str(tmp_path),), nprocs=2)
+
+    for module in (acl, air, a_infonce):  # one step on 2 processes = one step on 1 (SGD: a wrong gradient scale shows)
+        (one,), (two,) = (list((tmp_path / n / module.METHOD).iterdir()) for n in ("one", "two"))
+        a, b = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (one, two))
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), module.METHOD
+        assert metrics(two)[0]["loss"] == pytest.approx(metrics(one)[0]["loss"], rel=1e-6)
+        assert sorted(os.listdir(two)) == ["args.json", "checkpoint.pt", "metrics.jsonl"]
+    (stopped,) = (tmp_path / "signal").iterdir()  # rank 0 got no signal, yet saved step 2 with rank 1
+    path = str(stopped / "checkpoint.pt")
+    assert torch.load(path, weights_only=True)["step"] == 2 and [r["step"] for r in metrics(stopped)] == [1, 2]
+    air.main(["--resume", path, "--max-steps", "3"])  # a 2-process checkpoint resumes on 1
+    assert torch.load(path, weights_only=True)["step"] == 3 and [r["step"] for r in metrics(stopped)] == [1, 2, 3]
+    (failed,) = (tmp_path / "nan").iterdir()
+    assert torch.load(failed / "checkpoint.pt", weights_only=True)["step"] == 1  # the last good one
+
+
+def test_torchrun_resumes_a_one_process_run_stops_on_sigterm_and_resumes_on_one(tmp_path):
+    """The real launcher: a 1-process checkpoint continues on 2 processes, SIGTERM to the whole process
+    group (as a scheduler sends it) stops both after one step with one checkpoint, 1 process resumes."""
+    run_dir = acl.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path)])
+    path = os.path.join(run_dir, "checkpoint.pt")
+    _, out, err = sigterm_when([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                os.path.join(HERE, "acl.py"), "--resume", path, "--max-steps", "1000"], "step 4/")
+    assert "received SIGTERM: stopping after this step" in out and "stopped by SIGTERM at step" in out, (out, err)
+    assert "error:" not in err and os.path.join(HERE, "acl.py") not in err  # torchrun prints its own traceback
+    assert os.listdir(tmp_path) == [os.path.basename(run_dir)]
+    assert sorted(os.listdir(run_dir)) == ["args.json", "benchmark.json", "checkpoint.pt", "metrics.jsonl"]  # from the first run
+    step = torch.load(path, weights_only=True)["step"]
+    assert step >= 4 and f"stopped by SIGTERM at step {step}" in out
+    acl.main(["--resume", path, "--max-steps", str(step + 1)])
+    assert torch.load(path, weights_only=True)["step"] == step + 1
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, step + 2))
 
 
 # =============================================================================================
