@@ -13,11 +13,14 @@ pre-training checkpoints.
 Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
 per mode, each with every key. Our choices: an image counts as robust only when its clean version is
 also classified correctly (the clean image lies in the eps-ball), so robust accuracy <= clean accuracy;
---cka measures the model of the last mode run (AFF with --mode all).
+--cka measures the model of the last mode run (AFF with --mode all). --cka also writes minibatch CKA maps
+between points of the network (clean x adv, clean x clean, adv x adv; --cka-eps per attack radius; --compare
+across checkpoints), --probes trains a linear probe at every point, --plot draws the figures (matplotlib).
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
+    python eval_linear.py checkpoint.pt --mode slf --cka --probes --compare other.pt --plot   # representation analysis
     python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
     python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
 
@@ -29,6 +32,7 @@ probe on them, then TRADES on the whole encoder; it writes postprocessed.pt next
 import argparse
 import copy
 import importlib.util
+import math
 import os
 import signal
 import time
@@ -38,9 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast, default_workers, eval_loader,
-                    fail, load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device, save_checkpoint,
-                    step_and_project, synchronize, write_json)
+from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DefaultsHelpFormatter, DualBN, ResNet18, UserError,
+                    autocast, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard, pgd_attack,
+                    pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
 # SPEC 4.2: the modes' own defaults; a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -180,8 +184,23 @@ def parse_args(argv=None):
     a("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
     a("--autoattack", action="store_true", help="also report AutoAttack (standard, L-inf) through the torchattacks package")
     a("--corruptions", default=None, metavar="DIR", help="CIFAR-10-C / CIFAR-100-C folder (labels.npy, <name>.npy)")
-    a("--cka", action="store_true", help="clean-vs-PGD linear CKA per stage (SPEC 4.4) on the last mode's model")
+    a("--cka", action="store_true", help="clean-vs-PGD linear CKA per stage, and minibatch CKA maps between points, "
+      "on the last mode's model")
     a("--cka-samples", type=int, default=1000, help="test images used for --cka")
+    a("--cka-points", default="blocks", choices=["blocks", "all"], help="points of the maps and probes: stem, the 8 "
+      "blocks, pooled; 'all' adds every conv, BN and shortcut")
+    a("--cka-eps", type=float, nargs="+", default=None, help="repeat the clean x adv map at each attack radius, in "
+      "/255 (default: --eps; implies --cka)")
+    a("--compare", nargs="+", default=None, metavar="OTHER", help="also map against these checkpoints' points (same "
+      "BN copy, each fine-tuned in the same mode; implies --cka)")
+    a("--probes", action="store_true", help="a linear probe at every point: clean and adversarial accuracy")
+    a("--probe-features", default="flatten", choices=["flatten", "pool"], help="probe input: the point's flattened "
+      "map, or its global average pool")
+    a("--probe-attack", default="fixed", choices=["fixed", "probe"], help="adversarial probe images: PGD-20 made once "
+      "against the fine-tuned classifier, or against each probe")
+    a("--probe-epochs", type=int, default=30, help="training epochs of each probe (SLF's other settings)")
+    a("--plot", action="store_true", help="PNG figures of the maps and probe accuracies next to the JSON "
+      "(needs matplotlib)")
     a("--seed", type=int, default=0, help="random seed (data order, attack starts); every mode starts from it")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run; auto picks CUDA when available")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
@@ -223,8 +242,19 @@ def check_args(args):
         raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
     if args.image_size is not None and args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
-    if args.cka_samples < 2:
-        raise UserError(f"--cka-samples must be at least 2 (got {args.cka_samples}): CKA centres over images")
+    if args.cka_samples < 4:
+        raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): the unbiased CKA estimator "
+                        "needs n > 3 images")
+    if args.probe_epochs < 1:
+        raise UserError(f"--probe-epochs must be at least 1 (got {args.probe_epochs})")
+    if args.cka_eps is not None and min(args.cka_eps) < 0:
+        raise UserError(f"--cka-eps must be >= 0 (got {' '.join(f'{e:g}' for e in args.cka_eps)})")
+    args.cka = args.cka or bool(args.compare) or args.cka_eps is not None
+    if args.cka and args.test_batch_size < 4:
+        raise UserError(f"--test-batch-size must be at least 4 with --cka (got {args.test_batch_size}): "
+                        "the unbiased CKA estimator needs n > 3 images per batch")
+    if args.plot and not (args.cka or args.probes):
+        raise UserError("--plot draws the --cka maps and the --probes accuracies; add --cka or --probes")
     for name in ("lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size", "kmeans_restarts"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
@@ -427,16 +457,21 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
 # Metrics (SPEC 4.3, 4.4)
 # ---------------------------------------------------------------------------------------------
 
-def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memory_format=torch.contiguous_format):
+def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memory_format=torch.contiguous_format,
+                      adversarial=None):
     """Per-image correctness (bool tensors on the CPU) of the clean and the PGD images of a loader.
     An image counts as robust only if its clean version is also classified correctly: the clean image
-    is inside the eps-ball, so the worst case over the ball cannot be better (PGD acc <= clean acc)."""
+    is inside the eps-ball, so the worst case over the ball cannot be better (PGD acc <= clean acc).
+    `adversarial`: adversarial images made earlier, one tensor per batch of the loader, used instead of PGD."""
     model.eval()
     clean, robust = [], []
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps, amp)
+        if adversarial is None:
+            x_adv = pgd_attack(model, x, y, eps, alpha, steps, amp)
+        else:
+            x_adv = adversarial[i].to(device, non_blocking=True, memory_format=memory_format)
         with torch.no_grad(), autocast(amp):
             clean_ok = model(x).argmax(1) == y
             adv_ok = model(x_adv).argmax(1) == y
@@ -515,32 +550,39 @@ def corruption_accuracy(model, labels, images, batch_size, device, image_size, a
     return {"mean": float(table.mean()), "by_severity": table.mean(0).tolist(), "by_corruption": by_corruption}
 
 
-def _centred_gram(x, chunk=8192):
-    """K = X X^T of the column-centred rows, in float64, built from column chunks to bound memory."""
+def _gram(x, centre=False, chunk=8192):
+    """K = X X^T of the flattened rows (column-centred first when `centre`), in float64, built from column
+    chunks to bound memory."""
     x = x.flatten(1)
     gram = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
     for c in range(0, x.shape[1], chunk):
         part = x[:, c:c + chunk].double()
-        part = part - part.mean(0, keepdim=True)
+        if centre:
+            part = part - part.mean(0, keepdim=True)
         gram += part @ part.T
     return gram
 
 
 def linear_cka(x, y):
     """Linear CKA of x, y (N x ..., one row per image; SPEC 4.4): <K, L>_F / (||K||_F ||L||_F)."""
-    k, l = _centred_gram(x), _centred_gram(y)
+    k, l = _gram(x, centre=True), _gram(y, centre=True)
     return float((k * l).sum() / (torch.linalg.norm(k) * torch.linalg.norm(l)))
 
 
-def representation_similarity(model, loader, samples, device, eps, alpha, steps, amp, memory_format, mode):
+def representation_similarity(model, loader, samples, device, eps, alpha, steps, amp, memory_format, mode,
+                              adversarial=None):
     """Per-stage linear CKA and pooled cosine similarity between the first `samples` test images and
-    their PGD versions against the fine-tuned classifier, through the evaluated BN copy (SPEC 4.4)."""
+    their PGD versions against the fine-tuned classifier, through the evaluated BN copy (SPEC 4.4).
+    `adversarial`: those PGD images made earlier, one tensor per batch of the loader."""
     model.eval()
     clean, adv, seen = [[] for _ in STAGE_NAMES], [[] for _ in STAGE_NAMES], 0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
         x = x[:samples - seen].to(device, non_blocking=True, memory_format=memory_format)
         y = y[:samples - seen].to(device, non_blocking=True)
-        x_adv = pgd_attack(model, x, y, eps, alpha, steps, amp)
+        if adversarial is None:
+            x_adv = pgd_attack(model, x, y, eps, alpha, steps, amp)
+        else:
+            x_adv = adversarial[i][:len(x)].to(device, non_blocking=True, memory_format=memory_format)
         with torch.no_grad(), autocast(amp):
             for store, images in ((clean, x), (adv, x_adv)):
                 for i, stage in enumerate(model.encoder.stages(images)):
@@ -572,6 +614,313 @@ def print_table(results):
             stages = ", ".join(f"{k} {v:.3f}" for k, v in cka["linear_cka"].items())
             print(f"\nclean vs PGD ({cka['model']} model, {cka['samples']} images): linear CKA {stages}; "
                   f"pooled cosine {cka['pooled_cosine']:.3f}")
+            diagonal = ", ".join(f"{p} {cka['clean_x_adv'][i][i]:.3f}" for i, p in enumerate(cka["points"]))
+            print(f"clean x adv map, diagonal (minibatch CKA, {cka['map_samples']} images): {diagonal}")
+        if r.get("probes"):
+            print(f"\nlinear probes ({r['mode']} model, {r['probes']['features']} features, {r['probes']['attack']} "
+                  "attack): clean % / adversarial %")
+            for point, accuracy in r["probes"]["accuracy"].items():
+                print(f"  {point:<24} {100 * accuracy['clean']:6.2f} {100 * accuracy['adversarial']:6.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Representation analysis: CKA maps and probes
+# ---------------------------------------------------------------------------------------------
+# After Ghofrani, Yaghouti & Jamshidi, "Rethinking Robust Contrastive Learning from the Adversarial
+# Perspective": clean and adversarial representations compared point by point within one network and
+# across networks, and a linear probe at every point. As in their released code the maps use minibatch
+# linear CKA with the unbiased HSIC estimator on flattened features, models in eval mode, clean and
+# adversarial images aligned image by image; the probes read flattened features by default and are
+# scored on adversarial images made once against the whole fine-tuned classifier.
+
+CKA_ESTIMATOR = ("minibatch linear CKA with the unbiased HSIC estimator (Nguyen, Raghu & Kornblith, ICLR 2021), "
+                 "HSIC sums over test batches in float64, features flattened per image")
+
+
+class _PointReached(Exception):
+    """Raised by a hook to end a forward pass at the point a probe reads."""
+
+
+def point_features(encoder, x, points="blocks", stop_at=None):
+    """{name: output} of the encoder's points for images x, in forward order, through its BN copy.
+    'blocks': stem (the input of layer1.0), layer1.0 ... layer4.1 (block outputs), pooled. 'all' adds every
+    convolution and batch-norm output (layerN.0.downsample.bn is the shortcut of a downsampling block).
+    With `stop_at`, the forward pass ends at that point: the layers after it are not run."""
+    model, found, hooks = encoder.model, {}, []
+
+    def keep(name, value):
+        found[name] = value
+        if name == stop_at:
+            raise _PointReached
+
+    hooks.append(model.layer1[0].register_forward_pre_hook(lambda module, inputs: keep("stem", inputs[0])))
+    for name, module in model.named_modules():
+        if isinstance(module, BasicBlock) or (points == "all" and isinstance(module, (nn.Conv2d, DualBN))):
+            hooks.append(module.register_forward_hook(lambda module, inputs, out, name=name: keep(name, out)))
+    try:
+        keep("pooled", encoder(x))
+    except _PointReached:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def point_names(encoder, image_size, points):
+    device = next(encoder.parameters()).device
+    with torch.no_grad():
+        return list(point_features(encoder, torch.zeros(1, 3, image_size, image_size, device=device), points))
+
+
+def unbiased_hsic(k, l):
+    """HSIC_1 of every pair of Gram matrices k[p], l[q] (stacks P x n x n and Q x n x n, n > 3) -> P x Q.
+    With K~, L~ the Gram matrices with their diagonals set to 0 (Song et al., JMLR 2012):
+    HSIC_1 = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n (n-3))."""
+    n = k.shape[-1]
+    off_diagonal = 1 - torch.eye(n, dtype=k.dtype, device=k.device)
+    k, l = k * off_diagonal, l * off_diagonal
+    trace = k.flatten(1) @ l.flatten(1).T  # tr(K~ L~) = sum_ij K~_ij L~_ij for symmetric matrices
+    sums = k.sum((1, 2))[:, None] * l.sum((1, 2))[None, :] / ((n - 1) * (n - 2))
+    cross = k.sum(2) @ l.sum(2).T  # 1^T K~ L~ 1 = (K~ 1) . (L~ 1)
+    return (trace + sums - 2 / (n - 2) * cross) / (n * (n - 3))
+
+
+class CKAMaps:
+    """Minibatch linear CKA between named sets of points, accumulated batch by batch in float64 (memory does
+    not grow with the number of images). For the points i of set a and j of set b:
+        CKA_ij = sum_b HSIC_1(K_bi, L_bj) / sqrt(sum_b HSIC_1(K_bi, K_bi) sum_b HSIC_1(L_bj, L_bj))."""
+
+    def __init__(self, pairs):
+        self.pairs = list(dict.fromkeys(list(pairs) + [(a, a) for pair in pairs for a in pair]))
+        self.sums, self.samples = {}, 0
+
+    def add(self, grams):
+        """grams: {set name: P x n x n Gram matrices of one batch, X X^T of the flattened features}."""
+        for a, b in self.pairs:
+            hsic = unbiased_hsic(grams[a], grams[b])
+            self.sums[a, b] = self.sums[a, b] + hsic if (a, b) in self.sums else hsic
+        self.samples += next(iter(grams.values())).shape[-1]
+
+    def map(self, a, b):
+        norm_a, norm_b = self.sums[a, a].diagonal(), self.sums[b, b].diagonal()
+        return self.sums[a, b] / torch.sqrt(norm_a[:, None] * norm_b[None, :])
+
+
+def _point_grams(encoder, images, points, amp):
+    with torch.no_grad():
+        with autocast(amp):
+            features = point_features(encoder, images, points)
+        return torch.stack([_gram(f.float()) for f in features.values()])
+
+
+def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_format):
+    """One pass over the test images. Each batch gets its PGD images against the fine-tuned classifier, made
+    once and returned (one CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes;
+    with --cka, the first --cka-samples images add their Gram matrices to the maps: this model on clean and
+    PGD images, PGD at each --cka-eps, and each compared model on the clean images, on this model's PGD
+    images and on PGD images against its own classifier. A batch of fewer than 4 images is left out of the
+    maps (the estimator needs n > 3)."""
+    eps, alpha = args.eps / 255, args.pgd_alpha / 255
+    radii = [e for e in args.cka_eps or [] if e != args.eps]
+    pairs = [("clean", "adv"), ("clean", "clean"), ("adv", "adv")] + [("clean", f"adv@{e:g}") for e in radii]
+    for i in range(len(compared)):
+        pairs += [("clean", f"{i}:clean"), ("adv", f"{i}:adv"), (f"{i}:clean", f"{i}:own_adv")]
+    maps = CKAMaps(pairs) if args.cka else None
+    adversarial, seen = [], 0
+    for x, y in loader:
+        if seen >= args.cka_samples and not keep_all:
+            break
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        x_adv = pgd_attack(model, x, y, eps, alpha, args.pgd_steps, amp)
+        adversarial.append(x_adv.cpu())
+        n = min(len(x), args.cka_samples - seen)
+        seen += len(x)
+        if maps is None or n < 4:
+            continue
+        x, y, x_adv = x[:n], y[:n], x_adv[:n]
+        grams = {"clean": _point_grams(model.encoder, x, args.cka_points, amp),
+                 "adv": _point_grams(model.encoder, x_adv, args.cka_points, amp)}
+        for e in radii:
+            x_eps = pgd_attack(model, x, y, e / 255, alpha, args.pgd_steps, amp)
+            grams[f"adv@{e:g}"] = _point_grams(model.encoder, x_eps, args.cka_points, amp)
+        for i, other in enumerate(compared):
+            x_own = pgd_attack(other, x, y, eps, alpha, args.pgd_steps, amp)
+            for key, images in (("clean", x), ("adv", x_adv), ("own_adv", x_own)):
+                grams[f"{i}:{key}"] = _point_grams(other.encoder, images, args.cka_points, amp)
+        maps.add(grams)
+    return adversarial, maps
+
+
+class PointFeatures(nn.Module):
+    """The frozen encoder up to one point (the forward pass stops there), its output flattened per image
+    or globally average-pooled."""
+
+    def __init__(self, encoder, point, features="flatten"):
+        super().__init__()
+        self.encoder, self.point, self.features = encoder, point, features
+
+    def forward(self, x):
+        out = point_features(self.encoder, x, "all", stop_at=self.point)[self.point]
+        return out.mean((2, 3)) if self.features == "pool" and out.ndim == 4 else out.flatten(1)
+
+
+class Probe(nn.Module):
+    """A linear probe at one point: PointFeatures and a zero-initialised linear layer. It has Classifier's
+    attribute names (encoder, fc), so fine_tune trains it as SLF and correct_per_image scores it; at 'pooled'
+    it is Classifier itself, up to the names of its modules."""
+
+    def __init__(self, encoder, point, features, num_classes, image_size):
+        super().__init__()
+        self.encoder = PointFeatures(encoder, point, features)
+        device = next(encoder.parameters()).device
+        with torch.no_grad():
+            dim = self.encoder(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x))
+
+
+def representation_analysis(model, mode, settings, method, others, test_loader, num_classes, image_size, args, device,
+                            amp, memory_format):
+    """--cka, --compare and --probes on the last mode's fine-tuned `model`: {'cka', 'compare', 'probes'}.
+    Each compared encoder uses this model's BN copy and gets a classifier fine-tuned in the same mode with
+    the same settings and seed, so that it is attacked through its own classifier (the eps-effect diagonals)."""
+    eps, alpha = args.eps / 255, args.pgd_alpha / 255
+
+    def train_loader(batch_size):
+        return eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size, args.workers, device,
+                           args.seed, subset=args.train_size)
+
+    compared = []
+    for path, encoder in others:
+        print(f"\n--compare {path}: {mode} fine-tuning", flush=True)
+        torch.manual_seed(args.seed)
+        other = Classifier(encoder, num_classes).to(device, memory_format=memory_format)
+        other.encoder.adv = model.encoder.adv
+        fine_tune(other, mode, train_loader(settings["batch_size"]), settings, args, device, amp, memory_format)
+        compared.append(other)
+    keep_all = args.probes and args.probe_attack == "fixed"
+    adversarial, maps = analysis_pass(model, compared, test_loader, args, keep_all, device, amp, memory_format) \
+        if args.cka or keep_all else (None, None)
+    names = point_names(model.encoder, image_size, args.cka_points)
+    result = {"cka": None, "compare": None, "probes": None}
+    if args.cka:
+        result["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha,
+                                                  args.pgd_steps, amp, memory_format, mode, adversarial)
+        per_eps = {f"{e:g}": maps.map("clean", "adv" if e == args.eps else f"adv@{e:g}").tolist()
+                   for e in args.cka_eps or [args.eps]}
+        result["cka"].update({"estimator": CKA_ESTIMATOR, "points_mode": args.cka_points, "points": names,
+                              "map_samples": maps.samples, "batch_size": args.test_batch_size, "eps": args.eps,
+                              "clean_x_adv": maps.map("clean", "adv").tolist(),
+                              "clean_x_clean": maps.map("clean", "clean").tolist(),
+                              "adv_x_adv": maps.map("adv", "adv").tolist(), "clean_x_adv_per_eps": per_eps})
+    if compared:  # rows: this model's points; columns: the other model's
+        result["compare"] = [{"checkpoint": os.path.abspath(path), "width": encoder.width, "mode": mode,
+                              "clean_x_clean": maps.map("clean", f"{i}:clean").tolist(),
+                              "adv_x_adv": maps.map("adv", f"{i}:adv").tolist(),
+                              "own_clean_x_adv": maps.map(f"{i}:clean", f"{i}:own_adv").tolist()}
+                             for i, (path, encoder) in enumerate(others)]
+    if args.probes:
+        probe_settings = dict(mode_settings(args, "slf", method, image_size), epochs=args.probe_epochs)
+        accuracy = {}
+        for point in names:
+            torch.manual_seed(args.seed)  # as each mode: the probe at 'pooled' repeats SLF exactly
+            probe = Probe(model.encoder, point, args.probe_features, num_classes, image_size).to(device)
+            fine_tune(probe, "slf", train_loader(probe_settings["batch_size"]),
+                      dict(probe_settings, label=f"probe {point}"), args, device, amp, memory_format)
+            clean, robust = correct_per_image(probe, test_loader, device, eps, alpha, args.pgd_steps, amp,
+                                              memory_format, adversarial if args.probe_attack == "fixed" else None)
+            accuracy[point] = {"clean": clean.float().mean().item(), "adversarial": robust.float().mean().item()}
+        result["probes"] = {"points_mode": args.cka_points, "features": args.probe_features,
+                            "attack": args.probe_attack, **probe_settings, "accuracy": accuracy}
+    return result
+
+
+def _short(path):
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
+def _save_figure(fig, path):
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _point_ticks(ax, points, axes="x"):
+    every = max(1, math.ceil(len(points) / 12))  # 'all' has about 50 points: label every few
+    ticks = list(range(0, len(points), every))
+    if "x" in axes:
+        ax.set_xticks(ticks, [points[t] for t in ticks], rotation=90, fontsize=7)
+    if "y" in axes:
+        ax.set_yticks(ticks, [points[t] for t in ticks], fontsize=7)
+
+
+def plot_analysis(entry, out):
+    """PNG figures next to the JSON `out`: a heatmap per map (colour scale 0..1), the clean-vs-adversarial
+    diagonal of every compared model, and the probe accuracies per point. Returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, name, written = os.path.splitext(out)[0], _short(entry["checkpoint"]), []
+
+    def heatmap(suffix, title, matrix, points, ylabel, xlabel):
+        fig, ax = plt.subplots(figsize=(4.6, 4))
+        image = ax.imshow(np.array(matrix), vmin=0, vmax=1, cmap="magma", origin="lower")
+        _point_ticks(ax, points, "xy")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(image, ax=ax, label="linear CKA")
+        written.append(_save_figure(fig, f"{base}_{suffix}.png"))
+        plt.close(fig)
+
+    def lines(suffix, title, points, curves, ylabel):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for label, values in curves:
+            ax.plot(range(len(points)), values, marker="o", markersize=3, label=label)
+        _point_ticks(ax, points)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=7)
+        written.append(_save_figure(fig, f"{base}_{suffix}.png"))
+        plt.close(fig)
+
+    cka = entry["cka"]
+    if cka:
+        points, maps = cka["points"], [("clean_x_adv", "clean x adv"), ("clean_x_clean", "clean x clean"),
+                                       ("adv_x_adv", "adv x adv")]
+        for key, label in maps:
+            rows, columns = label.split(" x ")
+            heatmap(key, f"{name}\n{label} ({entry['mode']}, {cka['map_samples']} images)", cka[key], points,
+                    f"{rows} images", f"{columns} images")
+        if len(cka["clean_x_adv_per_eps"]) > 1:
+            for e, matrix in cka["clean_x_adv_per_eps"].items():
+                heatmap(f"clean_x_adv_eps{e}", f"{name}\nclean x adv at eps {e}/255", matrix, points, "clean images",
+                        f"adv images (eps {e}/255)")
+        for i, other in enumerate(entry["compare"] or []):
+            for key, label in maps[1:]:
+                kind = label.split(" x ")[0]
+                heatmap(f"compare{i}_{key}", f"rows {name}\ncolumns {_short(other['checkpoint'])}\n{label}", other[key],
+                        points, f"this model, {kind} images", f"compared model, {kind} images")
+        if entry["compare"]:
+            curves = [(name, np.diag(cka["clean_x_adv"]))]
+            curves += [(_short(o["checkpoint"]), np.diag(o["own_clean_x_adv"])) for o in entry["compare"]]
+            lines("diagonal", f"clean vs adversarial CKA per point, each model attacked through its own classifier "
+                  f"(eps {cka['eps']:g}/255)", points, curves, "linear CKA (diagonal)")
+    if entry["probes"]:
+        accuracy = entry["probes"]["accuracy"]
+        curves = [(kind, [a[kind] for a in accuracy.values()]) for kind in ("clean", "adversarial")]
+        lines("probes", f"{name}: linear probes ({entry['probes']['features']}, {entry['probes']['attack']} attack)",
+              list(accuracy), curves, "accuracy")
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,6 +1074,9 @@ def main(argv=None):
     if args.autoattack and importlib.util.find_spec("torchattacks") is None:
         raise UserError("--autoattack needs the torchattacks package, which is not installed; "
                         "run 'pip install torchattacks' or drop --autoattack")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs the matplotlib package, which is not installed; run 'pip install matplotlib' "
+                        "or drop --plot (the numbers are in the JSON either way)")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
@@ -733,6 +1085,11 @@ def main(argv=None):
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     pretrained = load_encoder(args.checkpoint, args.bn or "adv")
+    others = [(path, load_encoder(path, args.bn or "adv")) for path in args.compare or []]
+    for path, other in others:  # same input images for both: the stems must agree; widths may differ
+        if other.stem != pretrained.stem:
+            raise UserError(f"--compare {path} has the {other.stem} stem but {args.checkpoint} the {pretrained.stem} "
+                            "stem; compare encoders made for the same image size")
     if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
         raise UserError(f"cannot write {out}; choose another --out")
     image_size = args.image_size or pretrained.image_size
@@ -785,15 +1142,15 @@ def main(argv=None):
                  "train_images": len(train_loader.dataset), "test_images": len(clean), "seed": args.seed,
                  "device": device.type, "amp": amp, "train_images_per_s": images_per_s,
                  "clean_acc": clean.float().mean().item(), "pgd20_acc": robust.float().mean().item(),
-                 "autoattack_acc": None, "corruption_acc": None, "cka": None}
+                 "autoattack_acc": None, "corruption_acc": None, "cka": None, "compare": None, "probes": None}
         if args.autoattack:
             robust_aa = autoattack_correct(model, test_loader, num_classes, eps, device, args.seed)
             entry["autoattack_acc"] = robust_aa.float().mean().item()
         if corruptions:
             entry["corruption_acc"] = corruption_accuracy(model, *corruptions, args.test_batch_size, device, image_size, amp)
-        if args.cka and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
-            entry["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha,
-                                                     args.pgd_steps, amp, memory_format, mode)
+        if (args.cka or args.probes) and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
+            entry.update(representation_analysis(model, mode, settings, method, others, test_loader, num_classes,
+                                                 image_size, args, device, amp, memory_format))
         entry["seconds"] = time.perf_counter() - mode_start
         results.append(entry)
 
@@ -806,6 +1163,8 @@ def main(argv=None):
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); choose another --out") from None
     print(f"\nwrote {out}", flush=True)
+    for path in plot_analysis(results[-1], out) if args.plot else []:
+        print(f"wrote {path}", flush=True)
     return result
 
 

@@ -1489,3 +1489,204 @@ def test_torchrun_resumes_a_one_process_run_stops_on_sigterm_and_resumes_on_one(
     acl.main(["--resume", path, "--max-steps", str(step + 1)])
     assert torch.load(path, weights_only=True)["step"] == step + 1
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, step + 2))
+
+
+# =============================================================================================
+# eval_linear.py: representation analysis (minibatch CKA maps, --compare, probes, --plot)
+# =============================================================================================
+
+BLOCK_POINTS = ["stem"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["pooled"]
+
+
+def hsic1_numpy(k, l):
+    """The unbiased HSIC estimator written out in numpy from its definition (Song et al., JMLR 2012)."""
+    n = len(k)
+    kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+    one = np.ones(n)
+    return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3))
+
+
+def minibatch_cka_numpy(x_batches, y_batches):
+    grams = lambda b: [f.reshape(len(f), -1) @ f.reshape(len(f), -1).T for f in b]  # noqa: E731
+    ks, ls = grams([x.numpy().astype(np.float64) for x in x_batches]), grams([y.numpy().astype(np.float64) for y in y_batches])
+    kl, kk, ll = (sum(hsic1_numpy(a, b) for a, b in zip(p, q)) for p, q in ((ks, ls), (ks, ks), (ls, ls)))
+    return kl / np.sqrt(kk * ll)
+
+
+def minibatch_cka(x_batches, y_batches):
+    maps = eval_linear.CKAMaps([("x", "y")])
+    for x, y in zip(x_batches, y_batches):
+        maps.add({"x": eval_linear._gram(x)[None], "y": eval_linear._gram(y)[None]})
+    return maps.map("x", "y").item()
+
+
+def test_unbiased_hsic_equals_the_u_statistic():
+    import itertools
+    rng = np.random.default_rng(0)
+    n = 7
+    x, y = rng.normal(size=(n, 4)), rng.normal(size=(n, 3))
+    k, l = x @ x.T, y @ y.T
+    perm = lambda r: list(itertools.permutations(range(n), r))  # noqa: E731
+    u = (np.mean([k[i, j] * l[i, j] for i, j in perm(2)]) + np.mean([k[i, j] * l[q, r] for i, j, q, r in perm(4)])
+         - 2 * np.mean([k[i, j] * l[i, q] for i, j, q in perm(3)]))
+    got = eval_linear.unbiased_hsic(torch.from_numpy(k)[None], torch.from_numpy(l)[None]).item()
+    assert got == pytest.approx(u, abs=1e-10) and got == pytest.approx(hsic1_numpy(k, l), abs=1e-10)
+
+
+def test_minibatch_cka_against_full_batch_and_its_invariances():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 5, 6, generator=g, dtype=torch.float64)  # float64: the invariances hold to rounding
+    y = x.flatten(1)[:, :40] @ torch.randn(40, 24, generator=g, dtype=torch.float64) + 3 * torch.randn(32, 24, generator=g, dtype=torch.float64)
+    one = minibatch_cka([x], [y])
+    assert one == pytest.approx(minibatch_cka_numpy([x], [y]), abs=1e-6) and 0.05 < one < 0.95
+    assert minibatch_cka([x], [x]) == pytest.approx(1.0, abs=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=torch.float64))
+    q90, _ = torch.linalg.qr(torch.randn(90, 90, generator=g, dtype=torch.float64))
+    assert minibatch_cka([x], [y @ q]) == pytest.approx(one, abs=1e-9)
+    assert minibatch_cka([x.flatten(1) @ q90], [y]) == pytest.approx(one, abs=1e-9)
+    assert minibatch_cka([x], [0.3 * y]) == pytest.approx(one, abs=1e-9)
+    assert minibatch_cka([5 * x], [y]) == pytest.approx(one, abs=1e-9)
+    # two batches: HSIC sums over the batches, not a mean of per-batch CKAs
+    x2, y2 = torch.randn(20, 90, generator=g, dtype=torch.float64), torch.randn(20, 24, generator=g, dtype=torch.float64)
+    two = minibatch_cka([x.flatten(1), x2], [y, y2])
+    assert two == pytest.approx(minibatch_cka_numpy([x.flatten(1), x2], [y, y2]), abs=1e-6)
+    assert abs(two - (one + minibatch_cka([x2], [y2])) / 2) > 1e-3
+
+
+def test_points_blocks_and_all_in_forward_order(pretrained):
+    encoder = eval_linear.load_encoder(pretrained)
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        blocks = eval_linear.point_features(encoder, x, "blocks")
+        every = eval_linear.point_features(encoder, x, "all")
+        stages = encoder.stages(x)
+        partial = eval_linear.point_features(encoder, x, "all", stop_at="layer2.0.conv1")
+    assert list(blocks) == BLOCK_POINTS
+    expected = ["conv1", "bn1", "stem"]
+    for block in BLOCK_POINTS[1:-1]:
+        expected += [f"{block}.conv1", f"{block}.bn1", f"{block}.conv2", f"{block}.bn2"]
+        expected += [f"{block}.downsample.conv", f"{block}.downsample.bn"] if block in ("layer2.0", "layer3.0", "layer4.0") else []
+        expected.append(block)
+    assert list(every) == expected + ["pooled"] and len(every) > len(blocks)
+    assert all(torch.equal(every[name], blocks[name]) for name in blocks)
+    for name, stage in zip(["stem", "layer1.1", "layer2.1", "layer3.1", "layer4.1", "pooled"], stages):  # hook-free path
+        assert torch.equal(blocks[name], stage)
+    assert list(partial) == expected[:expected.index("layer2.0.conv1") + 1]  # the forward pass stopped there
+    # the maps follow the points: the 'all' map at the block points is the 'blocks' map
+    x_noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    maps = {}
+    for points in ("blocks", "all"):
+        maps[points] = eval_linear.CKAMaps([("clean", "adv")])
+        maps[points].add({"clean": eval_linear._point_grams(encoder, x, points, False),
+                          "adv": eval_linear._point_grams(encoder, x_noisy, points, False)})
+    at = [list(every).index(name) for name in BLOCK_POINTS]
+    assert torch.allclose(maps["all"].map("clean", "adv")[at][:, at], maps["blocks"].map("clean", "adv"), atol=1e-12)
+
+
+def test_probe_input_sizes_flatten_and_pool(pretrained):
+    encoder = eval_linear.load_encoder(pretrained)  # width 8: 8, 16, 32, 64 channels at 32, 16, 8, 4 px
+    sizes = {"stem": (8, 32), "layer2.0": (16, 16), "layer3.0.downsample.bn": (32, 8), "layer4.1": (64, 4), "pooled": (64, 1)}
+    x = torch.rand(3, 3, 32, 32)
+    for point, (channels, side) in sizes.items():
+        for features, dim in (("flatten", channels * side * side), ("pool", channels)):
+            probe = eval_linear.Probe(encoder, point, features, 10, 32)
+            assert probe.fc.in_features == dim and not probe.fc.weight.any()
+            assert probe.encoder(x).shape == (3, dim) and probe(x).shape == (3, 10)
+
+
+def test_cka_maps_compare_fixed_probes_and_plots(pretrained, tmp_path, monkeypatch):
+    import inspect
+    attacks, scored = [], []
+    real_attack, real_correct = eval_linear.pgd_attack, eval_linear.correct_per_image
+
+    def spy_attack(forward, x, y, eps, alpha, steps, amp=False):
+        attacks.append((forward, len(x), round(eps * 255, 6)))
+        return real_attack(forward, x, y, eps, alpha, steps, amp)
+
+    def spy_correct(model, *args, **kwargs):
+        bound = inspect.signature(real_correct).bind(model, *args, **kwargs)
+        scored.append((model, bound.arguments.get("adversarial")))
+        return real_correct(model, *args, **kwargs)
+
+    monkeypatch.setattr(eval_linear, "pgd_attack", spy_attack)
+    monkeypatch.setattr(eval_linear, "correct_per_image", spy_correct)
+    plot = importlib.util.find_spec("matplotlib") is not None
+    out = tmp_path / "maps.json"
+    result = eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--cka-samples", "20", "--cka-eps", "4", "8",
+                               "--compare", pretrained, "--probes", "--probe-epochs", "1", "--out", str(out)]
+                              + ["--plot"] * plot)
+    saved = json.loads(out.read_text())
+    cka = saved["cka"]
+    assert cka["points"] == BLOCK_POINTS and cka["points_mode"] == "blocks" and "unbiased HSIC" in cka["estimator"]
+    assert cka["map_samples"] == 20 and cka["samples"] == 20  # batches of 16 and 4 images
+    maps = {key: np.array(cka[key]) for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv")}
+    assert all(m.shape == (10, 10) for m in maps.values())
+    assert np.allclose(np.diag(maps["clean_x_clean"]), 1, atol=1e-12) and np.allclose(maps["clean_x_clean"], maps["clean_x_clean"].T)
+    assert np.allclose(np.diag(maps["adv_x_adv"]), 1, atol=1e-12)
+    assert list(cka["clean_x_adv_per_eps"]) == ["4", "8"] and cka["clean_x_adv_per_eps"]["8"] == cka["clean_x_adv"]
+    assert np.diag(maps["clean_x_adv"]).min() < 1 - 1e-6  # the attack changed the representations
+    (other,) = saved["compare"]
+    assert other["mode"] == "slf" and other["checkpoint"] == os.path.abspath(pretrained)
+    assert np.allclose(other["clean_x_clean"], maps["clean_x_clean"], atol=1e-12)  # itself: its own clean x clean map
+    assert np.allclose(other["adv_x_adv"], maps["adv_x_adv"], atol=1e-12)
+    # PGD-20 images: test accuracy (32) + one pass for the maps and the fixed probes (32) + eps 4 (20) + the
+    # compared model through its own classifier (20); the probes are scored on the images of that one pass
+    assert sum(n for _, n, _ in attacks) == 32 + 32 + 20 + 20
+    assert sum(n for _, n, eps in attacks if eps == 4) == 20
+    assert not any(isinstance(forward, eval_linear.Probe) for forward, _, _ in attacks)
+    probe_scoring = [adversarial for model, adversarial in scored if isinstance(model, eval_linear.Probe)]
+    assert len(probe_scoring) == 10 and all(a is probe_scoring[0] for a in probe_scoring)
+    assert sum(len(x) for x in probe_scoring[0]) == 32
+    probes = saved["probes"]
+    assert probes["features"] == "flatten" and probes["attack"] == "fixed" and probes["epochs"] == 1
+    assert list(probes["accuracy"]) == BLOCK_POINTS
+    assert all(0 <= a["adversarial"] <= a["clean"] <= 1 for a in probes["accuracy"].values())
+    if plot:
+        from PIL import Image
+        names = ["clean_x_adv", "clean_x_clean", "adv_x_adv", "clean_x_adv_eps4", "clean_x_adv_eps8",
+                 "compare0_clean_x_clean", "compare0_adv_x_adv", "diagonal", "probes"]
+        for name in names:
+            with Image.open(tmp_path / f"maps_{name}.png") as image:
+                assert image.format == "PNG" and min(image.size) > 100
+    assert result["cka"]["points"] == BLOCK_POINTS
+
+
+def test_probe_at_pooled_repeats_slf(pretrained, tmp_path, monkeypatch):
+    attacked = []
+    real_attack = eval_linear.pgd_attack
+    monkeypatch.setattr(eval_linear, "pgd_attack", lambda forward, *a, **k: attacked.append(forward) or real_attack(forward, *a, **k))
+    result = eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--test-size", "16", "--probes", "--probe-epochs", "1",
+                               "--probe-attack", "probe", "--probe-features", "pool", "--out", str(tmp_path / "p.json")])
+    pooled = result["probes"]["accuracy"]["pooled"]
+    assert pooled == {"clean": result["clean_acc"], "adversarial": result["pgd20_acc"]}
+    assert result["probes"]["attack"] == "probe" and result["cka"] is None
+    assert {p.encoder.point for p in attacked if isinstance(p, eval_linear.Probe)} == set(BLOCK_POINTS)  # each probe attacked
+
+
+@pytest.mark.parametrize("kind", ["garbage", "imagenet stem", "incomplete"])
+def test_compare_with_an_unreadable_or_other_checkpoint_is_refused(kind, pretrained, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    if kind == "garbage":
+        other.write_bytes(b"not a checkpoint")
+    else:
+        sd = released_state_dict(8, "imagenet" if kind == "imagenet stem" else "cifar")
+        if kind == "incomplete":
+            del sd["layer3.1.conv2.weight"]
+        torch.save(sd, other)
+    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--compare", str(other),
+                                                      "--out", str(tmp_path / "x.json")], capsys)
+    fragment = {"garbage": "cannot be read", "imagenet stem": "imagenet stem", "incomplete": "lacks 1 weights"}[kind]
+    assert status == 2 and fragment in err and str(other) in err and len(err.strip().splitlines()) == 1
+    assert "epoch" not in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_and_bad_analysis_flags_are_refused(pretrained, tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--cka", "--plot"], capsys)
+    assert status == 2 and "pip install matplotlib" in err and "epoch" not in capsys.readouterr().out
+    for argv, fragment in ((["--probes", "--probe-epochs", "0"], "--probe-epochs"), (["--cka-eps", "-2"], "--cka-eps"),
+                           (["--plot"], "--plot"), (["--cka", "--test-batch-size", "3"], "--test-batch-size")):
+        status, err = in_process_error(eval_linear.main, [pretrained, *argv], capsys)
+        assert status == 2 and err.startswith("error: ") and fragment in err
