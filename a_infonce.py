@@ -2,10 +2,16 @@
 
     L = 1/(4B) sum_u 1/3 sum_{p in P(u)} weight(u, p) * -log( e^{M_up} / (e^{M_up} + Ng(u, p)) )
 
-over Z = [z1; z2; z1_adv; z2_adv]: adversarial views are inferior positives (IP: a clean-adversarial
-pair pulls only its anchor, with weight ip_weight * share or ip_weight * (1 - share)) and hard
-negatives (HN: negatives re-weighted towards the hardest, HCL-style). SPEC.md 2.3; views, attack
-and schedule are acl.py's. --dynacl changes only the augmentation strength here.
+over Z = [z1; z2; z1_adv; z2_adv] (4B L2-normalised rows). For anchor u, P(u) = the other 3 views
+of its image and N(u) = the 4(B-1) views of the other images. Adversarial views are
+- inferior positives (IP): a clean-adversarial pair (u, p) uses M = S_sg = Z stopgrad(Z)^T / t, so it
+  pulls only its anchor, with weight ip_weight * share for a clean anchor and ip_weight * (1 - share)
+  for an adversarial one (share = --clean-grad-share); same-type pairs, and every pair with --no-ip,
+  use M = S = Z Z^T / t with weight 1;
+- hard negatives (HN, HCL-style): with w_un = exp(beta M_un) / mean_{n in N(u)} exp(beta M_un),
+  Ng(u, p) = max( (sum_n w_un e^{M_un} - tau_plus |N| e^{M_up}) / (1 - tau_plus), |N| e^{-1/t} );
+  with --no-hn, Ng(u, p) = sum_{n in N(u)} e^{M_un}.
+Views, attack and schedule are acl.py's. --dynacl changes only the augmentation strength here.
 
     python a_infonce.py --dataset cifar10                 # IP + HN, the authors' CIFAR-10 setting
     python a_infonce.py --dataset cifar10 --no-ip --no-hn # plain multi-positive InfoNCE on ACL's views
@@ -52,7 +58,7 @@ def check_args(args):
 
 def a_infonce_loss(z1, z2, z1_adv, z2_adv, temperature=0.5, ip=True, hn=True, ip_weight=0.7,
                    clean_grad_share=0.2, beta=1.0, tau_plus=0.1, terms=False):
-    """A-InfoNCE over the 4B views (SPEC 2.3); raw head outputs in. With terms=True also returns the
+    """A-InfoNCE over the 4B views; raw head outputs in. With terms=True also returns the
     same-type and the clean-adversarial parts of the loss (they add up to it)."""
     z = F.normalize(torch.cat([z1, z2, z1_adv, z2_adv]).float(), dim=1)
     n, b = z.shape[0], z.shape[0] // 4

@@ -4,7 +4,8 @@
 
 x1, x2 are two augmented views; x1_adv, x2_adv their joint contrastive-PGD versions; clean views go
 through the clean batch norms, adversarial ones through the adversarial batch norms. omega = 0
-unless --dynacl (DynACL, Luo et al., ICLR 2023). The equations are SPEC.md 1.2-1.6 and 2.1.
+unless --dynacl (DynACL, Luo et al., ICLR 2023). NT-Xent, the attack, the augmentation, LARS and
+the DynACL schedule are in common.py, each with its equation.
 
     python acl.py --dataset cifar10                       # the paper's setting (1000 epochs, batch 512)
     python acl.py --dataset cifar10 --dynacl              # DynACL
@@ -37,7 +38,7 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------
 
 def acl_loss(z1, z2, z1_adv, z2_adv, omega=0.0, temperature=0.5):
-    """ACL's dual-stream loss with DynACL's weights (SPEC 2.1): returns (loss, named terms)."""
+    """ACL's dual-stream loss with DynACL's weights: returns (loss, named terms)."""
     loss_clean = nt_xent(z1, z2, temperature)
     loss_adv = nt_xent(z1_adv, z2_adv, temperature)
     loss = (1 - omega) * loss_clean + (1 + omega) * loss_adv

@@ -3,7 +3,7 @@
     L = L_ACL + lambda1 * SIR + lambda2 * AIR,   SIR = KL(p || q),   AIR = KL(P^1 || P^2)
 
 p, q: softmax over the batch of the similarity of each view's z1 / z2 to the original image's z0;
-P^u: softmax of z_u_adv's similarity to z0 times softmax of its similarity to z_u (SPEC.md 2.2).
+P^u: softmax of z_u_adv's similarity to z0 times softmax of its similarity to z_u.
 L_ACL is acl.py's loss; everything else (views, attack, schedule, DynACL) is acl.py's too.
 
     python air.py --dataset cifar10 --dynacl              # DynACL-AIR, the paper's best setting
@@ -43,7 +43,7 @@ def check_args(args):
 # ---------------------------------------------------------------------------------------------
 
 def invariant_regularizers(z1, z2, z0, z1_adv, z2_adv, temperature=0.5, official=False):
-    """(SIR, AIR) of SPEC 2.2. Every distribution is a softmax across the batch index k of per-image
+    """(SIR, AIR) as defined in the module docstring. Every distribution is a softmax across the batch index k of per-image
     similarities. official=True reproduces the released code, which passes probabilities where
     kl_div expects log-probabilities and swaps its arguments (README, "AIR: paper vs code")."""
     z1, z2, z0, z1_adv, z2_adv = (F.normalize(z.float(), dim=1) for z in (z1, z2, z0, z1_adv, z2_adv))

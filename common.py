@@ -1,8 +1,8 @@
 """What ACL, A-InfoNCE and AIR share: network, attacks, data, optimisation, run utilities.
 
 Nothing in this file is specific to one method; each method file (acl.py, a_infonce.py, air.py)
-imports it and keeps its own loss and training loop in view. The contract for every function is
-SPEC.md in the project's shared folder; section numbers below refer to it.
+imports it and keeps its own loss and training loop in view. Each function's docstring states what
+it computes (with the equation where there is one); README.md explains the methods and protocols.
 """
 import argparse
 import contextlib
@@ -41,7 +41,7 @@ def fail(message, status=2, everywhere=False):
 
 
 # =============================================================================================
-# Network (SPEC 1.1): dual-BN ResNet-18 with ACL's projection head
+# Network: dual-BN ResNet-18 with ACL's projection head
 # =============================================================================================
 # Module and key names follow the released ACL / DynACL / AIR checkpoints, so their state dicts
 # load into this network as they are (bn_list.0 = clean BN, bn_list.1 = adversarial BN).
@@ -166,7 +166,7 @@ def stem_for(image_size):
 
 
 # =============================================================================================
-# Contrastive loss (SPEC 1.2) and attacks (SPEC 1.3)
+# Contrastive loss and attacks
 # =============================================================================================
 
 def autocast(amp):
@@ -175,7 +175,9 @@ def autocast(amp):
 
 
 def nt_xent(za, zb, temperature=0.5):
-    """SimCLR NT-Xent over the 2B rows [za; zb] (raw head outputs; normalised here, in fp32)."""
+    """SimCLR NT-Xent over the 2B rows Z = [za; zb] (raw head outputs; L2-normalised here, in fp32).
+    With S = Z Z^T / t, anchor k's positive is its partner k +/- B:
+    loss = mean_k [ -S[k, partner] + log sum_{j != k} exp(S[k, j]) ]."""
     z = F.normalize(torch.cat([za, zb]).float(), dim=1)
     n = z.shape[0]
     logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # j != k in the denominator
@@ -235,7 +237,7 @@ def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperat
 
 def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
     """Cross-entropy L-inf PGD with a random start against `forward` (images -> logits), as used for
-    evaluation (SPEC 4.3) and adversarial linear fine-tuning. Input gradients only."""
+    evaluation (PGD-20) and adversarial linear fine-tuning (PGD-10). Input gradients only."""
     x_adv = _random_start(x, eps)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -249,7 +251,7 @@ def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
 
 
 # =============================================================================================
-# Data (SPEC 1.4)
+# Data
 # =============================================================================================
 
 DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
@@ -343,7 +345,9 @@ def _first_missing_folder(path):
 
 
 def pretrain_transform(size, strength=1.0):
-    """ACL's augmentation at strength s in [0, 1] (s = 1 is ACL's; DynACL lowers it, SPEC 1.6)."""
+    """ACL's augmentation at strength s in [0, 1] (s = 1 is ACL's; DynACL lowers it):
+    RandomResizedCrop(scale 1 - 0.9 s .. 1, bicubic), flip, ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s) with
+    p = 0.8 s, RandomGrayscale p = 0.2 s; no blur."""
     s = strength
     return T.Compose([
         T.RandomResizedCrop(size, scale=(1 - 0.9 * s, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -484,7 +488,7 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
 
 
 # =============================================================================================
-# Optimisation (SPEC 1.5, 1.6)
+# Optimisation
 # =============================================================================================
 
 class LARS(torch.optim.Optimizer):
@@ -531,7 +535,9 @@ def lr_at(step, base_lr, warmup_steps, total_steps, final_lr=1e-6):
 
 
 def dynacl_schedule(epoch, epochs, dynacl, k=50, lambda_dyn=2 / 3):
-    """(strength s_e, omega) for epoch e = 1..E (SPEC 1.6); (1.0, 0.0) without --dynacl."""
+    """DynACL (Luo et al., ICLR 2023), as used in the AIR code: for epoch e = 1..E the augmentation
+    strength s_e = 1 - floor((e - 1) / K) K / E (K = 50: 1.0, 0.95, ...) and the loss weight
+    omega = lambda_dyn (1 - s_e), lambda_dyn = 2/3; (1.0, 0.0) without --dynacl."""
     if not dynacl:
         return 1.0, 0.0
     strength = 1 - math.floor((epoch - 1) / k) * k / epochs
@@ -553,7 +559,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def add_shared_flags(parser):
-    """The flags every training script takes, in one order with one wording (SPEC 3)."""
+    """The flags every training script takes, in one order with one wording, so that diffs of the method files show only the method."""
     parser.formatter_class = DefaultsHelpFormatter
     a = parser.add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pre-training data; 'synthetic' is for tests and benchmarks only")

@@ -1,4 +1,4 @@
-"""Robustness of a pre-trained encoder after SLF, ALF and AFF fine-tuning (SPEC.md section 4).
+"""Robustness of a pre-trained encoder after SLF, ALF and AFF fine-tuning.
 
     SLF: frozen encoder, linear classifier trained on clean images        (cross-entropy)
     ALF: frozen encoder, linear classifier trained on PGD-10 images        (cross-entropy)
@@ -6,7 +6,7 @@
          CE(f(x), y) + beta * KL(f(x) || f(x')), clean x through the clean BN, x' through the adversarial BN
 
 Reported: clean accuracy, PGD-20 accuracy, optionally AutoAttack (torchattacks), CIFAR-10-C style
-corruptions and per-stage linear CKA between clean and adversarial representations (SPEC 4.4).
+corruptions and per-stage linear CKA between clean and adversarial representations.
 Reads this project's checkpoints (acl.py, a_infonce.py, air.py) and the released ACL / DynACL / AIR
 pre-training checkpoints.
 
@@ -46,7 +46,7 @@ from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DefaultsHelp
                     autocast, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard, pgd_attack,
                     pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
-# SPEC 4.2: the modes' own defaults; a flag given on the command line overrides them for every mode.
+# The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
     "slf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),
     "alf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),
@@ -280,7 +280,7 @@ def mode_settings(args, mode, method=None, image_size=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a pre-trained encoder (SPEC 4.1)
+# Loading a pre-trained encoder
 # ---------------------------------------------------------------------------------------------
 
 class Encoder(nn.Module):
@@ -362,7 +362,7 @@ def load_encoder(path, bn="adv", device="cpu"):
 
 
 class Classifier(nn.Module):
-    """Encoder + zero-initialised linear classifier on the pooled feature (SPEC 4.1)."""
+    """Encoder + zero-initialised linear classifier on the pooled feature."""
 
     def __init__(self, encoder, num_classes):
         super().__init__()
@@ -376,13 +376,13 @@ class Classifier(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fine-tuning (SPEC 4.2)
+# Fine-tuning
 # ---------------------------------------------------------------------------------------------
 
 def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
     """TRADES' inner maximisation of KL(f(x) || f(x')) from x + 0.001 N(0, I), in eval mode, input
     gradients only: f(x) through the clean BN (the adversarial one with `natural_adv`, as in LPAFT),
-    f(x') through the adversarial BN (SPEC 4.2). Like TRADES' code the start is not uniform; unlike it
+    f(x') through the adversarial BN. Like TRADES' code the start is not uniform; unlike it
     we clamp the start to [0, 1] too."""
     was_training = model.training
     model.eval()
@@ -454,7 +454,7 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics (SPEC 4.3, 4.4)
+# Metrics
 # ---------------------------------------------------------------------------------------------
 
 def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memory_format=torch.contiguous_format,
@@ -564,7 +564,7 @@ def _gram(x, centre=False, chunk=8192):
 
 
 def linear_cka(x, y):
-    """Linear CKA of x, y (N x ..., one row per image; SPEC 4.4): <K, L>_F / (||K||_F ||L||_F)."""
+    """Linear CKA of x, y (N x ..., one row per image): <K, L>_F / (||K||_F ||L||_F)."""
     k, l = _gram(x, centre=True), _gram(y, centre=True)
     return float((k * l).sum() / (torch.linalg.norm(k) * torch.linalg.norm(l)))
 
@@ -572,7 +572,7 @@ def linear_cka(x, y):
 def representation_similarity(model, loader, samples, device, eps, alpha, steps, amp, memory_format, mode,
                               adversarial=None):
     """Per-stage linear CKA and pooled cosine similarity between the first `samples` test images and
-    their PGD versions against the fine-tuned classifier, through the evaluated BN copy (SPEC 4.4).
+    their PGD versions against the fine-tuned classifier, through the evaluated BN copy.
     `adversarial`: those PGD images made earlier, one tensor per batch of the loader."""
     model.eval()
     clean, adv, seen = [[] for _ in STAGE_NAMES], [[] for _ in STAGE_NAMES], 0

@@ -1001,6 +1001,17 @@ def test_help_shows_every_default(module, capsys):
     assert "(default: None)" not in out and "(default: False)" not in out
 
 
+def test_the_project_cites_no_file_it_does_not_ship():
+    """Equations and protocols live in the docstrings and the README, not in a file outside the repository."""
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=HERE).stdout.split()
+    files = [f for f in tracked if f.endswith((".py", ".md", ".txt")) or f.startswith(".ci/")] if tracked else \
+        [f for f in os.listdir(HERE) if f.endswith((".py", ".md"))]
+    assert "README.md" in files and "common.py" in files
+    for name in files:
+        text = open(os.path.join(HERE, name), encoding="utf-8").read()
+        assert not re.search(r"\b" + "SP" + "EC" + r"\b|" + "shared" + " folder", text), name  # split: not a citation itself
+
+
 def test_accuracies_on_screen_are_percent_and_fractions_in_the_json(pretrained, tmp_path, capsys):
     out = tmp_path / "slf.json"
     result = eval_linear.main([pretrained, *QUICK, "--out", str(out)])  # no --mode: SLF
