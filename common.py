@@ -559,7 +559,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def add_shared_flags(parser):
-    """The flags every training script takes, in one order with one wording, so that diffs of the method files show only the method."""
+    """The flags every training script takes, in one order with one wording, so that a diff of two
+    method files shows only what one method changes."""
     parser.formatter_class = DefaultsHelpFormatter
     a = parser.add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pre-training data; 'synthetic' is for tests and benchmarks only")
@@ -580,7 +581,7 @@ def add_shared_flags(parser):
     a("--width", type=int, default=64, help="ResNet-18 base width (64 is the standard network; 8 for CPU tests)")
     a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts, init)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
-    a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process; default min(8, CPU cores))")
+    a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process); min(8, CPU cores) unless given")
     a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
     a("--resume", default=None, help="checkpoint.pt of an earlier run of this method to continue (same run folder)")
     a("--max-steps", type=int, default=None, help="stop after this global step (tests, benchmarks); resume can raise it")
@@ -1028,10 +1029,8 @@ def cut_metrics(path, step, log_every):
     with open(path) as f:
         records = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut by a crash is dropped
     kept = [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
 
 
 class Run:
