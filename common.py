@@ -254,9 +254,12 @@ def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
 # Data
 # =============================================================================================
 
-DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, "synthetic": 32}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "synthetic": 10}
+DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "digits", "synthetic"]
+# None: the images come in any size (imagefolder) or are made at --image-size (digits), see _resize.
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, "digits": None, "synthetic": 32}
+DEFAULT_IMAGE_SIZE = {"imagefolder": 32, "digits": 16}  # --image-size of the datasets without a native size
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "digits": 10, "synthetic": 10}
+DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
 
 
 class _ExtractedCopy:
@@ -299,11 +302,40 @@ class SyntheticImages(Dataset):
         return Image.fromarray(self.data[i]), self.targets[i]
 
 
-def load_dataset(name, data_dir, split, seed=0):
-    """The raw dataset (PIL image, label) for split 'pretrain', 'train' or 'test'. Missing data ends
-    with one sentence naming the folder and what to put there."""
+class DigitsImages(Dataset):
+    """The built-in real dataset: UCI "Optical Recognition of Handwritten Digits" (Alpaydin & Kaynak; the
+    1,797 8x8 grey scans, values 0..16, that scikit-learn ships; CC BY 4.0), stored in digits.npz beside
+    this file with a fixed stratified split (`train`: 2/3 of each class, 1,198 images; the rest, 599, is
+    the test split). Pixels are scaled to 0..255, resized bilinearly to `size` once, here, and made RGB,
+    so every later transform sees `size` px images as it sees CIFAR's 32 px ones. Labels are the digits."""
+
+    def __init__(self, train=True, size=16):
+        if not os.path.isfile(DIGITS_FILE):
+            raise UserError(f"the built-in digits data file {DIGITS_FILE} is missing; copy digits.npz from the "
+                            "repository next to common.py")
+        with np.load(DIGITS_FILE) as f:
+            keep = f["train"] if train else ~f["train"]
+            scans, self.targets = f["images"][keep], f["labels"][keep].tolist()
+        from PIL import Image
+        grey = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8)) for x in scans]
+        self.data = np.stack([np.asarray(g.resize((size, size), Image.BILINEAR).convert("RGB")) for g in grey])
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return Image.fromarray(self.data[i]), self.targets[i]
+
+
+def load_dataset(name, data_dir, split, seed=0, size=None):
+    """The raw dataset (PIL image, label) for split 'pretrain', 'train' or 'test'; `size` is the image size
+    of datasets made at --image-size (digits). Missing data ends with one sentence naming the folder and
+    what to put there."""
     if name == "synthetic":
         return SyntheticImages(train=split != "test", seed=seed)
+    if name == "digits":
+        return DigitsImages(train=split != "test", size=size or DEFAULT_IMAGE_SIZE["digits"])
     if name == "imagefolder":
         folder = os.path.join(data_dir, "test" if split == "test" else "train")
         if not os.path.isdir(folder):  # pre-training reads only train/; evaluation reads train/ and test/
@@ -444,7 +476,7 @@ def default_workers():
 
 def pretrain_loader(args, device):
     """The pre-training dataset and its loader; returns (loader, sampler)."""
-    base = load_dataset(args.dataset, args.data_dir, "pretrain", args.seed)
+    base = load_dataset(args.dataset, args.data_dir, "pretrain", args.seed, args.image_size)
     if len(base) < args.batch_size:
         raise UserError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}; "
                         "lower the batch size or add images")
@@ -479,7 +511,7 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
     """Labelled loader for evaluation: (x, y). `subset` keeps the first N images (quick runs); `labels`
     replaces the dataset's labels; `train` (default: split == 'train') augments and shuffles."""
     train = split == "train" if train is None else train
-    images = LabelledImages(load_dataset(dataset, data_dir, split, seed),
+    images = LabelledImages(load_dataset(dataset, data_dir, split, seed, size),
                             eval_transform(size, NATIVE_SIZE[dataset], train), subset, labels)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
@@ -565,7 +597,7 @@ def add_shared_flags(parser):
     a = parser.add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pre-training data; 'synthetic' is for tests and benchmarks only")
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
-    a("--image-size", type=int, default=None, help="input size in px (default: the dataset's own; imagefolder 32)")
+    a("--image-size", type=int, default=None, help="input size in px (default: the dataset's own; imagefolder 32, digits 16)")
     a("--epochs", type=int, default=1000, help="number of pre-training epochs")
     a("--batch-size", type=int, default=512, help="images per step (each gives two views)")
     a("--lr", type=float, default=5.0, help="peak learning rate after warm-up (ACL: 5.0 with LARS at batch 512)")
@@ -629,7 +661,7 @@ def check_shared_args(args):
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1 (got {args.max_steps})")
     if args.image_size is None:
-        args.image_size = NATIVE_SIZE[args.dataset] or 32
+        args.image_size = NATIVE_SIZE[args.dataset] or DEFAULT_IMAGE_SIZE[args.dataset]
     if args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
 

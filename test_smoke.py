@@ -1701,3 +1701,88 @@ def test_plot_without_matplotlib_and_bad_analysis_flags_are_refused(pretrained, 
                            (["--plot"], "--plot"), (["--cka", "--test-batch-size", "3"], "--test-batch-size")):
         status, err = in_process_error(eval_linear.main, [pretrained, *argv], capsys)
         assert status == 2 and err.startswith("error: ") and fragment in err
+
+
+# =============================================================================================
+# The built-in digits dataset
+# =============================================================================================
+
+DIGITS_SHA256 = "d577edce67e5aa5721ae9ac6507a964154781e521d15152b6107afb2d759c41b"  # as stated in README.md
+
+
+def test_digits_file_checksum_shapes_labels_and_stratified_split():
+    import hashlib
+    with open(common.DIGITS_FILE, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == DIGITS_SHA256
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert DIGITS_SHA256 in readme  # the README states the checksum that is tested
+    with np.load(common.DIGITS_FILE) as f:
+        images, labels, train = f["images"], f["labels"], f["train"]
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and 0 == images.min() and images.max() == 16
+    assert labels.shape == (1797,) and np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert train.dtype == bool and train.sum() == 1198 and (~train).sum() == 599
+    for c in range(10):  # stratified: 2/3 of every class in the training split
+        n = (labels == c).sum()
+        assert train[labels == c].sum() == round(2 * n / 3)
+    assert len(np.unique(images.reshape(1797, -1), axis=0)) > 1700  # real scans, not a constant fill
+
+
+def test_digits_dataset_scales_resizes_and_splits():
+    with np.load(common.DIGITS_FILE) as f:
+        scans, labels, train = f["images"], f["labels"], f["train"]
+    native = common.load_dataset("digits", "unused", "train", size=8)  # no resize: exact scaling 0..16 -> 0..255
+    image, label = native[0]
+    assert image.mode == "RGB" and image.size == (8, 8) and label == labels[train][0]
+    pixels = np.asarray(image)
+    assert (pixels == np.round(scans[train][0] * (255 / 16))[..., None]).all()
+    test = common.load_dataset("digits", "unused", "test")  # default 16 px, bilinear
+    assert len(test) == 599 and test[0][0].size == (16, 16) and test.targets == labels[~train].tolist()
+    assert len(common.load_dataset("digits", "unused", "pretrain", size=32)) == 1198
+    from PIL import Image
+    expected = Image.fromarray(np.round(scans[~train][3] * (255 / 16)).astype(np.uint8)).resize((16, 16), Image.BILINEAR)
+    assert (np.asarray(test[3][0])[..., 0] == np.asarray(expected)).all()
+    loader = common.eval_loader("digits", "unused", "test", 16, 64, 0, torch.device("cpu"))
+    x, y = next(iter(loader))
+    assert x.shape == (64, 3, 16, 16) and 0 <= x.min() and x.max() <= 1 and y.tolist() == labels[~train][:64].tolist()
+
+
+def test_digits_file_missing_is_one_sentence(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(common, "DIGITS_FILE", str(tmp_path / "digits.npz"))
+    status, err = in_process_error(acl.main, ["--dataset", "digits", "--out-dir", str(tmp_path / "runs")], capsys)
+    assert status == 2 and "digits data file" in err and "copy digits.npz" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("module", [acl, air, a_infonce], ids=["acl", "air", "a_infonce"])
+def test_every_script_accepts_digits(module, tmp_path):
+    run_dir = module.main(["--dataset", "digits", "--width", "8", "--batch-size", "32", "--pgd-steps", "1",
+                           "--workers", "0", "--max-steps", "2", "--out-dir", str(tmp_path)])
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert checkpoint["args"]["image_size"] == 16 and checkpoint["step"] == 2
+    steps_per_epoch = 1198 // 32
+    assert metrics(run_dir)[-1]["epoch"] == 1 and checkpoint["epoch"] == 1 and steps_per_epoch == 37
+    out = tmp_path / "eval.json"
+    result = eval_linear.main([os.path.join(run_dir, "checkpoint.pt"), "--dataset", "digits", "--epochs", "1",
+                               "--train-size", "64", "--test-size", "64", "--pgd-steps", "1", "--workers", "0",
+                               "--out", str(out)])
+    assert result["image_size"] == 16 and result["test_images"] == 64 and result["num_classes"] == 10
+
+
+def test_pretraining_on_digits_beats_a_random_encoder(tmp_path):
+    """Real learning on real images: 54 steps (3 epochs) of standard contrastive pre-training (acl.py --eps 0,
+    width 16) lift a linear probe (SLF, 25 epochs) well above the same probe on the same network at its
+    initialisation. Measured here for seeds 0, 1, 2, 3: 57%, 56%, 45%, 57% against 38%, 29%, 32%, 35%
+    (chance: 10%); the test runs seed 0 and asserts a 10-point margin, below the smallest one seen (12)."""
+    run_dir = acl.main(["--dataset", "digits", "--width", "16", "--batch-size", "64", "--epochs", "3",
+                        "--warmup-epochs", "1", "--eps", "0", "--workers", "0", "--log-every", "18",
+                        "--max-steps", "54", "--out-dir", str(tmp_path)])
+    losses = [r["loss"] for r in metrics(run_dir)]
+    assert losses[-1] < losses[0]
+    torch.manual_seed(0)
+    random_path = str(tmp_path / "random.pt")
+    torch.save({"method": "acl", "args": {"image_size": 16}, "model": common.ResNet18(16).state_dict()}, random_path)
+    probe = ["--dataset", "digits", "--workers", "0", "--batch-size", "128", "--lr", "0.1", "--eps", "0",
+             "--pgd-steps", "0"]
+    trained = eval_linear.main([os.path.join(run_dir, "checkpoint.pt"), *probe, "--out", str(tmp_path / "t.json")])
+    untrained = eval_linear.main([random_path, *probe, "--out", str(tmp_path / "r.json")])
+    assert trained["clean_acc"] > untrained["clean_acc"] + 0.10, (trained["clean_acc"], untrained["clean_acc"])
