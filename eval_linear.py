@@ -16,11 +16,15 @@ also classified correctly (the clean image lies in the eps-ball), so robust accu
 --cka measures the model of the last mode run (AFF with --mode all). --cka also writes minibatch CKA maps
 between points of the network (clean x adv, clean x clean, adv x adv; --cka-eps per attack radius; --compare
 across checkpoints), --probes trains a linear probe at every point, --plot draws the figures (matplotlib).
+Each mode's fine-tuned network is kept beside the JSON as <json stem>_<mode>.pt, which --compare reads as it
+is (its own classifier and BN copy, not fine-tuned again); a run removes the earlier fine-tuned files and
+figures of its JSON's name that it did not rewrite, so that everything beside the JSON belongs to it.
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
     python eval_linear.py checkpoint.pt --mode slf --cka --probes --compare other.pt --plot   # representation analysis
+    python eval_linear.py AT.pt --mode slf --cka --compare eval_all_cifar10_alf.pt eval_all_cifar10_aff.pt --plot
     python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
     python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
 
@@ -1066,7 +1070,7 @@ def plot_analysis(entry, out):
         cka = entry["cka"]
         if cka:
             points = cka["points"]
-            minibatch = f"minibatch linear CKA (unbiased HSIC), {cka['map_samples']} test images"
+            minibatch = f"minibatch linear CKA (unbiased HSIC), {cka['map_samples']} images"
             attack = f"PGD-{entry['pgd_steps']} at eps {cka['eps']:g}/255"
             for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv"):
                 rows, columns = ("clean" if k == "clean" else "adversarial" for k in key.split("_x_"))
