@@ -16,11 +16,15 @@ also classified correctly (the clean image lies in the eps-ball), so robust accu
 --cka measures the model of the last mode run (AFF with --mode all). --cka also writes minibatch CKA maps
 between points of the network (clean x adv, clean x clean, adv x adv; --cka-eps per attack radius; --compare
 across checkpoints), --probes trains a linear probe at every point, --plot draws the figures (matplotlib).
+Each mode's fine-tuned network is kept beside the JSON as <json stem>_<mode>.pt, which --compare reads as it
+is (its own classifier and BN copy, not fine-tuned again); a run removes the earlier fine-tuned files and
+figures of its JSON's name that it did not rewrite, so that everything beside the JSON belongs to it.
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
     python eval_linear.py checkpoint.pt --mode slf --cka --probes --compare other.pt --plot   # representation analysis
+    python eval_linear.py AT.pt --mode slf --cka --compare eval_all_cifar10_alf.pt eval_all_cifar10_aff.pt --plot
     python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
     python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
 
@@ -34,6 +38,7 @@ import copy
 import importlib.util
 import math
 import os
+import re
 import signal
 import time
 
@@ -43,8 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DefaultsHelpFormatter, DualBN, ResNet18, UserError,
-                    autocast, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard, pgd_attack,
-                    pick_device, save_checkpoint, step_and_project, synchronize, write_json)
+                    atomic_file, autocast, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard,
+                    pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
 # The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -92,7 +97,8 @@ PAPER_RECIPES = {
     ("dynacl-air++", "alf"): ([10, 20], "clean", [(512, 0.01, 4), (512, 0.1), (128, 0.1),            None]),
     # the released AFF says epoch = 19, a typo that its loop turns into 25 epochs
     ("dynacl-air++", "aff"): ([15, 20], "clean", [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
-    # "anything else" in the released code: A-InfoNCE, and ACL++ / ACL-AIR++ / A-InfoNCE++
+    # "anything else" in the released code. It would also catch ACL++, ACL-AIR++ and A-InfoNCE++, which the
+    # authors never made or evaluated: those (like supervised and -supcon) are refused (check_recipe).
     ("a-infonce", "slf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
     ("a-infonce", "alf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
     ("a-infonce", "aff"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
@@ -110,7 +116,8 @@ def recipe_size(dataset, image_size):
 
 def paper_settings(method, mode, dataset, image_size):
     """The released recipe's batch_size, lr, epochs, milestones and BN copy for a method, mode and dataset."""
-    milestones, bn, cells = PAPER_RECIPES.get((method, mode)) or PAPER_RECIPES[("a-infonce", mode)]
+    check_recipe(method)
+    milestones, bn, cells = PAPER_RECIPES[(method, mode)]
     cell = cells[RECIPE_SIZES.index(recipe_size(dataset, image_size))] or UNSET_CELL
     settings = dict(epochs=25, batch_size=cell[0], lr=cell[1], milestones=milestones, bn=bn)
     if len(cell) > 2:
@@ -120,16 +127,37 @@ def paper_settings(method, mode, dataset, image_size):
     return settings
 
 
+# Method names. Every name this program records, reads back with --method and shows in figures is
+#     <base>[-supcon][++][+<mode>]
+#   base      acl, dynacl (acl.py [--dynacl]), acl-air, dynacl-air (air.py [--dynacl]), a-infonce, supervised
+#   -supcon   pre-trained with --supcon (acl.py / air.py: SupCon's loss instead of NT-Xent)
+#   ++        post-processed by --post-process lpaft: DynACL++ and DynACL-AIR++ are the authors'; any other ++
+#             is our extension of LPAFT, for which the authors published no fine-tuning recipe
+#   +<mode>   a fine-tuned model written by this program (<json stem>_<mode>.pt), e.g. acl+aff, dynacl-air+++slf
+METHOD_BASES = ["acl", "dynacl", "acl-air", "dynacl-air", "a-infonce", "supervised"]
+METHOD_NAME = re.compile(rf"({'|'.join(map(re.escape, METHOD_BASES))})(-supcon)?(\+\+)?(\+(slf|alf|aff))?")
+METHOD_GRAMMAR = (f"<base>[-supcon][++][+<mode>] with <base> one of {', '.join(METHOD_BASES)} and <mode> slf, alf "
+                  "or aff")
+
+
 def recorded_method(checkpoint):
-    """The recipe name of the method a checkpoint of this project records (acl.py --dynacl -> 'dynacl',
-    air.py -> 'acl-air', ...; a post-processed one says e.g. 'dynacl++'); None for released files."""
+    """The name (above) of the method a checkpoint of this project records: acl.py -> 'acl', acl.py --dynacl ->
+    'dynacl', air.py --dynacl --supcon -> 'dynacl-air-supcon', supervised.py -> 'supervised'. Post-processed
+    and fine-tuned files record theirs already ('dynacl++', 'acl+aff'). None for released files."""
     method = checkpoint.get("method") if isinstance(checkpoint, dict) else None
-    if not isinstance(method, str) or method.endswith("++"):
+    if method not in ("acl", "air", "a_infonce", "supervised"):
         return method
-    name = {"acl": "acl", "air": "acl-air", "a_infonce": "a-infonce"}.get(method, method)
+    name = {"acl": "acl", "air": "acl-air", "a_infonce": "a-infonce", "supervised": "supervised"}[method]
     run_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
-    # DynACL's omega does not apply to A-InfoNCE, which has no DynACL row: it stays 'a-infonce'
-    return "dyn" + name if run_args.get("dynacl") and name.startswith("acl") else name
+    # DynACL's omega does not apply to A-InfoNCE (its --dynacl changes only the augmentation): it stays 'a-infonce'
+    if run_args.get("dynacl") and name.startswith("acl"):
+        name = "dyn" + name
+    return name + "-supcon" if run_args.get("supcon") else name  # older checkpoints predate --supcon
+
+
+def derived_method(method, suffix):
+    """The name of a model made from a `method` model: suffix '++' (post-processed) or '+<mode>' (fine-tuned)."""
+    return None if method is None else method + suffix
 
 
 def resolve_method(args, recorded):
@@ -138,6 +166,9 @@ def resolve_method(args, recorded):
     if args.method and recorded and args.method != recorded:
         raise UserError(f"{args.checkpoint} records the method {recorded}, but --method {args.method} was given; "
                         "drop --method (it is only for released checkpoints, which record none)")
+    if args.method and METHOD_NAME.fullmatch(args.method).group(4):
+        raise UserError(f"--method {args.method} names a fine-tuned model, which is not fine-tuned again; give the "
+                        "pre-training method of the checkpoint (pass fine-tuned files to --compare)")
     method = recorded or args.method
     if method is None and (args.recipe == "paper" or args.post_process):
         raise UserError(f"{args.checkpoint} does not record its method (a released checkpoint); say which it is "
@@ -145,13 +176,21 @@ def resolve_method(args, recorded):
     return method
 
 
+def check_recipe(method):
+    """--recipe paper exists for the methods of PAPER_RECIPES; any other (supervised, -supcon, a ++ the authors
+    did not make) is refused before any work."""
+    if (method, "slf") not in PAPER_RECIPES:
+        raise UserError(f"--recipe paper has no settings for {method}: the authors published recipes for "
+                        f"{', '.join(RECIPE_METHODS)} only; use --recipe uniform")
+
+
 def recipe_record(args, method, mode, settings):
     """The settings a mode runs with, printed in one line and kept in the JSON under 'recipe'."""
     given = [name for name in settings if getattr(args, name) is not None]
     recipe = {"name": args.recipe, "method": method, "mode": mode, **settings, "momentum": args.momentum,
               "weight_decay": args.weight_decay, "from_flags": given}
-    print("recipe " + " | ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in recipe.items()),
-          flush=True)
+    print_wrapped([f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in recipe.items()],
+                  first="recipe ", sep=" | ", indent="       ")
     return recipe
 
 
@@ -201,6 +240,8 @@ def parse_args(argv=None):
     a("--probe-epochs", type=int, default=30, help="training epochs of each probe (SLF's other settings)")
     a("--plot", action="store_true", help="PNG figures of the maps and probe accuracies next to the JSON "
       "(needs matplotlib)")
+    a("--labels", nargs="+", default=None, metavar="LABEL", help="the models' names in figures and tables, one per "
+      "model: the checkpoint, then each --compare (default: method and pre-training eps, e.g. 'acl+slf, eps 8/255')")
     a("--seed", type=int, default=0, help="random seed (data order, attack starts); every mode starts from it")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run; auto picks CUDA when available")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
@@ -209,8 +250,8 @@ def parse_args(argv=None):
     # Recipes and post-processing (DynACL++ / DynACL-AIR++): the authors' settings, LPAFT
     a("--recipe", default="uniform", choices=["uniform", "paper"], help="fine-tuning settings: 'uniform' (the modes' "
       "defaults) or 'paper' (the authors' per method, dataset and mode); a flag given overrides either")
-    a("--method", default=None, choices=RECIPE_METHODS, help="the checkpoint's method, for released checkpoints "
-      "(this project's record it)")
+    a("--method", default=None, help="the checkpoint's method, for released checkpoints (this project's record it): "
+      f"{METHOD_GRAMMAR}, e.g. dynacl-air++")
     a("--post-process", default=None, choices=["lpaft"], help="first turn a DynACL / DynACL-AIR encoder into DynACL++ "
       "/ DynACL-AIR++ (k-means pseudo labels, linear probing, TRADES): writes postprocessed.pt next to the checkpoint")
     a("--lpaft-probe-epochs", type=int, default=10, help="post-processing: linear-probing epochs")
@@ -263,6 +304,11 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     if args.lpaft_weight_decay < 0:
         raise UserError(f"--lpaft-weight-decay must be >= 0 (got {args.lpaft_weight_decay})")
+    if args.method is not None and not METHOD_NAME.fullmatch(args.method):
+        raise UserError(f"--method {args.method} is not a method name; write {METHOD_GRAMMAR} (e.g. dynacl-air++)")
+    if args.labels is not None and len(args.labels) != 1 + len(args.compare or []):
+        raise UserError(f"--labels takes one label per model, {1 + len(args.compare or [])} here (the checkpoint, "
+                        f"then each --compare), but {len(args.labels)} were given")
     if args.mode is None and not args.post_process:
         args.mode = "slf"
 
@@ -311,9 +357,29 @@ def _state_dict_of(checkpoint, path):
     else:
         raise UserError(f"{path} is not a pre-training checkpoint: expected this project's checkpoint (key 'model'), "
                         "a dict with 'state_dict', or a bare state dict of tensors")
-    # DataParallel prefixes every key with 'module.'; the projection head 'fc.*' is not evaluated.
+    # DataParallel prefixes every key with 'module.'. The projection head 'fc.*' is not evaluated, nor is a
+    # classifier 'classifier.*' (supervised.py's; a fine-tuned file's is read by _fine_tuned_part).
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}, run_args if isinstance(run_args, dict) else None
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    return state, run_args if isinstance(run_args, dict) else None
+
+
+def _fine_tuned_part(checkpoint, path, feature_dim):
+    """What a fine-tuned file (fine_tuned_checkpoint) adds to the backbone: {'weight', 'bias', 'bn',
+    'num_classes', 'record'}, checked; None for a pre-training checkpoint (it has no 'fine_tune' record)."""
+    if not (isinstance(checkpoint, dict) and "fine_tune" in checkpoint):
+        return None
+    state = checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else {}
+    weight, bias = state.get("classifier.weight"), state.get("classifier.bias")
+    num_classes = checkpoint.get("num_classes")
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and isinstance(num_classes, int)
+            and weight.shape == (num_classes, feature_dim) and bias.shape == (num_classes,)
+            and torch.isfinite(weight).all() and torch.isfinite(bias).all()
+            and checkpoint.get("bn") in ("adv", "clean") and isinstance(checkpoint["fine_tune"], dict)):
+        raise UserError(f"{path} is a fine-tuned file whose classifier, BN copy or record is missing or damaged; "
+                        "fine-tune its pre-training checkpoint again")
+    return {"weight": weight, "bias": bias, "bn": checkpoint["bn"], "num_classes": num_classes,
+            "record": checkpoint["fine_tune"]}
 
 
 def _listed(keys, most=3):
@@ -356,6 +422,7 @@ def load_encoder(path, bn="adv", device="cpu"):
     encoder = Encoder(model, bn).to(device).eval()
     encoder.width, encoder.stem, encoder.run_args = width, stem, run_args
     encoder.method = recorded_method(checkpoint)
+    encoder.fine_tuned = _fine_tuned_part(checkpoint, path, model.feature_dim)
     size = run_args.get("image_size") if run_args else None
     encoder.image_size = size or (32 if stem == "cifar" else 96)
     return encoder
@@ -373,6 +440,32 @@ class Classifier(nn.Module):
 
     def forward(self, x, adv=None):
         return self.fc(self.encoder(x, adv))
+
+
+def fine_tuned_model(encoder):
+    """The model a fine-tuned file holds, as it was evaluated: its encoder through the BN copy its classifier was
+    trained with, and that classifier."""
+    part = encoder.fine_tuned
+    model = Classifier(encoder, part["num_classes"])
+    model.encoder.adv = part["bn"] == "adv"
+    with torch.no_grad():
+        model.fc.weight.copy_(part["weight"])
+        model.fc.bias.copy_(part["bias"])
+    return model
+
+
+def fine_tuned_checkpoint(model, method, run_args, entry):
+    """What <json stem>_<mode>.pt holds, in plain types and tensors (torch.load(weights_only=True) reads it):
+    'method' <method>+<mode>; 'args' the pre-training run's (with image_size); 'model' the backbone's weights in
+    the pre-training checkpoints' layout (no projection head) plus 'classifier.weight' and 'classifier.bias';
+    'bn' the BN copy the classifier was trained and evaluated with; 'num_classes'; 'fine_tune' the JSON entry's
+    settings and accuracies (not its maps and probes)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.encoder.model.state_dict().items()}
+    state.update({"classifier.weight": model.fc.weight.detach().cpu().clone(),
+                  "classifier.bias": model.fc.bias.detach().cpu().clone()})
+    record = {k: v for k, v in entry.items() if k not in ("cka", "compare", "probes")}
+    return {"method": method, "args": run_args, "model": state, "bn": entry["bn"], "num_classes": entry["num_classes"],
+            "fine_tune": record}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,8 +689,29 @@ def representation_similarity(model, loader, samples, device, eps, alpha, steps,
     return {"model": mode, "samples": seen, "linear_cka": cka, "pooled_cosine": cosine}
 
 
+LINE_WIDTH = 110  # console tables wrap here; only a long path makes a line longer
+
+
+def print_wrapped(pieces, first="  ", sep="  ", indent="  "):
+    """Print `pieces` after `first`, joined by `sep`, on as few lines of at most LINE_WIDTH characters as
+    they fit; continuation lines start with `indent`."""
+    lines, line, empty = [], first, True
+    for piece in pieces:
+        if not empty and len(line) + len(sep) + len(piece) > LINE_WIDTH:
+            lines.append(line)
+            line, empty = indent, True
+        line, empty = line + ("" if empty else sep) + piece, False
+    print("\n".join(lines + [line]), flush=True)
+
+
+def print_values(values, indent="  "):
+    """{name: value in [0, 1]} as aligned 'name value' columns."""
+    width = max(map(len, values))
+    print_wrapped([f"{name:<{width}} {value:6.3f}" for name, value in values.items()], indent, "   ", indent)
+
+
 def print_table(results):
-    """A readable summary on stdout; the JSON has the same numbers."""
+    """A readable summary on stdout; the JSON has the same numbers. Each CKA table names its estimator."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     print(f"\n{'mode':<5} {'bn':<5} {'epochs':>6} {'clean %':>8} {'PGD %':>8} {'AA %':>8} {'corrupt. %':>10} {'seconds':>8}")
     for r in results:
@@ -611,13 +725,21 @@ def print_table(results):
                 print(f"  {name:<20} " + " ".join(f"{100 * a:6.2f}" for a in accs))
         if r["cka"]:
             cka = r["cka"]
-            stages = ", ".join(f"{k} {v:.3f}" for k, v in cka["linear_cka"].items())
-            print(f"\nclean vs PGD ({cka['model']} model, {cka['samples']} images): linear CKA {stages}; "
-                  f"pooled cosine {cka['pooled_cosine']:.3f}")
-            diagonal = ", ".join(f"{p} {cka['clean_x_adv'][i][i]:.3f}" for i, p in enumerate(cka["points"]))
-            print(f"clean x adv map, diagonal (minibatch CKA, {cka['map_samples']} images): {diagonal}")
+            print(f"\nfull-batch linear CKA per stage, clean vs PGD images ({r['label']}; {cka['samples']} images "
+                  "at once):")
+            print_values(cka["linear_cka"])
+            print(f"  mean cosine similarity of the pooled features, clean vs PGD: {cka['pooled_cosine']:.3f}")
+            print(f"\nminibatch linear CKA (unbiased HSIC; batches of {cka['batch_size']}, {cka['map_samples']} images), "
+                  "diagonal of the clean x adv map:")
+            diagonals = [(r["label"], cka["clean_x_adv"])]
+            diagonals += [(f"{r['label']}, attack eps {e}/255", matrix)
+                          for e, matrix in cka["clean_x_adv_per_eps"].items() if float(e) != cka["eps"]]
+            diagonals += [(o["label"], o["own_clean_x_adv"]) for o in r["compare"] or []]
+            for label, matrix in diagonals:
+                print(f"  {label}:")
+                print_values(dict(zip(cka["points"], np.diag(matrix))), indent="    ")
         if r.get("probes"):
-            print(f"\nlinear probes ({r['mode']} model, {r['probes']['features']} features, {r['probes']['attack']} "
+            print(f"\nlinear probes ({r['label']}; {r['probes']['features']} features, {r['probes']['attack']} "
                   "attack): clean % / adversarial %")
             for point, accuracy in r["probes"]["accuracy"].items():
                 print(f"  {point:<24} {100 * accuracy['clean']:6.2f} {100 * accuracy['adversarial']:6.2f}")
@@ -787,18 +909,28 @@ class Probe(nn.Module):
 
 def representation_analysis(model, mode, settings, method, others, test_loader, num_classes, image_size, args, device,
                             amp, memory_format):
-    """--cka, --compare and --probes on the last mode's fine-tuned `model`: {'cka', 'compare', 'probes'}.
-    Each compared encoder uses this model's BN copy and gets a classifier fine-tuned in the same mode with
-    the same settings and seed, so that it is attacked through its own classifier (the eps-effect diagonals)."""
+    """--cka, --compare and --probes on the last mode's fine-tuned `model`: {'label', 'cka', 'compare', 'probes'}.
+    Each compared pre-training encoder uses this model's BN copy and gets a classifier fine-tuned in the same
+    mode with the same settings and seed, so that it is attacked through its own classifier (the eps-effect
+    diagonals); a compared fine-tuned file is used as it is, through its own classifier and BN copy."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
 
     def train_loader(batch_size):
         return eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size, args.workers, device,
                            args.seed, subset=args.train_size)
 
+    labels = args.labels or [model_label(method, model.encoder.run_args, args.checkpoint, mode)] + [
+        model_label(encoder.method, encoder.run_args, path, None if encoder.fine_tuned else mode)
+        for path, encoder in others]
+    if not args.labels:  # models recording the same method and eps (two seeds; a checkpoint and itself): numbered
+        labels = [f"{name} ({i + 1})" if labels.count(name) > 1 else name for i, name in enumerate(labels)]
     compared = []
-    for path, encoder in others:
-        print(f"\n--compare {path}: {mode} fine-tuning", flush=True)
+    for (path, encoder), label in zip(others, labels[1:]):
+        if encoder.fine_tuned:
+            print(f"\n--compare {path}: {label}, as fine-tuned (not fine-tuned again)", flush=True)
+            compared.append(fine_tuned_model(encoder).to(device, memory_format=memory_format))
+            continue
+        print(f"\n--compare {path}: {label}, {mode} fine-tuning", flush=True)
         torch.manual_seed(args.seed)
         other = Classifier(encoder, num_classes).to(device, memory_format=memory_format)
         other.encoder.adv = model.encoder.adv
@@ -808,7 +940,7 @@ def representation_analysis(model, mode, settings, method, others, test_loader, 
     adversarial, maps = analysis_pass(model, compared, test_loader, args, keep_all, device, amp, memory_format) \
         if args.cka or keep_all else (None, None)
     names = point_names(model.encoder, image_size, args.cka_points)
-    result = {"cka": None, "compare": None, "probes": None}
+    result = {"label": labels[0], "cka": None, "compare": None, "probes": None}
     if args.cka:
         result["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha,
                                                   args.pgd_steps, amp, memory_format, mode, adversarial)
@@ -820,11 +952,14 @@ def representation_analysis(model, mode, settings, method, others, test_loader, 
                               "clean_x_clean": maps.map("clean", "clean").tolist(),
                               "adv_x_adv": maps.map("adv", "adv").tolist(), "clean_x_adv_per_eps": per_eps})
     if compared:  # rows: this model's points; columns: the other model's
-        result["compare"] = [{"checkpoint": os.path.abspath(path), "width": encoder.width, "mode": mode,
+        result["compare"] = [{"checkpoint": os.path.abspath(path), "label": label, "method": encoder.method,
+                              "width": encoder.width, "fine_tuned": bool(encoder.fine_tuned),
+                              "mode": encoder.fine_tuned["record"].get("mode") if encoder.fine_tuned else mode,
+                              "bn": "adv" if other.encoder.adv else "clean",
                               "clean_x_clean": maps.map("clean", f"{i}:clean").tolist(),
                               "adv_x_adv": maps.map("adv", f"{i}:adv").tolist(),
                               "own_clean_x_adv": maps.map(f"{i}:clean", f"{i}:own_adv").tolist()}
-                             for i, (path, encoder) in enumerate(others)]
+                             for i, ((path, encoder), label, other) in enumerate(zip(others, labels[1:], compared))]
     if args.probes:
         probe_settings = dict(mode_settings(args, "slf", method, image_size), epochs=args.probe_epochs)
         accuracy = {}
@@ -841,85 +976,135 @@ def representation_analysis(model, mode, settings, method, others, test_loader, 
     return result
 
 
-def _short(path):
-    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+# ---------------------------------------------------------------------------------------------
+# Files beside the JSON: fine-tuned models, figures
+# ---------------------------------------------------------------------------------------------
+
+# The names this program writes beside <stem>.json: fine_tuned_path's and plot_analysis's.
+OUTPUT_SUFFIX = (r"_(?:(?:slf|alf|aff)\.pt|(?:clean_x_adv(?:_eps[0-9.e+-]+)?|clean_x_clean|adv_x_adv"
+                 r"|compare[0-9]+_(?:clean_x_clean|adv_x_adv)|diagonal|stages|probes)\.png)")
+FIGURE_DPI = 200  # sharp at a paper's column width
+DISTANCE_FLOOR = 1e-5  # 1 - CKA below this is drawn at it on the log axis (the title says so)
+MARKERS = "osD^v<>phX*" * 10  # one per model: coinciding lines stay visible
 
 
-def _save_figure(fig, path):
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+def fine_tuned_path(out, mode):
+    """Where a mode's fine-tuned model goes: <json stem>_<mode>.pt."""
+    return f"{os.path.splitext(out)[0]}_{mode}.pt"
+
+
+def earlier_outputs(out, keep):
+    """The files beside the JSON `out` whose names this program writes for it (OUTPUT_SUFFIX), except those in
+    `keep` (what this run wrote, and what it read): an earlier run's, which the JSON no longer describes."""
+    folder, name = os.path.split(out)
+    pattern = re.compile(re.escape(os.path.splitext(name)[0]) + OUTPUT_SUFFIX)
+    keep = {os.path.realpath(path) for path in keep}
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder or ".")) if pattern.fullmatch(f)]
+    return [path for path in paths if os.path.realpath(path) not in keep]
+
+
+def model_label(method, run_args, path, mode=None):
+    """How tables and figures name a model: its method (+ the mode it was fine-tuned in) and the pre-training
+    eps its checkpoint records, e.g. 'acl+slf, eps 8/255', 'acl+slf, eps 0' (a standard encoder) or
+    'acl+aff, eps 8/255' (a fine-tuned file); a released file records neither: its file name."""
+    name = (method or os.path.basename(path)) + (f"+{mode}" if mode else "")
+    eps = (run_args or {}).get("eps")
+    if eps is None:
+        return name
+    return f"{name}, eps {eps:g}/255" if eps else f"{name}, eps 0"
 
 
 def _point_ticks(ax, points, axes="x"):
-    every = max(1, math.ceil(len(points) / 12))  # 'all' has about 50 points: label every few
+    every = max(1, math.ceil(len(points) / 16))  # 'all' has about 50 points: label every few
     ticks = list(range(0, len(points), every))
     if "x" in axes:
-        ax.set_xticks(ticks, [points[t] for t in ticks], rotation=90, fontsize=7)
+        ax.set_xticks(ticks, [points[t] for t in ticks], rotation=90)
     if "y" in axes:
-        ax.set_yticks(ticks, [points[t] for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [points[t] for t in ticks])
 
 
 def plot_analysis(entry, out):
-    """PNG figures next to the JSON `out`: a heatmap per map (colour scale 0..1), the clean-vs-adversarial
-    diagonal of every compared model, and the probe accuracies per point. Returns the paths written."""
+    """PNG figures next to the JSON `out`, each titled with its estimator and naming the models by their labels:
+    a heatmap per minibatch CKA map (colour scale 0..1); the maps' clean-vs-adversarial diagonal of every model
+    and the full-batch per-stage CKA, both as 1 - CKA on a log axis (0.993 against 0.984 is a factor of 2
+    there, and two coinciding lines on 0..1); the probe accuracies in percent. Returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base, name, written = os.path.splitext(out)[0], _short(entry["checkpoint"]), []
+    base, label, written = os.path.splitext(out)[0], entry["label"], []
+    along = "point of the network (input to output)"
+
+    def save(fig, suffix):
+        path = f"{base}_{suffix}.png"
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
 
     def heatmap(suffix, title, matrix, points, ylabel, xlabel):
-        fig, ax = plt.subplots(figsize=(4.6, 4))
+        fig, ax = plt.subplots(figsize=(5.6, 4.8))
         image = ax.imshow(np.array(matrix), vmin=0, vmax=1, cmap="magma", origin="lower")
         _point_ticks(ax, points, "xy")
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_title(title, fontsize=8)
-        fig.colorbar(image, ax=ax, label="linear CKA")
-        written.append(_save_figure(fig, f"{base}_{suffix}.png"))
-        plt.close(fig)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        fig.colorbar(image, ax=ax, label="minibatch linear CKA")
+        save(fig, suffix)
 
-    def lines(suffix, title, points, curves, ylabel):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for label, values in curves:
-            ax.plot(range(len(points)), values, marker="o", markersize=3, label=label)
+    def distance_lines(suffix, title, points, curves, xlabel=along):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        clipped = False
+        for (name, values), marker in zip(curves, MARKERS):
+            distance = 1 - np.asarray(values, dtype=float)
+            clipped |= bool((distance < DISTANCE_FLOOR).any())
+            ax.plot(range(len(points)), np.maximum(distance, DISTANCE_FLOOR), marker=marker, label=name)
+        ax.set_yscale("log")
         _point_ticks(ax, points)
-        ax.set_ylim(0, 1.02)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_title(title, fontsize=8)
-        ax.legend(fontsize=7)
-        written.append(_save_figure(fig, f"{base}_{suffix}.png"))
-        plt.close(fig)
+        floor = f"; values under {DISTANCE_FLOOR:g} drawn at {DISTANCE_FLOOR:g}" if clipped else ""
+        ax.set(xlabel=xlabel, ylabel="1 - CKA(clean, adversarial), log scale", title=title + floor)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(title="lower: less changed by the attack")
+        save(fig, suffix)
 
-    cka = entry["cka"]
-    if cka:
-        points, maps = cka["points"], [("clean_x_adv", "clean x adv"), ("clean_x_clean", "clean x clean"),
-                                       ("adv_x_adv", "adv x adv")]
-        for key, label in maps:
-            rows, columns = label.split(" x ")
-            heatmap(key, f"{name}\n{label} ({entry['mode']}, {cka['map_samples']} images)", cka[key], points,
-                    f"{rows} images", f"{columns} images")
-        if len(cka["clean_x_adv_per_eps"]) > 1:
-            for e, matrix in cka["clean_x_adv_per_eps"].items():
-                heatmap(f"clean_x_adv_eps{e}", f"{name}\nclean x adv at eps {e}/255", matrix, points, "clean images",
-                        f"adv images (eps {e}/255)")
-        for i, other in enumerate(entry["compare"] or []):
-            for key, label in maps[1:]:
-                kind = label.split(" x ")[0]
-                heatmap(f"compare{i}_{key}", f"rows {name}\ncolumns {_short(other['checkpoint'])}\n{label}", other[key],
-                        points, f"this model, {kind} images", f"compared model, {kind} images")
-        if entry["compare"]:
-            curves = [(name, np.diag(cka["clean_x_adv"]))]
-            curves += [(_short(o["checkpoint"]), np.diag(o["own_clean_x_adv"])) for o in entry["compare"]]
-            lines("diagonal", f"clean vs adversarial CKA per point, each model attacked through its own classifier "
-                  f"(eps {cka['eps']:g}/255)", points, curves, "linear CKA (diagonal)")
-    if entry["probes"]:
-        accuracy = entry["probes"]["accuracy"]
-        curves = [(kind, [a[kind] for a in accuracy.values()]) for kind in ("clean", "adversarial")]
-        lines("probes", f"{name}: linear probes ({entry['probes']['features']}, {entry['probes']['attack']} attack)",
-              list(accuracy), curves, "accuracy")
+    with plt.rc_context({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9, "xtick.labelsize": 8,
+                         "ytick.labelsize": 8}):
+        cka = entry["cka"]
+        if cka:
+            points = cka["points"]
+            minibatch = f"minibatch linear CKA (unbiased HSIC), {cka['map_samples']} images"
+            attack = f"PGD-{entry['pgd_steps']} at eps {cka['eps']:g}/255"
+            for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv"):
+                rows, columns = ("clean" if k == "clean" else "adversarial" for k in key.split("_x_"))
+                heatmap(key, f"{label}\n{rows} x {columns} images\n{minibatch}", cka[key], points,
+                        f"{rows} images", f"{columns} images")
+            if len(cka["clean_x_adv_per_eps"]) > 1:
+                for e, matrix in cka["clean_x_adv_per_eps"].items():
+                    heatmap(f"clean_x_adv_eps{e}", f"{label}\nclean x adversarial images (eps {e}/255)\n{minibatch}",
+                            matrix, points, "clean images", f"adversarial images (eps {e}/255)")
+            for i, other in enumerate(entry["compare"] or []):
+                for key, kind in (("clean_x_clean", "clean"), ("adv_x_adv", "adversarial")):
+                    heatmap(f"compare{i}_{key}", f"rows: {label}\ncolumns: {other['label']}\n{kind} images\n{minibatch}",
+                            other[key], points, f"{label}, {kind} images", f"{other['label']}, {kind} images")
+            curves = [(label, np.diag(cka["clean_x_adv"]))]
+            curves += [(o["label"], np.diag(o["own_clean_x_adv"])) for o in entry["compare"] or []]
+            distance_lines("diagonal", f"Clean vs adversarial images, diagonal of the clean x adversarial map\n"
+                           f"{minibatch}; {attack}, each model through its own classifier", points, curves)
+            distance_lines("stages", f"Clean vs adversarial images per stage: full-batch linear CKA\n"
+                           f"{cka['samples']} test images at once; {attack}", list(cka["linear_cka"]),
+                           [(label, list(cka["linear_cka"].values()))], "stage of the network (input to output)")
+        if entry["probes"]:
+            probes = entry["probes"]
+            fixed = "made once against the fine-tuned classifier" if probes["attack"] == "fixed" else "against each probe"
+            fig, ax = plt.subplots(figsize=(7.5, 4.5))
+            for kind, marker, style in (("clean", "o", "-"), ("adversarial", "s", "--")):
+                ax.plot(range(len(probes["accuracy"])), [100 * a[kind] for a in probes["accuracy"].values()],
+                        marker=marker, linestyle=style, label=f"{kind} test images")
+            _point_ticks(ax, list(probes["accuracy"]))
+            ax.set_ylim(0, 100)
+            ax.set(xlabel=along, ylabel="probe accuracy (%)", title=f"{label}: a linear probe at each point "
+                   f"({probes['features']} features)\nadversarial images: PGD-{entry['pgd_steps']} {fixed}")
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+            save(fig, "probes")
     return written
 
 
@@ -1085,6 +1270,9 @@ def main(argv=None):
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     pretrained = load_encoder(args.checkpoint, args.bn or "adv")
+    if pretrained.fine_tuned:  # its classifier would be thrown away and the encoder fine-tuned a second time
+        raise UserError(f"{args.checkpoint} is a model fine-tuned by eval_linear.py ({pretrained.method}); pass it to "
+                        "--compare to map it against another model, or evaluate the checkpoint it was fine-tuned from")
     others = [(path, load_encoder(path, args.bn or "adv")) for path in args.compare or []]
     for path, other in others:  # same input images for both: the stems must agree; widths may differ
         if other.stem != pretrained.stem:
@@ -1092,6 +1280,11 @@ def main(argv=None):
                             "stem; compare encoders made for the same image size")
     if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
         raise UserError(f"cannot write {out}; choose another --out")
+    inputs = {os.path.realpath(path) for path in [args.checkpoint] + (args.compare or [])}
+    for mode in ["slf", "alf", "aff"] if args.mode == "all" else [args.mode] if args.mode else []:
+        if os.path.realpath(fine_tuned_path(out, mode)) in inputs:
+            raise UserError(f"--out {out} would overwrite {fine_tuned_path(out, mode)}, which this run reads; "
+                            "choose another --out")
     image_size = args.image_size or pretrained.image_size
     if args.dataset == "imagefolder":  # the class list comes from the folder; train and test must agree
         classes = load_dataset("imagefolder", args.data_dir, "train").classes
@@ -1104,9 +1297,15 @@ def main(argv=None):
     if corruptions and corruptions[0].max() >= num_classes:
         raise UserError(f"{args.corruptions} has labels up to {corruptions[0].max()}, but {args.dataset} has "
                         f"{num_classes} classes; use the corruptions of the fine-tuning dataset")
+    for path, other in others:
+        if other.fine_tuned and other.fine_tuned["num_classes"] != num_classes:
+            raise UserError(f"--compare {path} was fine-tuned for {other.fine_tuned['num_classes']} classes but "
+                            f"{args.dataset} has {num_classes}; compare models of the same dataset")
     method = resolve_method(args, pretrained.method)
-    if args.recipe == "paper":
-        recipe_size(args.dataset, image_size)  # a dataset or image size the table lacks is refused before any work
+    if args.recipe == "paper":  # a method, dataset or image size the table lacks is refused before any work
+        recipe_size(args.dataset, image_size)
+        if args.mode:
+            check_recipe(derived_method(method, "++") if args.post_process else method)
     if args.post_process:
         args.checkpoint, record = post_process(args, method, image_size, num_classes, device, amp, memory_format)
         if args.mode is None:
@@ -1121,7 +1320,7 @@ def main(argv=None):
           f"({device.type}{', bf16' if amp else ''})", flush=True)
 
     modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
-    results = []
+    results, fine_tuned = [], []
     for mode in modes:
         mode_start = time.perf_counter()
         settings = mode_settings(args, mode, method, image_size)
@@ -1142,7 +1341,8 @@ def main(argv=None):
                  "train_images": len(train_loader.dataset), "test_images": len(clean), "seed": args.seed,
                  "device": device.type, "amp": amp, "train_images_per_s": images_per_s,
                  "clean_acc": clean.float().mean().item(), "pgd20_acc": robust.float().mean().item(),
-                 "autoattack_acc": None, "corruption_acc": None, "cka": None, "compare": None, "probes": None}
+                 "autoattack_acc": None, "corruption_acc": None, "cka": None, "compare": None, "probes": None,
+                 "method": method, "fine_tuned": os.path.abspath(fine_tuned_path(out, mode))}
         if args.autoattack:
             robust_aa = autoattack_correct(model, test_loader, num_classes, eps, device, args.seed)
             entry["autoattack_acc"] = robust_aa.float().mean().item()
@@ -1153,18 +1353,30 @@ def main(argv=None):
                                                  image_size, args, device, amp, memory_format))
         entry["seconds"] = time.perf_counter() - mode_start
         results.append(entry)
+        run_args = dict(pretrained.run_args or {}, image_size=image_size)
+        fine_tuned.append(fine_tuned_checkpoint(model, derived_method(method, f"+{mode}"), run_args, entry))
 
     result = results[0] if len(results) == 1 else {
         "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": results[0]["bn"],
         "results": results, "seconds": time.perf_counter() - start}
     print_table(results)
+    written = [fine_tuned_path(out, mode) for mode in modes] + [out]
     try:
+        for path, checkpoint in zip(written, fine_tuned):
+            save_checkpoint(path, checkpoint)
         write_json(out, result)
     except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror}); choose another --out") from None
-    print(f"\nwrote {out}", flush=True)
+        raise UserError(f"cannot write {out} and the fine-tuned models beside it ({e.strerror}); choose another "
+                        "--out") from None
+    print("", *(f"wrote {path}" for path in written), sep="\n", flush=True)
     for path in plot_analysis(results[-1], out) if args.plot else []:
         print(f"wrote {path}", flush=True)
+        written.append(path)
+    # A figure or fine-tuned file of this JSON that an earlier run wrote and this one did not would no longer
+    # match the JSON beside it.
+    for path in earlier_outputs(out, written + [args.checkpoint] + (args.compare or [])):
+        os.remove(path)
+        print(f"removed {path}: an earlier run's output that {os.path.basename(out)} no longer describes", flush=True)
     return result
 
 

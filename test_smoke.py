@@ -1786,3 +1786,252 @@ def test_pretraining_on_digits_beats_a_random_encoder(tmp_path):
     trained = eval_linear.main([os.path.join(run_dir, "checkpoint.pt"), *probe, "--out", str(tmp_path / "t.json")])
     untrained = eval_linear.main([random_path, *probe, "--out", str(tmp_path / "r.json")])
     assert trained["clean_acc"] > untrained["clean_acc"] + 0.10, (trained["clean_acc"], untrained["clean_acc"])
+
+
+# =============================================================================================
+# eval_linear.py: fine-tuned models kept and compared, method names, stale outputs, figure labels,
+# console width
+# =============================================================================================
+
+@pytest.fixture(scope="module")
+def fine_tuned_aff(pretrained, tmp_path_factory):
+    """One AFF run of the `pretrained` checkpoint: (its JSON, the fine-tuned file, the fine-tuned model)."""
+    out = tmp_path_factory.mktemp("fine_tuned") / "ft.json"
+    trained = []
+    real_fine_tune = eval_linear.fine_tune
+
+    def spy(model, *args, **kwargs):
+        trained.append(model)
+        return real_fine_tune(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(eval_linear, "fine_tune", spy)
+        result = eval_linear.main([pretrained, "--mode", "aff", *QUICK, "--out", str(out)])
+    (model,) = trained
+    return result, str(out.parent / "ft_aff.pt"), model
+
+
+def test_fine_tuned_file_round_trips(fine_tuned_aff, pretrained):
+    result, path, model = fine_tuned_aff
+    saved = torch.load(path, weights_only=True)
+    assert result["fine_tuned"] == path and json.loads(open(path[:-len("_aff.pt")] + ".json").read())["fine_tuned"] == path
+    assert saved["method"] == "acl+aff" and saved["bn"] == "adv" and saved["num_classes"] == 10
+    assert eval_linear.parse_args(["x.pt", "--method", saved["method"]]).method == "acl+aff"
+    original = torch.load(pretrained, weights_only=True)
+    assert saved["args"] == dict(original["args"], image_size=32)
+    # the pre-training layout without the projection head, plus the classifier: weights of the fine-tuned model
+    backbone = model.encoder.model.state_dict()
+    assert set(saved["model"]) == {k for k in original["model"] if not k.startswith("fc.")} | {
+        "classifier.weight", "classifier.bias"} == set(backbone) | {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(saved["model"][k], v) for k, v in backbone.items())
+    assert torch.equal(saved["model"]["classifier.weight"], model.fc.weight.detach())
+    assert torch.equal(saved["model"]["classifier.bias"], model.fc.bias.detach()) and model.fc.bias.abs().sum() > 0
+    assert not torch.equal(saved["model"]["layer4.1.conv2.weight"], original["model"]["layer4.1.conv2.weight"])  # AFF
+    record = saved["fine_tune"]
+    assert (record["mode"], record["epochs"], record["lr"], record["clean_acc"], record["pgd20_acc"]) == (
+        "aff", 1, 0.1, result["clean_acc"], result["pgd20_acc"])
+    # read back: the same model, through the BN copy it was evaluated with; the same accuracy as the JSON's
+    encoder = eval_linear.load_encoder(path, bn="clean")
+    assert encoder.method == "acl+aff" and encoder.fine_tuned["bn"] == "adv"
+    reread = eval_linear.fine_tuned_model(encoder)
+    assert reread.encoder.adv
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reread(x), model(x), rtol=0, atol=0)
+    loader = common.eval_loader("synthetic", "./data", "test", 32, 16, 0, torch.device("cpu"), 0, subset=32)
+    clean, _ = eval_linear.correct_per_image(reread, loader, torch.device("cpu"), 0.0, 0.0, 0)
+    assert clean.float().mean().item() == result["clean_acc"]
+
+
+def test_compare_uses_a_fine_tuned_file_as_it_is(fine_tuned_aff, pretrained, tmp_path, monkeypatch):
+    _, path, _ = fine_tuned_aff
+    saved = torch.load(path, weights_only=True)
+    trained, attacked = [], []
+    real_fine_tune, real_attack = eval_linear.fine_tune, eval_linear.pgd_attack
+
+    def spy_fine_tune(model, *args, **kwargs):
+        trained.append(model)
+        return real_fine_tune(model, *args, **kwargs)
+
+    def spy_attack(forward, *args, **kwargs):
+        attacked.append(forward)
+        return real_attack(forward, *args, **kwargs)
+
+    monkeypatch.setattr(eval_linear, "fine_tune", spy_fine_tune)
+    monkeypatch.setattr(eval_linear, "pgd_attack", spy_attack)
+    # the same AFF fine-tuning again (same seed: the same model), compared with the file that holds it
+    result = eval_linear.main([pretrained, "--mode", "aff", *QUICK, "--cka", "--cka-samples", "16", "--bn", "clean",
+                               "--compare", path, "--out", str(tmp_path / "c.json")])
+    assert len(trained) == 1  # this run's model; the file is not fine-tuned again
+    (other,) = result["compare"]
+    assert other["fine_tuned"] and other["mode"] == "aff" and other["bn"] == "adv" and other["method"] == "acl+aff"
+    # the same fine-tuned model on both sides: the diagonals are 1 - but only through the file's own BN copy
+    # (this run evaluates --bn clean, the file was trained and evaluated through the adversarial BN)
+    assert result["bn"] == "clean" and other["bn"] == "adv"
+    own = [f for f in attacked if isinstance(f, eval_linear.Classifier) and f is not trained[0]]
+    assert own and all(torch.equal(f.fc.weight, saved["model"]["classifier.weight"]) and f.encoder.adv for f in own)
+    assert not np.allclose(np.diag(other["clean_x_clean"]), 1, atol=1e-6)  # clean BN rows against adv BN columns
+    result = eval_linear.main([pretrained, "--mode", "aff", *QUICK, "--cka", "--cka-samples", "16",
+                               "--compare", path, "--out", str(tmp_path / "d.json")])
+    (other,) = result["compare"]
+    assert len(trained) == 2  # one more: this run's model only
+    assert np.allclose(np.diag(other["clean_x_clean"]), 1, atol=1e-9)
+    assert np.allclose(np.diag(other["adv_x_adv"]), 1, atol=1e-9)
+    assert np.allclose(other["clean_x_clean"], result["cka"]["clean_x_clean"], atol=1e-9)
+    # same method and eps on both sides: the default labels are numbered
+    assert (result["label"], other["label"]) == ("acl+aff, eps 8/255 (1)", "acl+aff, eps 8/255 (2)")
+
+
+def test_fine_tuned_file_refused_where_it_cannot_be_used(fine_tuned_aff, pretrained, tmp_path, capsys):
+    _, path, _ = fine_tuned_aff
+    data = open(path, "rb").read()
+    truncated = tmp_path / "ft_slf.pt"
+    truncated.write_bytes(data[:len(data) // 2])
+    result = run_eval_cli(pretrained, *QUICK, "--cka", "--compare", str(truncated), "--out", str(tmp_path / "x.json"))
+    assert_clean_error(result, str(truncated), "cannot be read")
+    result = run_eval_cli(str(truncated), *QUICK, "--out", str(tmp_path / "x.json"))
+    assert_clean_error(result, str(truncated), "cannot be read")
+    assert os.listdir(tmp_path) == ["ft_slf.pt"]  # nothing left behind
+    for argv in ([path], [path, "--post-process", "lpaft"]):
+        status, err = in_process_error(eval_linear.main, [*argv, *QUICK, "--out", str(tmp_path / "x.json")], capsys)
+        assert status == 2 and err.strip() == (
+            f"error: {path} is a model fine-tuned by eval_linear.py (acl+aff); pass it to --compare to map it against "
+            "another model, or evaluate the checkpoint it was fine-tuned from")
+    damaged = torch.load(path, weights_only=True)
+    del damaged["model"]["classifier.bias"]
+    torch.save(damaged, tmp_path / "damaged.pt")
+    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--compare", str(tmp_path / "damaged.pt"),
+                                                      "--out", str(tmp_path / "x.json")], capsys)
+    assert status == 2 and "whose classifier, BN copy or record is missing or damaged" in err
+    assert sorted(os.listdir(tmp_path)) == ["damaged.pt", "ft_slf.pt"] and "epoch" not in capsys.readouterr().out
+
+
+def test_every_method_name_written_is_read_back_by_method():
+    expected = {("acl", False, False): "acl", ("acl", True, False): "dynacl", ("acl", True, True): "dynacl-supcon",
+                ("air", False, True): "acl-air-supcon", ("air", True, False): "dynacl-air",
+                ("a_infonce", True, False): "a-infonce", ("supervised", False, False): "supervised"}
+    recorded = set()
+    for method in ("acl", "air", "a_infonce", "supervised"):
+        for dynacl in (None, False, True):  # None: the key is absent (an older checkpoint)
+            for supcon in (None, False, True):
+                run_args = {k: v for k, v in (("dynacl", dynacl), ("supcon", supcon)) if v is not None}
+                name = eval_linear.recorded_method({"method": method, "args": run_args, "model": {}})
+                assert expected.get((method, bool(dynacl), bool(supcon)), name) == name
+                recorded.add(name)
+    assert len(recorded) == 12  # acl.py, air.py: [dyn]...[-supcon], 4 each; a-infonce[-supcon]; supervised[-supcon]
+    post_processed = {eval_linear.derived_method(name, "++") for name in recorded}
+    fine_tuned = {eval_linear.derived_method(name, f"+{mode}") for name in recorded | post_processed
+                  for mode in ("slf", "alf", "aff")}
+    assert "dynacl-air+++slf" in fine_tuned and "dynacl-supcon++" in post_processed
+    for name in recorded | post_processed | fine_tuned:
+        assert eval_linear.parse_args(["x.pt", "--method", name]).method == name
+    for name in post_processed | fine_tuned:  # the files that record these names read back as they are
+        assert eval_linear.recorded_method({"method": name, "args": {"dynacl": True, "supcon": True}}) == name
+    for bad in ("acl-air-dynacl", "acl+++", "ACL", "acl++slf", "acl+slf+aff", "dynacl_air", "a_infonce"):
+        with pytest.raises(common.UserError, match=f"--method {re.escape(bad)} is not a method name; write "
+                           r"<base>\[-supcon\]\[\+\+\]\[\+<mode>\]"):
+            eval_linear.parse_args(["x.pt", "--method", bad])
+
+
+@pytest.mark.parametrize("kind, argv, fragment", [
+    ("supervised", ["--recipe", "paper"], "--recipe paper has no settings for supervised: the authors published "
+     "recipes for acl, dynacl, dynacl++, acl-air, dynacl-air, dynacl-air++, a-infonce only; use --recipe uniform"),
+    ("supcon", ["--recipe", "paper"], "--recipe paper has no settings for dynacl-air-supcon:"),
+    ("acl", ["--recipe", "paper", "--post-process", "lpaft", "--mode", "slf"], "--recipe paper has no settings for acl++:"),
+    ("released", ["--method", "acl-air-dynacl"], "--method acl-air-dynacl is not a method name; write <base>"),
+    ("released", ["--method", "acl+slf"], "--method acl+slf names a fine-tuned model, which is not fine-tuned again"),
+    ("acl", ["--cka", "--compare", "x.pt", "--labels", "one"], "--labels takes one label per model, 2 here"),
+])
+def test_recipe_paper_and_method_names_refused(kind, argv, fragment, recipe_files, tmp_path, capsys):
+    """Refused before any work, in one sentence. The supervised checkpoint carries a classifier (as supervised.py
+    writes), which loading drops like the projection head: the refusal is the recipe's, not the loader's."""
+    source = torch.load(recipe_files["air_dynacl" if kind == "supcon" else "acl"], weights_only=True)
+    checkpoint = tmp_path / "checkpoint.pt"
+    if kind == "supervised":
+        source["method"] = "supervised"
+        source["model"].update({"classifier.weight": torch.randn(10, 64), "classifier.bias": torch.randn(10)})
+    if kind == "supcon":
+        source["args"]["supcon"] = True
+    torch.save(source if kind != "released" else source["model"], checkpoint)
+    if kind == "supervised":
+        encoder = eval_linear.load_encoder(str(checkpoint))
+        assert encoder.method == "supervised" and encoder.fine_tuned is None
+    argv = [str(checkpoint), "--dataset", "cifar10", "--data-dir", recipe_files["data"], "--workers", "0",
+            "--out", str(tmp_path / "e.json"), *argv]
+    status, err = in_process_error(eval_linear.main, argv, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: " + fragment), err
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and "epoch" not in capsys.readouterr().out
+
+
+def test_model_labels_name_method_mode_and_eps():
+    label = eval_linear.model_label
+    assert label("acl", {"eps": 8.0, "dynacl": False}, "runs/acl_cifar10_0_20260101-000000/checkpoint.pt",
+                 "slf") == "acl+slf, eps 8/255"
+    assert label("acl", {"eps": 0.0}, "runs/x/checkpoint.pt", "slf") == "acl+slf, eps 0"  # a standard encoder
+    assert label("acl+aff", {"eps": 8}, "runs/x/eval_aff.pt") == "acl+aff, eps 8/255"  # a fine-tuned file
+    assert label("dynacl-air++", {"eps": 2.0}, "p.pt", "alf") == "dynacl-air+++alf, eps 2/255"
+    assert label("supervised", {"eps": 0.5}, "s.pt", "aff") == "supervised+aff, eps 0.5/255"
+    assert label(None, None, "/zoo/ACL_DS.pt", "slf") == "ACL_DS.pt+slf"  # a released file records neither
+
+
+def test_earlier_outputs_are_only_this_programs_names_and_never_inputs(tmp_path):
+    names = ["e.json", "e_slf.pt", "e_aff.pt", "e_probes.png", "e_clean_x_adv_eps4.png", "e_compare3_adv_x_adv.png",
+             "e_stages.png", "e_diagonal.png", "e_notes.png", "e_diagonal_old.png", "e_slf.pt.bak", "f_probes.png",
+             "e_x_probes.png", "e_compare_adv_x_adv.png", "checkpoint.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    keep = [str(tmp_path / "e.json"), str(tmp_path / "e_stages.png"), str(tmp_path / "e_aff.pt")]  # e_aff.pt: an input
+    found = eval_linear.earlier_outputs(str(tmp_path / "e.json"), keep)
+    assert [os.path.basename(p) for p in found] == ["e_clean_x_adv_eps4.png", "e_compare3_adv_x_adv.png",
+                                                     "e_diagonal.png", "e_probes.png", "e_slf.pt"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_a_run_leaves_only_its_own_figures(pretrained, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--cka-samples", "16", "--cka-eps", "4", "8", "--compare",
+                      pretrained, "--probes", "--probe-epochs", "1", "--plot", "--labels", "AT", "AT again",
+                      "--out", str(out)])
+    first = json.loads(out.read_text())
+    assert first["label"] == "AT" and first["compare"][0]["label"] == "AT again"
+    first_pngs = {f for f in os.listdir(tmp_path) if f.endswith(".png")}
+    assert {"e_compare0_adv_x_adv.png", "e_clean_x_adv_eps4.png", "e_diagonal.png", "e_probes.png"} <= first_pngs
+    (tmp_path / "e_aff.pt").write_bytes(b"an earlier --mode aff run's model")
+    (tmp_path / "e_notes.png").write_bytes(b"a user's file")
+    capsys.readouterr()
+    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--cka", "--cka-samples", "16", "--plot", "--out", str(out)])
+    printed = capsys.readouterr().out
+    second = {"e_clean_x_adv.png", "e_clean_x_clean.png", "e_adv_x_adv.png", "e_diagonal.png", "e_stages.png"}
+    assert sorted(os.listdir(tmp_path)) == sorted(second | {"e.json", "e_slf.pt", "e_notes.png"})
+    removed = ["e_aff.pt", "e_clean_x_adv_eps4.png", "e_clean_x_adv_eps8.png", "e_compare0_adv_x_adv.png",
+               "e_compare0_clean_x_clean.png", "e_probes.png"]
+    assert sorted(first_pngs - second) == removed[1:]
+    for name in removed:
+        assert f"removed {tmp_path / name}: an earlier run's output that e.json no longer describes" in printed
+    assert printed.count("removed ") == len(removed)
+    assert json.loads(out.read_text())["compare"] is None
+
+
+def test_no_printed_line_is_longer_than_the_limit(pretrained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: only a long path could make a line longer
+    os.symlink(pretrained, "c.pt")
+    result = eval_linear.main(["c.pt", "--mode", "slf", *QUICK, "--cka", "--cka-points", "all", "--cka-samples", "16",
+                               "--cka-eps", "4", "8", "--compare", "c.pt", "--out", "e.json"])
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert max(map(len, lines)) <= eval_linear.LINE_WIDTH == 110, max(lines, key=len)
+    points = result["cka"]["points"]
+    assert len(points) == 50
+    # every estimator is named where it is printed, and the tables hold every point
+    first = lines.index(next(line for line in lines if line.startswith("full-batch linear CKA per stage")))
+    second = lines.index(next(line for line in lines if line.startswith("minibatch linear CKA (unbiased HSIC")))
+    assert first < second and "diagonal of the clean x adv map" in lines[second]
+    stage_cells = lines[first + 1].split()
+    assert stage_cells == [x for name, v in result["cka"]["linear_cka"].items() for x in (name, f"{v:.3f}")]
+    table = [line.split() for line in lines[second + 1:] if line.startswith("    ")]
+    diagonals = [np.diag(result["cka"]["clean_x_adv"]), np.diag(result["cka"]["clean_x_adv_per_eps"]["4"]),
+                 np.diag(result["compare"][0]["own_clean_x_adv"])]
+    cells = [cell for row in table for cell in row]
+    assert cells == [x for diagonal in diagonals for point, v in zip(points, diagonal) for x in (point, f"{v:.3f}")]
+    assert "  acl+slf, eps 8/255 (1), attack eps 4/255:" in lines and "  acl+slf, eps 8/255 (2):" in lines
