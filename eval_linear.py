@@ -313,7 +313,7 @@ def _state_dict_of(checkpoint, path):
                         "a dict with 'state_dict', or a bare state dict of tensors")
     # DataParallel prefixes every key with 'module.'; the projection head 'fc.*' is not evaluated.
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}, run_args if isinstance(run_args, dict) else None
+    return {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}, run_args if isinstance(run_args, dict) else None
 
 
 def _listed(keys, most=3):
