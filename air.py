@@ -104,8 +104,8 @@ def main(argv=None):
                 group["lr"] = lr
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
-            labels = gather(y.to(device))[0] if args.supcon else None  # --supcon: the global batch's labels
             x0 = x0.to(device, non_blocking=True, memory_format=memory_format)
+            labels = gather(y.to(device))[0] if args.supcon else None  # --supcon: the global batch's labels
 
             x1_adv, x2_adv = contrastive_pgd(net, x1, x2, eps, alpha, args.pgd_steps, args.temperature, amp, labels)
             with autocast(amp):

@@ -1,8 +1,10 @@
-"""What ACL, A-InfoNCE, AIR and supervised training share: network, attacks, data, optimisation, run utilities.
+"""What ACL, A-InfoNCE, AIR and supervised training share: network, attacks, data, optimisation, run
+utilities.
 
 Nothing in this file is specific to one method; each method file (acl.py, a_infonce.py, air.py,
-supervised.py) imports it and keeps its own loss and training loop in view. Each function's docstring states what
-it computes (with the equation where there is one); README.md explains the methods and protocols.
+supervised.py) imports it and keeps its own loss and training loop in view. Each function's
+docstring states what it computes (with the equation where there is one); README.md explains the
+methods and protocols.
 """
 import argparse
 import contextlib
@@ -414,11 +416,11 @@ class PretrainViews(Dataset):
 
     def __getitem__(self, key):
         index, epoch, strength = key
-        if strength not in self.transforms:
-            self.transforms[strength] = pretrain_transform(self.size, strength)
         image, label = self.base[index]
         if image.mode != "RGB":
             image = image.convert("RGB")
+        if strength not in self.transforms and not self.supervised:
+            self.transforms[strength] = pretrain_transform(self.size, strength)
         with torch.random.fork_rng(devices=[]):  # leave the training RNG alone when workers == 0
             torch.random.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
             if self.supervised:

@@ -1,4 +1,4 @@
-"""Supervised training: cross-entropy, standard or PGD adversarial (Madry et al., ICLR 2018), the SL scheme of Ghofrani et al.
+"""Supervised training: cross-entropy, standard or PGD adversarial (Madry et al., ICLR 2018).
 
     --eps 0:    L = CE(f(x; clean BN), y)                                      (SL-ST, standard training)
     otherwise:  L = CE(f(x; clean BN), y) + CE(f(x_adv; adversarial BN), y)    (SL-AT)
