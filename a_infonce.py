@@ -124,7 +124,7 @@ def main(argv=None):
         epoch = step // steps_per_epoch + 1
         strength, _ = dynacl_schedule(epoch, args.epochs, args.dynacl)  # no omega: one loss, not two streams
         sampler.set_epoch(epoch, strength, start=step % steps_per_epoch)
-        for x1, x2, _ in loader:
+        for x1, x2, _, _ in loader:
             lr = lr_at(step, args.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

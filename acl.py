@@ -4,11 +4,15 @@
 
 x1, x2 are two augmented views; x1_adv, x2_adv their joint contrastive-PGD versions; clean views go
 through the clean batch norms, adversarial ones through the adversarial batch norms. omega = 0
-unless --dynacl (DynACL, Luo et al., ICLR 2023). NT-Xent, the attack, the augmentation, LARS and
-the DynACL schedule are in common.py, each with its equation.
+unless --dynacl (DynACL, Luo et al., ICLR 2023). --supcon (supervised contrastive ACL, the SCL
+scheme of Ghofrani et al.) replaces both NT-Xent terms and the attack's loss by SupCon's L_out
+(Khosla et al., NeurIPS 2020), whose positives are all views of the anchor's class. NT-Xent and
+SupCon, the attack, the augmentation, LARS and the DynACL schedule are in common.py, each with its
+equation.
 
     python acl.py --dataset cifar10                       # the paper's setting (1000 epochs, batch 512)
     python acl.py --dataset cifar10 --dynacl              # DynACL
+    python acl.py --dataset cifar10 --supcon              # supervised contrastive ACL (SCL-AT; --eps 0: SCL-ST)
     torchrun --nproc_per_node 4 acl.py --dataset cifar10  # 4 GPUs, the same run (README: Several GPUs)
     python acl.py --dataset synthetic --width 8 --batch-size 32 --pgd-steps 2 --max-steps 20 --workers 0
 """
@@ -37,10 +41,10 @@ def check_args(args):
 # The method's loss
 # ---------------------------------------------------------------------------------------------
 
-def acl_loss(z1, z2, z1_adv, z2_adv, omega=0.0, temperature=0.5):
-    """ACL's dual-stream loss with DynACL's weights: returns (loss, named terms)."""
-    loss_clean = nt_xent(z1, z2, temperature)
-    loss_adv = nt_xent(z1_adv, z2_adv, temperature)
+def acl_loss(z1, z2, z1_adv, z2_adv, omega=0.0, temperature=0.5, labels=None):
+    """ACL's dual-stream loss with DynACL's weights (SupCon terms given labels): returns (loss, named terms)."""
+    loss_clean = nt_xent(z1, z2, temperature, labels)
+    loss_adv = nt_xent(z1_adv, z2_adv, temperature, labels)
     loss = (1 - omega) * loss_clean + (1 + omega) * loss_adv
     return loss, {"loss_clean": loss_clean, "loss_adv": loss_adv}
 
@@ -73,19 +77,20 @@ def main(argv=None):
         epoch = step // steps_per_epoch + 1
         strength, omega = dynacl_schedule(epoch, args.epochs, args.dynacl)
         sampler.set_epoch(epoch, strength, start=step % steps_per_epoch)
-        for x1, x2, _ in loader:
+        for x1, x2, _, y in loader:
             lr = lr_at(step, args.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+            labels = gather(y.to(device))[0] if args.supcon else None  # --supcon: the global batch's labels
 
-            x1_adv, x2_adv = contrastive_pgd(net, x1, x2, eps, alpha, args.pgd_steps, args.temperature, amp)
+            x1_adv, x2_adv = contrastive_pgd(net, x1, x2, eps, alpha, args.pgd_steps, args.temperature, amp, labels)
             with autocast(amp):
                 z1, z2 = train_net(torch.cat([x1, x2])).float().chunk(2)
                 z1_adv, z2_adv = train_net(torch.cat([x1_adv, x2_adv]), adv=True).float().chunk(2)
             z1, z2, z1_adv, z2_adv = gather(z1, z2, z1_adv, z2_adv)  # the global batch under torchrun
-            loss, terms = acl_loss(z1, z2, z1_adv, z2_adv, omega, args.temperature)
+            loss, terms = acl_loss(z1, z2, z1_adv, z2_adv, omega, args.temperature, labels)
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

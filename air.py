@@ -4,7 +4,7 @@
 
 p, q: softmax over the batch of the similarity of each view's z1 / z2 to the original image's z0;
 P^u: softmax of z_u_adv's similarity to z0 times softmax of its similarity to z_u.
-L_ACL is acl.py's loss; everything else (views, attack, schedule, DynACL) is acl.py's too.
+L_ACL is acl.py's loss; everything else (views, attack, schedule, DynACL, --supcon) is acl.py's too.
 
     python air.py --dataset cifar10 --dynacl              # DynACL-AIR, the paper's best setting
     python air.py --dataset cifar10 --official-ir         # the released code's arithmetic (see README)
@@ -61,10 +61,10 @@ def invariant_regularizers(z1, z2, z0, z1_adv, z2_adv, temperature=0.5, official
     return sir, air
 
 
-def air_loss(z1, z2, z0, z1_adv, z2_adv, omega=0.0, temperature=0.5, lambda1=0.5, lambda2=0.5, official=False):
+def air_loss(z1, z2, z0, z1_adv, z2_adv, omega=0.0, temperature=0.5, lambda1=0.5, lambda2=0.5, official=False, labels=None):
     """ACL's dual-stream loss (acl.py) plus lambda1 * SIR + lambda2 * AIR: returns (loss, named terms)."""
-    loss_clean = nt_xent(z1, z2, temperature)
-    loss_adv = nt_xent(z1_adv, z2_adv, temperature)
+    loss_clean = nt_xent(z1, z2, temperature, labels)
+    loss_adv = nt_xent(z1_adv, z2_adv, temperature, labels)
     sir, air = invariant_regularizers(z1, z2, z0, z1_adv, z2_adv, temperature, official)
     loss = (1 - omega) * loss_clean + (1 + omega) * loss_adv + lambda1 * sir + lambda2 * air
     return loss, {"loss_clean": loss_clean, "loss_adv": loss_adv, "sir": sir, "air": air}
@@ -98,22 +98,23 @@ def main(argv=None):
         epoch = step // steps_per_epoch + 1
         strength, omega = dynacl_schedule(epoch, args.epochs, args.dynacl)
         sampler.set_epoch(epoch, strength, start=step % steps_per_epoch)
-        for x1, x2, x0 in loader:
+        for x1, x2, x0, y in loader:
             lr = lr_at(step, args.lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
             x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
             x0 = x0.to(device, non_blocking=True, memory_format=memory_format)
+            labels = gather(y.to(device))[0] if args.supcon else None  # --supcon: the global batch's labels
 
-            x1_adv, x2_adv = contrastive_pgd(net, x1, x2, eps, alpha, args.pgd_steps, args.temperature, amp)
+            x1_adv, x2_adv = contrastive_pgd(net, x1, x2, eps, alpha, args.pgd_steps, args.temperature, amp, labels)
             with autocast(amp):
                 z1, z2 = train_net(torch.cat([x1, x2])).float().chunk(2)
                 z1_adv, z2_adv = train_net(torch.cat([x1_adv, x2_adv]), adv=True).float().chunk(2)
                 z0 = train_net(x0).float()  # its own clean-BN batch, as in the released code
             z1, z2, z0, z1_adv, z2_adv = gather(z1, z2, z0, z1_adv, z2_adv)  # the global batch under torchrun
             loss, terms = air_loss(z1, z2, z0, z1_adv, z2_adv, omega, args.temperature,
-                                   args.lambda1, args.lambda2, args.official_ir)
+                                   args.lambda1, args.lambda2, args.official_ir, labels)
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,8 +1,10 @@
-"""What ACL, A-InfoNCE and AIR share: network, attacks, data, optimisation, run utilities.
+"""What ACL, A-InfoNCE, AIR and supervised training share: network, attacks, data, optimisation, run
+utilities.
 
-Nothing in this file is specific to one method; each method file (acl.py, a_infonce.py, air.py)
-imports it and keeps its own loss and training loop in view. Each function's docstring states what
-it computes (with the equation where there is one); README.md explains the methods and protocols.
+Nothing in this file is specific to one method; each method file (acl.py, a_infonce.py, air.py,
+supervised.py) imports it and keeps its own loss and training loop in view. Each function's
+docstring states what it computes (with the equation where there is one); README.md explains the
+methods and protocols.
 """
 import argparse
 import contextlib
@@ -174,15 +176,26 @@ def autocast(amp):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
 
 
-def nt_xent(za, zb, temperature=0.5):
+def nt_xent(za, zb, temperature=0.5, labels=None):
     """SimCLR NT-Xent over the 2B rows Z = [za; zb] (raw head outputs; L2-normalised here, in fp32).
     With S = Z Z^T / t, anchor k's positive is its partner k +/- B:
-    loss = mean_k [ -S[k, partner] + log sum_{j != k} exp(S[k, j]) ]."""
+    loss = mean_k [ -S[k, partner] + log sum_{j != k} exp(S[k, j]) ].
+    With `labels` y (one per image; both views share it), SupCon's L_out (Khosla et al., NeurIPS 2020):
+    anchor k's positives are P(k) = {j != k : y_j = y_k} among the 2B rows, and
+    loss = mean_k [ -(1/|P(k)|) sum_{p in P(k)} S[k, p] + log sum_{j != k} exp(S[k, j]) ],
+    which is NT-Xent when every image is its own class."""
     z = F.normalize(torch.cat([za, zb]).float(), dim=1)
     n = z.shape[0]
     logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))  # j != k in the denominator
-    partner = torch.arange(n, device=z.device).roll(n // 2)  # k's positive is k +/- B
-    return F.cross_entropy(logits, partner)
+    if labels is None:
+        partner = torch.arange(n, device=z.device).roll(n // 2)  # k's positive is k +/- B
+        return F.cross_entropy(logits, partner)
+    y = torch.cat([labels, labels])
+    positive = (y[:, None] == y[None, :]).fill_diagonal_(False)  # P(k); the partner is always in it
+    log_prob = torch.where(positive, logits.log_softmax(1), 0.0)  # S[k, p] - log sum_{j != k} exp(S[k, j])
+    mean_over_positives = (log_prob.sum(1) / positive.sum(1))[:, None]
+    # -mean_k, reduced the way cross_entropy reduces: with one class per image, NT-Xent bit for bit
+    return F.nll_loss(mean_over_positives, torch.zeros(n, dtype=torch.long, device=z.device))
 
 
 def step_and_project(x_adv, grad, x, eps, alpha):
@@ -191,21 +204,40 @@ def step_and_project(x_adv, grad, x, eps, alpha):
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
 
 
-def _random_start(x, eps, rank=0, world=1):
-    """x + U(-eps, eps) per pixel, clipped to [0, 1]. Under torchrun x = [x1; x2] holds this process's
-    slice of each view, and the noise is that slice of the draw one process makes for the global
-    batch (every process draws it from the same random state), so the attack starts where the
-    one-process attack starts."""
+def _random_start(x, eps, rank=0, world=1, views=1):
+    """x + U(-eps, eps) per pixel, clipped to [0, 1]. Under torchrun x holds this process's slice of
+    each of `views` views (x = [x1; x2] for the contrastive attack), and the noise is that slice of the
+    draw one process makes for the global batch (every process draws it from the same random state),
+    so the attack starts where the one-process attack starts."""
     if world == 1:
         return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0, 1)
     noise = torch.empty_like(torch.cat([x] * world)).uniform_(-eps, eps)  # rows: [x1 of ranks 0..N-1; x2 of ranks 0..N-1]
-    return (x + noise.unflatten(0, (2, world, -1))[:, rank].flatten(0, 1)).clamp_(0, 1)
+    return (x + noise.unflatten(0, (views, world, -1))[:, rank].flatten(0, 1)).clamp_(0, 1)
 
 
-def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False):
-    """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv) through the adversarial BN in
-    eval mode. Only input gradients are computed (torch.autograd.grad with the images as
-    the only inputs), so no parameter gradient is built or accumulated. The mode is restored.
+@contextlib.contextmanager
+def attack_mode(model):
+    """The attacks' setting: eval mode (batch norms on their running statistics) and input gradients
+    only, with the parameters' requires_grad off so that no parameter gradient is built, also by a
+    torch.compile'd model whose backward is traced. Both are restored afterwards."""
+    was_training = model.training
+    model.eval()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False, labels=None):
+    """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv, labels) through the adversarial
+    BN in eval mode (`labels`: the global batch's, for --supcon). Only input gradients are computed
+    (torch.autograd.grad with the images as the only inputs; see attack_mode), so no parameter
+    gradient is built or accumulated. The mode is restored.
     eps = 0 returns the views as they are, with no forward or backward (so --eps 0 is standard,
     non-adversarial contrastive learning at no attack cost); steps = 0 leaves the random start only.
     Under torchrun, `model` is the unwrapped module (never DDP's forward) and the loss is the global
@@ -213,32 +245,25 @@ def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperat
     if eps == 0:
         return x1, x2
     x = torch.cat([x1, x2])
-    x_adv = _random_start(x, eps, *rank_and_world())
-    if steps == 0:
-        return [t.detach() for t in x_adv.chunk(2)]
-    was_training = model.training
-    model.eval()
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:  # input gradients only, also for a torch.compile'd model whose backward is traced
-        p.requires_grad_(False)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            with autocast(amp):
-                z = model(x_adv, adv=True)
-            loss = nt_xent(*gather(*z.float().chunk(2)), temperature)
-            (grad,) = torch.autograd.grad(loss, [x_adv])
-        x_adv = step_and_project(x_adv, grad, x, eps, alpha)
-    for p in frozen:
-        p.requires_grad_(True)
-    model.train(was_training)
+    x_adv = _random_start(x, eps, *rank_and_world(), views=2)
+    with attack_mode(model):
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                with autocast(amp):
+                    z = model(x_adv, adv=True)
+                loss = nt_xent(*gather(*z.float().chunk(2)), temperature, labels)
+                (grad,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = step_and_project(x_adv, grad, x, eps, alpha)
     return [t.detach() for t in x_adv.chunk(2)]
 
 
 def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
     """Cross-entropy L-inf PGD with a random start against `forward` (images -> logits), as used for
-    evaluation (PGD-20) and adversarial linear fine-tuning (PGD-10). Input gradients only."""
-    x_adv = _random_start(x, eps)
+    evaluation (PGD-20), adversarial linear fine-tuning (PGD-10) and supervised.py's adversarial
+    training. Input gradients only. Under torchrun (supervised.py) x is this process's slice and the
+    random start is that slice of the one-process draw (_random_start)."""
+    x_adv = _random_start(x, eps, *rank_and_world())
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
@@ -405,14 +430,17 @@ def _sample_seed(seed, epoch, index):
 
 
 class PretrainViews(Dataset):
-    """Yields (x1, x2, x0): two augmented views and the un-augmented image. The key is
-    (index, epoch, strength) from PretrainSampler; the augmentation of each image is seeded by
-    (seed, epoch, index), so a resumed run sees exactly the views the interrupted one would have,
-    whatever the number of workers."""
+    """Yields (x1, x2, x0, y): two augmented views, the un-augmented image and its label (--supcon; -1
+    in STL-10's unlabelled split). The key is (index, epoch, strength) from PretrainSampler; the
+    augmentation of each image is seeded by (seed, epoch, index), so a resumed run sees exactly the
+    views the interrupted one would have, whatever the number of workers.
+    supervised=True (supervised.py) yields (x, y) instead: one view with the evaluation's training
+    augmentation, RandomCrop(size, padding 4) + flip, seeded the same way (strength is unused)."""
 
-    def __init__(self, base, size, native, seed):
-        self.base, self.size, self.seed = base, size, seed
+    def __init__(self, base, size, native, seed, supervised=False):
+        self.base, self.size, self.seed, self.supervised = base, size, seed, supervised
         self.original = eval_transform(size, native, train=False)
+        self.cropped = eval_transform(size, native, train=True)
         self.transforms = {}
 
     def __len__(self):
@@ -420,16 +448,18 @@ class PretrainViews(Dataset):
 
     def __getitem__(self, key):
         index, epoch, strength = key
-        if strength not in self.transforms:
-            self.transforms[strength] = pretrain_transform(self.size, strength)
-        image = self.base[index][0]
+        image, label = self.base[index]
         if image.mode != "RGB":
             image = image.convert("RGB")
+        if strength not in self.transforms and not self.supervised:
+            self.transforms[strength] = pretrain_transform(self.size, strength)
         with torch.random.fork_rng(devices=[]):  # leave the training RNG alone when workers == 0
             torch.random.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
+            if self.supervised:
+                return self.cropped(image), label
             x1 = self.transforms[strength](image)
             x2 = self.transforms[strength](image)
-        return x1, x2, self.original(image)
+        return x1, x2, self.original(image), label
 
 
 class PretrainSampler(Sampler):
@@ -474,13 +504,15 @@ def default_workers():
     return min(8, os.cpu_count() or 1)
 
 
-def pretrain_loader(args, device):
-    """The pre-training dataset and its loader; returns (loader, sampler)."""
-    base = load_dataset(args.dataset, args.data_dir, "pretrain", args.seed, args.image_size)
+def pretrain_loader(args, device, supervised=False):
+    """The pre-training dataset and its loader; returns (loader, sampler). supervised=True: the
+    labelled training split, one view per image (PretrainViews)."""
+    base = load_dataset(args.dataset, args.data_dir, "train" if supervised else "pretrain", args.seed,
+                        args.image_size)
     if len(base) < args.batch_size:
         raise UserError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}; "
                         "lower the batch size or add images")
-    views = PretrainViews(base, args.image_size, NATIVE_SIZE[args.dataset], args.seed)
+    views = PretrainViews(base, args.image_size, NATIVE_SIZE[args.dataset], args.seed, supervised)
     sampler = PretrainSampler(len(views), args.batch_size, args.seed, *rank_and_world())
     # The loader gets its own generator: creating an iterator then draws from it, not from the global
     # RNG that the attack uses, so a resumed run's attacks start from the same random numbers.
@@ -599,17 +631,19 @@ def add_shared_flags(parser):
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
     a("--image-size", type=int, default=None, help="input size in px (default: the dataset's own; imagefolder 32, digits 16)")
     a("--epochs", type=int, default=1000, help="number of pre-training epochs")
-    a("--batch-size", type=int, default=512, help="images per step (each gives two views)")
+    a("--batch-size", type=int, default=512, help="images per step (each gives two views in the contrastive methods)")
     a("--lr", type=float, default=5.0, help="peak learning rate after warm-up (ACL: 5.0 with LARS at batch 512)")
     a("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS as in ACL, or SGD with momentum 0.9")
     a("--weight-decay", type=float, default=1e-6, help="weight decay")
     a("--warmup-epochs", type=int, default=10, help="epochs of linear learning-rate warm-up before the cosine decay")
     a("--temperature", type=float, default=0.5, help="temperature t of the contrastive losses")
     a("--eps", type=float, default=8, help="L-inf radius of the pre-training attack, in /255 units")
-    a("--pgd-steps", type=int, default=5, help="steps of the contrastive PGD attack")
-    a("--pgd-alpha", type=float, default=2, help="step size of the contrastive PGD attack, in /255 units")
+    a("--pgd-steps", type=int, default=5, help="steps of the pre-training PGD attack")
+    a("--pgd-alpha", type=float, default=2, help="step size of the pre-training PGD attack, in /255 units")
     a("--dynacl", action="store_true", help="DynACL: augmentation strength lowered every 50 epochs and, in acl.py and air.py, the "
       "clean/adversarial loss weights moved with it (A-InfoNCE has one loss: strength only)")
+    a("--supcon", action="store_true", help="supervised contrastive (SupCon): images of one class are each other's positives, "
+      "applies to acl.py and air.py: both NT-Xent terms and the attack; needs a labelled dataset")
     a("--width", type=int, default=64, help="ResNet-18 base width (64 is the standard network; 8 for CPU tests)")
     a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts, init)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
@@ -640,7 +674,7 @@ def given_flags(parser, argv):
     return {k for k, v in vars(namespace).items() if v is not unset}
 
 
-def check_shared_args(args):
+def check_shared_args(args, method):
     if args.batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (got {args.batch_size}): contrastive losses need other images as negatives")
     if args.eps < 0:
@@ -660,6 +694,12 @@ def check_shared_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1 (got {args.max_steps})")
+    if args.supcon and method not in ("acl", "air"):  # SupCon replaces NT-Xent: a_infonce.py and supervised.py have none
+        raise UserError(f"--supcon applies to acl.py and air.py (their NT-Xent terms and attack), not to {method}.py; "
+                        "drop --supcon")
+    if args.supcon and args.dataset == "stl10":
+        raise UserError("--supcon needs labels, but --dataset stl10 pre-trains on STL-10's unlabelled images; "
+                        "use a labelled dataset (cifar10, cifar100, imagefolder) or drop --supcon")
     if args.image_size is None:
         args.image_size = NATIVE_SIZE[args.dataset] or DEFAULT_IMAGE_SIZE[args.dataset]
     if args.image_size < 8:
@@ -685,7 +725,7 @@ def parse_and_resume(parser, argv, method):
         for name, value in saved.items():
             if hasattr(args, name) and (name not in RESUMABLE or (name in KEPT_ON_RESUME and name not in given)):
                 setattr(args, name, value)
-    check_shared_args(args)
+    check_shared_args(args, method)
     return args, checkpoint
 
 
@@ -1029,7 +1069,7 @@ def gather(*tensors):
     return torch.cat(dist_nn.all_gather(torch.stack(tensors)), dim=1).unbind(0)
 
 
-def parallel(model, compile, device):
+def parallel(model, compile, device, find_unused=False):
     """(net, train_net): `net` is the model (torch.compile'd with --compile; its state dict stays the
     plain model's) for the attack, `train_net` for the training forwards. Under torchrun train_net is
     DistributedDataParallel over net, and on CUDA every batch norm, clean and adversarial copy, is a
@@ -1037,7 +1077,9 @@ def parallel(model, compile, device):
     each process normalises its slice). broadcast_buffers=False: DDP would otherwise copy rank 0's
     buffers into every process before each of the two (AIR: three) forwards that precede one
     backward, in place between forwards that share a backward; with SyncBatchNorm the running
-    statistics are the global batch's on every process anyway (on the CPU, rank 0's are saved)."""
+    statistics are the global batch's on every process anyway (on the CPU, rank 0's are saved).
+    find_unused: some parameters get no gradient (supervised.py --eps 0 leaves the adversarial BN
+    copies unused), so DDP must not wait for them."""
     world = rank_and_world()[1]
     if world > 1 and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place, same parameters
@@ -1045,7 +1087,8 @@ def parallel(model, compile, device):
     if world == 1:
         return net, net
     device_ids = [device.index] if device.type == "cuda" else None
-    return net, nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+    return net, nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False,
+                                                    find_unused_parameters=find_unused)
 
 
 # =============================================================================================

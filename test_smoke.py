@@ -32,6 +32,7 @@ import acl
 import air
 import common
 import eval_linear
+import supervised
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "synthetic", "--width", "8", "--batch-size", "16", "--pgd-steps", "2", "--workers", "0",
@@ -197,7 +198,7 @@ def test_pretrain_views_are_deterministic_per_epoch_and_index():
     base = common.SyntheticImages(train=True, seed=0, size=8)
     views = common.PretrainViews(base, 32, 32, seed=3)
     a, b = views[(5, 2, 1.0)], views[(5, 2, 1.0)]
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and a[3] == b[3] == base.targets[5]
     assert not torch.equal(a[0], views[(5, 3, 1.0)][0])  # another epoch, other views
     assert not torch.equal(a[0], a[1])  # the two views differ
     assert torch.equal(a[2], torch.from_numpy(base.data[5]).permute(2, 0, 1).float() / 255)
@@ -228,8 +229,8 @@ def test_cifar10_through_torchvision_on_a_tiny_archive(tmp_path):
     expected = batches["data_batch_2"]["data"][1].reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(np.asarray(image), expected) and label == batches["data_batch_2"]["labels"][1]
     views = common.PretrainViews(train, 32, 32, seed=0)
-    x1, x2, x0 = views[(5, 1, 1.0)]
-    assert x1.shape == x2.shape == x0.shape == (3, 32, 32)
+    x1, x2, x0, y = views[(5, 1, 1.0)]
+    assert x1.shape == x2.shape == x0.shape == (3, 32, 32) and y == label
     assert torch.equal(x0, torch.from_numpy(expected).permute(2, 0, 1).float() / 255)
     copied = pickle.loads(pickle.dumps(views))  # workers started by 'spawn' (macOS, Windows) receive a copy
     assert all(torch.equal(a, b) for a, b in zip(copied[(5, 1, 1.0)], (x1, x2, x0)))
@@ -262,8 +263,8 @@ def test_imagefolder_tree(tmp_path):
     write_image_tree(str(tmp_path))
     train = common.load_dataset("imagefolder", str(tmp_path), "pretrain")
     assert len(train) == 6 and train.classes == ["cat", "dog"]
-    x1, x2, x0 = common.PretrainViews(train, 24, None, seed=0)[(0, 1, 1.0)]
-    assert x1.shape == x2.shape == x0.shape == (3, 24, 24)
+    x1, x2, x0, y = common.PretrainViews(train, 24, None, seed=0)[(0, 1, 1.0)]
+    assert x1.shape == x2.shape == x0.shape == (3, 24, 24) and y == 0  # the first class folder
     x, y = next(iter(common.eval_loader("imagefolder", str(tmp_path), "test", 24, 4, 0, torch.device("cpu"))))
     assert x.shape == (4, 3, 24, 24) and set(y.tolist()) <= {0, 1}
 
@@ -984,7 +985,7 @@ def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
 # What a new user reads: --help
 # =============================================================================================
 
-@pytest.mark.parametrize("module", [acl, air, a_infonce, eval_linear])
+@pytest.mark.parametrize("module", [acl, air, a_infonce, supervised, eval_linear])
 def test_help_shows_every_default(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
@@ -994,6 +995,9 @@ def test_help_shows_every_default(module, capsys):
     expected = {"--seed": 0, "--workers": common.default_workers(), "--eps": 8}
     if module is eval_linear:
         expected.update({"--mode": "slf", "--pgd-steps": 20, "--cka-samples": 1000})
+    elif module is supervised:  # the usual CIFAR PGD-AT settings, not ACL's
+        expected.update({"--epochs": 100, "--batch-size": 128, "--lr": 0.1, "--optimizer": "sgd", "--weight-decay": 0.0005,
+                         "--warmup-epochs": 0, "--pgd-steps": 10, "--width": 64})
     else:
         expected.update({"--epochs": 1000, "--batch-size": 512, "--lr": 5.0, "--width": 64, "--temperature": 0.5})
     for flag, value in expected.items():
@@ -1235,7 +1239,7 @@ def first_batch(seed=0, batch_size=16, epoch=1):
     """The first pre-training batch of TINY, built by hand from the seeded permutation."""
     views = common.PretrainViews(common.SyntheticImages(seed=seed), 32, 32, seed)
     order = torch.randperm(50000, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[:batch_size]
-    return [torch.stack(t) for t in zip(*[views[(int(i), epoch, 1.0)] for i in order])]
+    return torch.utils.data.default_collate([views[(int(i), epoch, 1.0)] for i in order])  # x1, x2, x0, y
 
 
 @pytest.mark.parametrize("module", [acl, air, a_infonce], ids=["acl", "air", "a_infonce"])
@@ -1246,7 +1250,7 @@ def test_one_script_step_equals_a_hand_written_step(module, tmp_path):
     torch.manual_seed(0)
     model = common.ResNet18(8, "cifar")
     optimizer = common.LARS(model.parameters(), lr=5.0, momentum=0.9, weight_decay=1e-6)
-    x1, x2, x0 = first_batch()
+    x1, x2, x0, _ = first_batch()
     x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, 8 / 255, 2 / 255, 2, 0.5)
     z1, z2 = model(torch.cat([x1, x2])).chunk(2)
     z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), adv=True).chunk(2)
@@ -1361,7 +1365,7 @@ def fixed_statistics_bn(self, x, adv=False):
 def attack_inputs():
     torch.manual_seed(1)
     model = common.ResNet18(8, "cifar")
-    x1, x2, _ = first_batch()
+    x1, x2, _, _ = first_batch()
     return model, x1, x2
 
 
@@ -2035,3 +2039,263 @@ def test_no_printed_line_is_longer_than_the_limit(pretrained, tmp_path, capsys, 
     cells = [cell for row in table for cell in row]
     assert cells == [x for diagonal in diagonals for point, v in zip(points, diagonal) for x in (point, f"{v:.3f}")]
     assert "  acl+slf, eps 8/255 (1), attack eps 4/255:" in lines and "  acl+slf, eps 8/255 (2):" in lines
+
+
+# =============================================================================================
+# Supervised baselines: supervised.py and acl.py --supcon (the SL and SCL schemes of Ghofrani et al.)
+# =============================================================================================
+
+def supcon_loops(za, zb, labels, t):
+    """SupCon's L_out anchor by anchor in float64, with torch scalars so that autograd differentiates it."""
+    z = torch.cat([za, zb]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    y = labels.tolist() * 2  # both views of an image share its label
+    n = len(y)
+    total = 0
+    for k in range(n):
+        s = [z[k] @ z[j] / t for j in range(n)]
+        log_denominator = torch.log(sum(torch.exp(s[j]) for j in range(n) if j != k))
+        positives = [p for p in range(n) if p != k and y[p] == y[k]]
+        total = total + sum(log_denominator - s[p] for p in positives) / len(positives)
+    return total / n
+
+
+@pytest.mark.parametrize("t", [0.5, 0.2])
+def test_supcon_equals_explicit_loops_in_value_and_gradient(t):
+    g = torch.Generator().manual_seed(0)
+    za, zb = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])  # a class of three, one of two, one alone
+    leaves = [za.clone().requires_grad_(True), zb.clone().requires_grad_(True)]
+    loss = common.nt_xent(*leaves, t, labels)
+    grads = torch.autograd.grad(loss, leaves)
+    leaves64 = [za.double().requires_grad_(True), zb.double().requires_grad_(True)]
+    expected = supcon_loops(*leaves64, labels, t)
+    expected_grads = torch.autograd.grad(expected, leaves64)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+    assert loss.item() != pytest.approx(common.nt_xent(za, zb, t).item(), rel=1e-3)  # the shared classes count
+
+
+def old_nt_xent(za, zb, t):
+    """nt_xent as it was before labels existed, to hold its default path to it bit for bit."""
+    z = F.normalize(torch.cat([za, zb]).float(), dim=1)
+    n = z.shape[0]
+    logits = (z @ z.T / t).fill_diagonal_(float("-inf"))
+    return F.cross_entropy(logits, torch.arange(n).roll(n // 2))
+
+
+def test_supcon_with_one_class_per_image_is_nt_xent_and_no_labels_is_the_old_code():
+    g = torch.Generator().manual_seed(1)
+    za, zb = torch.randn(7, 6, generator=g), torch.randn(7, 6, generator=g)
+    for t in (0.5, 0.1):
+        assert torch.equal(common.nt_xent(za, zb, t), old_nt_xent(za, zb, t))
+        for labels in (torch.arange(7), torch.tensor([9, 3, 5, 0, 2, 8, 4])):
+            assert torch.equal(common.nt_xent(za, zb, t, labels), common.nt_xent(za, zb, t))
+    leaves = [za.clone().requires_grad_(True), zb.clone().requires_grad_(True)]
+    with_labels = torch.autograd.grad(common.nt_xent(*leaves, 0.5, torch.arange(7)), leaves)
+    without = torch.autograd.grad(common.nt_xent(*leaves, 0.5), leaves)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(with_labels, without))
+
+
+def test_acl_supcon_step_equals_a_hand_written_step(tmp_path):
+    """Both ACL terms and the attack use SupCon with the batch's labels, which the loader now yields."""
+    run_dir = acl.main(TINY + ["--supcon", "--max-steps", "1", "--out-dir", str(tmp_path)])
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert saved["args"]["supcon"] is True
+
+    torch.manual_seed(0)
+    model = common.ResNet18(8, "cifar")
+    optimizer = common.LARS(model.parameters(), lr=5.0, momentum=0.9, weight_decay=1e-6)
+    x1, x2, _, y = first_batch()
+    assert len(set(y.tolist())) < len(y)  # 16 images of 10 classes: SupCon has more positives than NT-Xent
+    with torch.random.fork_rng():  # the attack without labels, from the same random start, for comparison
+        plain = common.contrastive_pgd(model, x1, x2, 8 / 255, 2 / 255, 2, 0.5)
+    x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, 8 / 255, 2 / 255, 2, 0.5, labels=y)
+    assert not torch.equal(plain[0], x1_adv)
+    z1, z2 = model(torch.cat([x1, x2])).chunk(2)
+    z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), adv=True).chunk(2)
+    loss = common.nt_xent(z1, z2, 0.5, y) + common.nt_xent(z1_adv, z2_adv, 0.5, y)
+    loss.backward()
+    optimizer.param_groups[0]["lr"] = common.lr_at(0, 5.0, 10 * 3125, 1000 * 3125)
+    optimizer.step()
+    assert metrics(run_dir)[0]["loss"] == loss.item()
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+
+
+def supervised_batch(seed=0, batch_size=16, epoch=1):
+    """The first batch of `supervised.py` TINY, built by hand from the seeded permutation: (x, y)."""
+    images = common.PretrainViews(common.SyntheticImages(seed=seed), 32, 32, seed, supervised=True)
+    order = torch.randperm(50000, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[:batch_size]
+    return torch.utils.data.default_collate([images[(int(i), epoch, 1.0)] for i in order])
+
+
+def numpy_cross_entropy(logits, y):
+    logits = logits.double().numpy()
+    return float(np.mean([np.log(np.exp(row).sum()) - row[c] for row, c in zip(logits, y.tolist())]))
+
+
+def test_supervised_loss_is_clean_plus_adversarial_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, logits_adv = torch.randn(6, 4, generator=g), 3 * torch.randn(6, 4, generator=g)
+    y = torch.tensor([0, 3, 1, 1, 2, 0])
+    loss, terms = supervised.supervised_loss(logits, logits_adv, y)
+    clean, adv = numpy_cross_entropy(logits, y), numpy_cross_entropy(logits_adv, y)
+    assert loss.item() == pytest.approx(clean + adv, rel=1e-6)
+    assert terms["loss_clean"].item() == pytest.approx(clean, rel=1e-6) and terms["loss_adv"].item() == pytest.approx(adv, rel=1e-6)
+    loss, terms = supervised.supervised_loss(logits, None, y)  # --eps 0: standard training
+    assert list(terms) == ["loss_clean"] and loss.item() == pytest.approx(clean, rel=1e-6)
+
+
+def test_supervised_attack_stays_in_the_ball_raises_the_loss_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = supervised.Classifier(8, "cifar", 10)
+    x, y = supervised_batch(batch_size=8)
+    adv_statistics = bn_stats(model, 1)
+    x_adv = supervised.adversarial_examples(model, x, y, 8 / 255, 2 / 255, 5)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(adv_statistics, bn_stats(model, 1)))  # eval mode: no BN update
+    model.eval()
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv, adv=True), y) > F.cross_entropy(model(x, adv=True), y)
+    assert supervised.adversarial_examples(model, x, y, 0, 2 / 255, 5) is None
+
+
+def test_supervised_eps_0_does_no_attack_work(tmp_path, monkeypatch):
+    calls = []
+    real_forward = supervised.Classifier.forward
+    monkeypatch.setattr(supervised.Classifier, "forward",
+                        lambda self, x, adv=False: calls.append(adv) or real_forward(self, x, adv))
+    standard = supervised.main(TINY + ["--eps", "0", "--max-steps", "2", "--out-dir", str(tmp_path / "st")])
+    assert calls == [False, False]  # one clean forward a step, nothing else
+    assert all("loss_adv" not in r and r["loss"] == r["loss_clean"] for r in metrics(standard))
+    calls.clear()
+    supervised.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "at")])  # TINY: --pgd-steps 2
+    assert calls == [True, True, False, True] * 2  # two attack steps, then the clean and the adversarial forward
+
+
+def test_supervised_step_resume_and_checkpoint_layout(tmp_path):
+    """One script step equals a hand-written step; 2 + 2 resumed steps equal 4; the checkpoint holds the
+    released backbone keys plus the classifier."""
+    one = supervised.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path / "one")])
+    saved = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)
+    torch.manual_seed(0)
+    model = supervised.Classifier(8, "cifar", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = supervised_batch()
+    model.eval()
+    x_adv = common.pgd_attack(lambda v: model(v, adv=True), x, y, 8 / 255, 2 / 255, 2)
+    model.train()
+    loss = F.cross_entropy(model(x), y) + F.cross_entropy(model(x_adv, adv=True), y)
+    loss.backward()
+    optimizer.param_groups[0]["lr"] = common.lr_at(0, 0.1, 0, 100 * 3125)  # cosine from the first step, no warm-up
+    optimizer.step()
+    assert metrics(one)[0]["loss"] == loss.item()
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+    backbone = list(common.ResNet18(8, "cifar", head=False).state_dict())
+    assert list(saved["model"]) == backbone + ["classifier.weight", "classifier.bias"]
+    assert saved["method"] == "supervised" and saved["args"]["eps"] == 8 and saved["args"]["optimizer"] == "sgd"
+
+    straight = supervised.main(TINY + ["--max-steps", "4", "--out-dir", str(tmp_path / "a")])
+    interrupted = supervised.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "b")])
+    path = os.path.join(interrupted, "checkpoint.pt")
+    assert supervised.main(["--resume", path, "--max-steps", "4"]) == interrupted
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(path, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(interrupted)]
+
+
+def test_supervised_and_supcon_checkpoints_load_in_eval_linear(tmp_path):
+    runs = {"supervised": supervised.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path)]),
+            "supcon": acl.main(TINY + ["--supcon", "--pgd-steps", "1", "--max-steps", "1", "--out-dir", str(tmp_path)])}
+    x = torch.rand(4, 3, 32, 32)
+    for name, run_dir in runs.items():
+        path = os.path.join(run_dir, "checkpoint.pt")
+        model = supervised.Classifier(8, "cifar", 10) if name == "supervised" else common.ResNet18(8, "cifar")
+        model.load_state_dict(torch.load(path, weights_only=True)["model"])
+        model.eval()
+        for bn in ("clean", "adv"):  # the encoder is the checkpoint's backbone; its classifier or head is dropped
+            encoder = eval_linear.load_encoder(path, bn)
+            assert torch.equal(encoder(x), model.features(x, adv=bn == "adv"))
+        result = eval_linear.main([path, *QUICK, "--out", str(tmp_path / f"{name}.json")])
+        assert result["mode"] == "slf" and 0 <= result["pgd20_acc"] <= result["clean_acc"] <= 1
+
+
+def test_supcon_without_labels_or_with_another_loss_is_refused(tmp_path, capsys):
+    result = run_cli("acl.py", "--dataset", "stl10", "--supcon", "--data-dir", str(tmp_path / "data"),
+                     "--out-dir", str(tmp_path / "runs"))
+    assert_clean_error(result, "--supcon needs labels", "--dataset stl10", "unlabelled")
+    status, err = in_process_error(air.main, TINY + ["--dataset", "stl10", "--supcon", "--data-dir", str(tmp_path / "data"),
+                                                     "--out-dir", str(tmp_path / "runs")], capsys)
+    assert status == 2 and err.startswith("error: --supcon needs labels") and err.count("\n") == 1
+    for module in (a_infonce, supervised):
+        status, err = in_process_error(module.main, TINY + ["--supcon", "--out-dir", str(tmp_path / "runs")], capsys)
+        assert status == 2 and err == (f"error: --supcon applies to acl.py and air.py (their NT-Xent terms and attack), "
+                                       f"not to {module.METHOD}.py; drop --supcon\n")
+    status, err = in_process_error(supervised.main, TINY + ["--dynacl", "--out-dir", str(tmp_path / "runs")], capsys)
+    assert status == 2 and err.startswith("error: --dynacl") and err.count("\n") == 1
+    assert not os.listdir(tmp_path)  # refused before any folder was made or any data was read
+
+
+# --- supervised.py and acl.py --supcon on two processes (gloo) against one -------------------------
+
+TWO_PROCESS_RUNS = {  # name: (script, argv); SGD, so that a wrong gradient scale shows
+    "supervised": (supervised, TINY + ["--max-steps", "1"]),
+    "supervised_eps0": (supervised, TINY + ["--eps", "0", "--max-steps", "2"]),  # 2 steps: DDP's unused adversarial BN
+    "acl_supcon": (acl, STEP_ARGV + ["--supcon"]),
+}
+
+
+def supervised_attack_inputs():
+    torch.manual_seed(1)
+    model = supervised.Classifier(8, "cifar", 10)
+    x, y = supervised_batch()
+    return model, x, y
+
+
+def supervised_two_process_worker(rank, tmp):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    real_bn = common.DualBN.forward
+    common.DualBN.forward = fixed_statistics_bn
+    for name, (module, argv) in TWO_PROCESS_RUNS.items():
+        module.main(argv + ["--out-dir", os.path.join(tmp, "two", name)])
+    common.DualBN.forward = real_bn
+    # the attack on each process's slice is that slice of the one-process attack, random start included
+    whole = torch.load(os.path.join(tmp, "attack.pt"), weights_only=True)
+    model, x, y = supervised_attack_inputs()
+    torch.manual_seed(2)
+    x_adv = supervised.adversarial_examples(model, x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8], 8 / 255, 2 / 255, 3)
+    parts = [torch.empty_like(x_adv) for _ in range(2)]
+    torch.distributed.all_gather(parts, x_adv)
+    assert (torch.cat(parts) - whole).abs().max() <= 1e-6
+    torch.distributed.destroy_process_group()
+
+
+def test_supervised_and_supcon_on_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
+    import socket
+    import torch.multiprocessing as mp
+    model, x, y = supervised_attack_inputs()
+    torch.manual_seed(2)
+    torch.save(supervised.adversarial_examples(model, x, y, 8 / 255, 2 / 255, 3), tmp_path / "attack.pt")
+    monkeypatch.setattr(common.DualBN, "forward", fixed_statistics_bn)
+    for name, (module, argv) in TWO_PROCESS_RUNS.items():
+        module.main(argv + ["--out-dir", str(tmp_path / "one" / name)])
+    monkeypatch.undo()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    mp.spawn(supervised_two_process_worker, args=(str(tmp_path),), nprocs=2)
+
+    for name in TWO_PROCESS_RUNS:
+        (one,), (two,) = (list((tmp_path / n / name).iterdir()) for n in ("one", "two"))
+        a, b = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (one, two))
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), name
+        assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    one, two = (metrics(next((tmp_path / n / "acl_supcon").iterdir())) for n in ("one", "two"))
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)  # SupCon over the gathered batch and labels
