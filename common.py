@@ -699,7 +699,7 @@ def check_shared_args(args, method):
                         "drop --supcon")
     if args.supcon and args.dataset == "stl10":
         raise UserError("--supcon needs labels, but --dataset stl10 pre-trains on STL-10's unlabelled images; "
-                        "use a labelled dataset (cifar10, cifar100, imagefolder) or drop --supcon")
+                        "use a labelled dataset (cifar10, cifar100, imagefolder, digits) or drop --supcon")
     if args.image_size is None:
         args.image_size = NATIVE_SIZE[args.dataset] or DEFAULT_IMAGE_SIZE[args.dataset]
     if args.image_size < 8:

@@ -201,7 +201,8 @@ def parse_args(argv=None):
     a("--mode", default=None, choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF "
       "from one encoder; --post-process without --mode only post-processes (default: slf)")
     a("--bn", default=None, choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF "
-      "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper)")
+      "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper; clean for supervised.py --eps 0, "
+      "whose adversarial BN is never trained)")
     a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
     a("--image-size", type=int, default=None, help="input size in px (default: the checkpoint's, else 32 / 96 for the CIFAR / ImageNet stem)")
@@ -311,6 +312,13 @@ def check_args(args):
                         f"then each --compare), but {len(args.labels)} were given")
     if args.mode is None and not args.post_process:
         args.mode = "slf"
+
+
+def only_clean_bn_trained(encoder):
+    """True for a supervised.py --eps 0 checkpoint: standard training sends every image through the clean
+    batch norms, so its adversarial copy is still at its initialisation and the clean one is evaluated
+    (unless --bn says otherwise)."""
+    return encoder.method == "supervised" and (encoder.run_args or {}).get("eps") == 0
 
 
 def mode_settings(args, mode, method=None, image_size=None):
@@ -933,7 +941,7 @@ def representation_analysis(model, mode, settings, method, others, test_loader, 
         print(f"\n--compare {path}: {label}, {mode} fine-tuning", flush=True)
         torch.manual_seed(args.seed)
         other = Classifier(encoder, num_classes).to(device, memory_format=memory_format)
-        other.encoder.adv = model.encoder.adv
+        other.encoder.adv = model.encoder.adv and not (args.bn is None and only_clean_bn_trained(encoder))
         fine_tune(other, mode, train_loader(settings["batch_size"]), settings, args, device, amp, memory_format)
         compared.append(other)
     keep_all = args.probes and args.probe_attack == "fixed"
@@ -1324,6 +1332,8 @@ def main(argv=None):
     for mode in modes:
         mode_start = time.perf_counter()
         settings = mode_settings(args, mode, method, image_size)
+        if args.bn is None and only_clean_bn_trained(pretrained):
+            settings["bn"] = "clean"
         recipe = recipe_record(args, method, mode, settings)
         torch.manual_seed(args.seed)  # every mode starts from the same encoder, classifier and random numbers
         model = Classifier(copy.deepcopy(pretrained), num_classes).to(device, memory_format=memory_format)

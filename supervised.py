@@ -16,7 +16,7 @@ with a per-iteration cosine decay and no warm-up, weight decay 5e-4, 100 epochs,
 10, eps 8/255, step 2/255). --temperature has no use here; --dynacl and --supcon are refused. The
 checkpoint's model is the backbone in the released ACL layout plus classifier.weight and
 classifier.bias, so eval_linear.py reads it as a pre-training checkpoint (an --eps 0 run trains only
-the clean batch norms: evaluate it with --bn clean).
+the clean batch norms, so eval_linear.py evaluates that copy of it unless --bn says otherwise).
 
     python supervised.py --dataset cifar10                # SL-AT: PGD-10 adversarial training, 100 epochs
     python supervised.py --dataset cifar10 --eps 0        # SL-ST: standard training

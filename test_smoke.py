@@ -1757,7 +1757,7 @@ def test_digits_file_missing_is_one_sentence(monkeypatch, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("module", [acl, air, a_infonce], ids=["acl", "air", "a_infonce"])
+@pytest.mark.parametrize("module", [acl, air, a_infonce, supervised], ids=["acl", "air", "a_infonce", "supervised"])
 def test_every_script_accepts_digits(module, tmp_path):
     run_dir = module.main(["--dataset", "digits", "--width", "8", "--batch-size", "32", "--pgd-steps", "1",
                            "--workers", "0", "--max-steps", "2", "--out-dir", str(tmp_path)])
@@ -2299,3 +2299,19 @@ def test_supervised_and_supcon_on_two_processes_compute_the_one_process_run(tmp_
         assert sorted(os.listdir(two)) == sorted(os.listdir(one))
     one, two = (metrics(next((tmp_path / n / "acl_supcon").iterdir())) for n in ("one", "two"))
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)  # SupCon over the gathered batch and labels
+
+
+def test_standard_supervised_checkpoint_is_evaluated_through_its_trained_clean_bn(tmp_path):
+    """supervised.py --eps 0 never uses the adversarial batch norms: eval_linear.py picks the clean copy unless
+    --bn is given, as the main checkpoint and as a --compare model."""
+    st = supervised.main(TINY + ["--eps", "0", "--max-steps", "2", "--out-dir", str(tmp_path / "st")])
+    at = supervised.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "at")])
+    quick = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "32", "--test-size", "16", "--pgd-steps", "1",
+             "--workers", "0", "--test-batch-size", "16"]
+    st_ckpt, at_ckpt = os.path.join(st, "checkpoint.pt"), os.path.join(at, "checkpoint.pt")
+    assert eval_linear.main([st_ckpt, *quick, "--out", str(tmp_path / "a.json")])["bn"] == "clean"
+    assert eval_linear.main([st_ckpt, *quick, "--bn", "adv", "--out", str(tmp_path / "b.json")])["bn"] == "adv"
+    assert eval_linear.main([at_ckpt, *quick, "--out", str(tmp_path / "c.json")])["bn"] == "adv"
+    result = eval_linear.main([at_ckpt, *quick, "--cka", "--cka-samples", "16", "--compare", st_ckpt,
+                               "--out", str(tmp_path / "d.json")])
+    assert result["bn"] == "adv" and result["compare"][0]["bn"] == "clean"
