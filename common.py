@@ -618,7 +618,7 @@ def add_shared_flags(parser):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process); min(8, CPU cores) unless given")
     a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
-    a("--resume", default=None, help="checkpoint.pt of an earlier run of this method to continue (same run folder)")
+    a("--resume", default=None, help="checkpoint.pt of an earlier run of this method, or its run folder, to continue (in that folder)")
     a("--max-steps", type=int, default=None, help="stop after this global step (tests, benchmarks); resume can raise it")
     a("--log-every", type=int, default=50, help="steps between progress lines and metrics.jsonl records")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at epoch ends, stops and signals)")
