@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -387,10 +388,44 @@ def load_dataset(name, data_dir, split, seed=0, size=None):
     except Exception as e:  # no network, a broken archive, a full disk: say where the data must go
         if created:  # a failed load leaves nothing behind, e.g. after a mistyped --data-dir
             shutil.rmtree(created, ignore_errors=True)
+        folder = os.path.join(os.path.abspath(data_dir), cls.base_folder)
+        why = _why_unreadable(cls, folder) if os.path.isdir(folder) else None
+        if why:  # the extracted copy is there (so torchvision did not say why it failed): name the file
+            raise UserError(f"the {name} folder {folder} is there but cannot be read: {why}; extract {archive} "
+                            f"into {os.path.abspath(data_dir)} again (or remove the folder to download it again)") from None
         reason = str(e).strip() or type(e).__name__
         raise UserError(f"could not find or download {name} in {os.path.abspath(data_dir)} ({reason}); "
                         f"download {archive} elsewhere and put it (or its extracted folder) there, or point "
                         "--data-dir at a folder that has it") from None
+
+
+def _why_unreadable(cls, folder):
+    """What is wrong with an extracted CIFAR folder, naming the file (None if nothing is found): a file
+    missing, not a pickle, or not a dict of 3x32x32 uint8 rows and their labels as torchvision reads it."""
+    if cls not in (CIFAR10, CIFAR100):
+        return None
+    labels = "labels" if cls is CIFAR10 else "fine_labels"
+    for filename, keys in [(f, ("data", labels)) for f, _ in cls.train_list + cls.test_list] + [
+            (cls.meta["filename"], (cls.meta["key"],))]:
+        path = os.path.join(folder, filename)
+        if not os.path.isfile(path):
+            return f"{filename} is missing"
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+        except Exception as e:
+            return f"{filename} is not a readable pickle ({type(e).__name__}: {str(e).strip() or 'no detail'})"
+        missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            return f"{filename} has no {' or '.join(repr(k) for k in missing)} entry"
+        if "data" in keys:
+            try:
+                rows = np.asarray(entry["data"]).size == 3072 * len(entry[labels])
+            except TypeError:
+                rows = False
+            if not rows:
+                return f"{filename}'s 'data' is not one row of 3x32x32 pixels per label"
+    return None
 
 
 def _first_missing_folder(path):
@@ -649,7 +684,7 @@ def add_shared_flags(parser):
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process); min(8, CPU cores) unless given")
     a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
-    a("--resume", default=None, help="checkpoint.pt of an earlier run of this method to continue (same run folder)")
+    a("--resume", default=None, help="checkpoint.pt of an earlier run of this method, or its run folder, to continue (in that folder)")
     a("--max-steps", type=int, default=None, help="stop after this global step (tests, benchmarks); resume can raise it")
     a("--log-every", type=int, default=50, help="steps between progress lines and metrics.jsonl records")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at epoch ends, stops and signals)")
@@ -712,10 +747,9 @@ def parse_and_resume(parser, argv, method):
     args = parser.parse_args(argv)
     checkpoint = None
     if args.resume:
+        args.resume = checkpoint_file(args.resume)
         checkpoint = load_checkpoint(args.resume)
-        if checkpoint.get("method") != method:
-            raise UserError(f"{args.resume} is a checkpoint of {checkpoint.get('method')!r}, not of {method!r}; "
-                            f"resume it with {checkpoint.get('method')}.py, or start a new run")
+        check_resumable(checkpoint, args.resume, method)
         saved, given = checkpoint["args"], given_flags(parser, argv)
         for name in sorted(given - RESUMABLE):
             if name in saved and saved[name] != getattr(args, name):
@@ -729,7 +763,42 @@ def parse_and_resume(parser, argv, method):
     return args, checkpoint
 
 
+# The training script of each method a checkpoint can record. eval_linear.py writes files whose
+# method has a '+': '<method>++' (--post-process) and '<method>+<mode>' (a fine-tuned model).
+SCRIPTS = {"acl": "acl.py", "air": "air.py", "a_infonce": "a_infonce.py", "supervised": "supervised.py"}
+
+
+def check_resumable(checkpoint, path, method):
+    """A training script continues only a checkpoint of its own runs; any other file is refused with
+    one sentence saying what it is and what to do with it."""
+    recorded = checkpoint.get("method") if isinstance(checkpoint, dict) else None
+    if recorded == method:
+        return
+    if recorded in SCRIPTS:
+        raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
+                        f"with {SCRIPTS[recorded]}, or start a new run")
+    if isinstance(recorded, str) and "+" in recorded:
+        what = ("an encoder post-processed by eval_linear.py --post-process" if recorded.endswith("++")
+                else "a model fine-tuned by eval_linear.py")
+        raise UserError(f"{path} is {what} (method {recorded!r}), not a training run's checkpoint: it cannot be "
+                        "resumed, only evaluated with eval_linear.py")
+    recorded = "records no method" if recorded is None else f"records the method {recorded!r}"
+    raise UserError(f"{path} is not a checkpoint of this project's training scripts (it {recorded}; a released "
+                    "checkpoint, for example): it cannot be resumed, only evaluated with eval_linear.py")
+
+
+def checkpoint_file(path):
+    """The checkpoint a path names: a run folder stands for its checkpoint.pt (--resume, eval_linear.py)."""
+    if not os.path.isdir(path):
+        return path
+    if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        raise UserError(f"{path} is a folder without a checkpoint.pt; give a run folder that has one, or the "
+                        "checkpoint file itself")
+    return os.path.join(path, "checkpoint.pt")
+
+
 def pick_device(name):
+    """The device; on the GPU the cuDNN and TF32 settings, on the CPU as many threads as there are idle cores."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
     device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -737,7 +806,64 @@ def pick_device(name):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True  # only matters with --no-amp
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        use_idle_cores()
     return device
+
+
+# PyTorch runs its CPU kernels on one OpenMP thread per core, and OpenMP threads that wait for each
+# other spin: beside another CPU-heavy process each thread waits for a partner that is not scheduled,
+# and a run slows down by far more than its lost share of the CPU (README, Speed: 3x to 100x). So the
+# scripts use as many threads as there are idle cores when they start.
+TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before any change
+
+
+def read_proc_stat():
+    """{CPU index: (idle ticks, all ticks)} since boot, from Linux's /proc/stat (idle includes iowait)."""
+    ticks = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+                ticks[int(name[3:])] = (idle + iowait, user + nice + system + idle + iowait + irq + softirq + steal)
+    return ticks
+
+
+def idle_threads(environ=None, read_stat=None, allowed=None, default=None, interval=0.2):
+    """(threads, idle cores): the CPU threads to use now, or (None, None) to leave PyTorch's choice.
+    OMP_NUM_THREADS, set by the user or by torchrun, is respected (None). Otherwise two readings of
+    /proc/stat `interval` seconds apart give each core's idle share, summed over the cores this process
+    may run on (os.sched_getaffinity); threads = max(1, round(idle cores)), at most PyTorch's default.
+    Where either cannot be read (not Linux), (None, None)."""
+    environ = os.environ if environ is None else environ
+    if "OMP_NUM_THREADS" in environ:
+        return None, None
+    read_stat, default = read_stat or read_proc_stat, default or TORCH_THREADS
+    try:
+        allowed = os.sched_getaffinity(0) if allowed is None else allowed
+        before = read_stat()
+        time.sleep(interval)
+        after = read_stat()
+    except (AttributeError, OSError, ValueError):
+        return None, None
+    idle = 0.0
+    for cpu in allowed:
+        if cpu in before and cpu in after:
+            ticks = after[cpu][1] - before[cpu][1]
+            idle += (after[cpu][0] - before[cpu][0]) / ticks if ticks > 0 else 1.0  # no tick counted: idle
+    return min(default, max(1, round(idle))), idle
+
+
+def use_idle_cores():
+    """torch.set_num_threads(idle_threads()), saying so in one line when it is fewer than the default."""
+    threads, idle = idle_threads()
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    if threads is not None and threads < TORCH_THREADS:
+        print(f"CPU: {threads} thread{'s' * (threads > 1)}, not {TORCH_THREADS}: {idle:.1f} of "
+              f"{len(os.sched_getaffinity(0))} cores are idle (other processes use the rest); "
+              "set OMP_NUM_THREADS to choose", flush=True)
 
 
 def run_dir_for(args, method, checkpoint_path=None):
@@ -939,27 +1065,54 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+class _GlobalOnly(contextlib.nullcontext):
+    """In place of FlopCounterMode's module tracker: every operation counts towards the total ('Global')."""
+    parents = {"Global"}
+
+
 class Benchmark:
     """Steady-state throughput of a --max-steps run: timed from the end of a warm-up to the last step,
-    with the peak GPU memory and (with --benchmark) the rate of the data loader alone."""
+    with the peak GPU memory and, with --benchmark, the rate of the data loader alone and the FLOPs of
+    one training step, so that the run shows whether the device or the data pipeline is the limit."""
 
     def __init__(self, device, batch_size, warmup_steps):
         self.device, self.batch_size, self.warmup_steps = device, batch_size, warmup_steps
         self.steps_done, self.start, self.start_steps = 0, None, 0
-        self.loader_images_per_s = None
+        self.loader_images_per_s = self.loader_images_per_s_per_worker = None
+        self.flop_counter = self.flops_per_image = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def time_loader(self, loader, sampler, batches):
+    def time_loader(self, loader, sampler, batches, workers, world=1):
+        """This process's loader alone over `batches` batches; its rate times the processes (they load
+        side by side), comparable with the training images/s, and per loading process (worker)."""
         sampler.set_epoch(1)
-        start, n = time.perf_counter(), 0
-        for n, _ in enumerate(loader, 1):
+        start, images = time.perf_counter(), 0
+        for n, batch in enumerate(loader, 1):
+            images += len(batch[0])
             if n >= batches:
                 break
-        self.loader_images_per_s = n * self.batch_size / (time.perf_counter() - start)
+        rate = images / (time.perf_counter() - start)
+        self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, rate / max(1, workers)
+
+    def count_flops(self, images):
+        """Count the floating-point operations of everything until the next step() with PyTorch's
+        FlopCounterMode (matrix products and convolutions, forward and backward: the attack's
+        forwards and input gradients, the training forwards, the backward), per image of the
+        `images` this process trains on in a step. The counted step is a warm-up step: untimed."""
+        from torch.utils.flop_counter import FlopCounterMode
+        self.flop_counter, self.flop_images = FlopCounterMode(display=False), images
+        # Totals only: the counter's per-module attribution registers backward hooks that fail under the
+        # attack's torch.autograd.grad on a leaf input (pytorch/pytorch#131753); the totals are the same.
+        self.flop_counter.mod_tracker = _GlobalOnly()
+        self.flop_counter.__enter__()
 
     def step(self):
         self.steps_done += 1
+        if self.flop_counter:
+            self.flop_counter.__exit__(None, None, None)
+            self.flops_per_image = self.flop_counter.get_total_flops() / self.flop_images
+            self.flop_counter = None
         if self.steps_done == self.warmup_steps:
             synchronize(self.device)
             self.start, self.start_steps = time.perf_counter(), self.steps_done
@@ -969,16 +1122,21 @@ class Benchmark:
         timed = self.steps_done - self.start_steps
         if self.start is None or timed < 1:
             return None
+        images_per_s = timed * self.batch_size / (time.perf_counter() - self.start)
+        flops = self.flops_per_image
         result = {"method": method, "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
-                  "timed_steps": timed, "batch_size": self.batch_size,
-                  "images_per_s": timed * self.batch_size / (time.perf_counter() - self.start),
+                  "timed_steps": timed, "batch_size": self.batch_size, "images_per_s": images_per_s,
                   "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
-                  "loader_images_per_s": self.loader_images_per_s}
+                  "loader_images_per_s": self.loader_images_per_s,
+                  "loader_images_per_s_per_worker": self.loader_images_per_s_per_worker,
+                  "flops_per_image": flops, "tflops_per_s": flops * images_per_s / 1e12 if flops else None}
         write_json(os.path.join(run_dir, "benchmark.json"), result)
-        loader = f", data loader alone {result['loader_images_per_s']:.0f} img/s" if self.loader_images_per_s else ""
+        compute = f", {flops / 1e9:.3g} GFLOP per image, {result['tflops_per_s']:.3g} TFLOP/s" if flops else ""
         memory = f", peak GPU memory {result['peak_gpu_memory_gib']:.2f} GiB" if result["peak_gpu_memory_gib"] else ""
-        print(f"benchmark: {result['images_per_s']:.1f} img/s over {timed} steps after {self.start_steps} "
-              f"warm-up steps on {result['device']}{memory}{loader}", flush=True)
+        loader = (f", data loader alone {self.loader_images_per_s:.0f} img/s "
+                  f"({self.loader_images_per_s_per_worker:.0f} per worker)" if self.loader_images_per_s else "")
+        print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.start_steps} warm-up steps on "
+              f"{result['device']}{compute}{memory}{loader}", flush=True)
         return result
 
 
@@ -1110,26 +1268,31 @@ def cut_metrics(path, step, log_every):
 
 class Run:
     """Everything a training loop does besides training, made once, then `end_of_step()` once per step:
-    resume (weights, optimiser, step, random state, open log window), the run folder and args.json,
-    progress lines and metrics.jsonl, the non-finite watch, checkpoints (every epoch end, every
-    --save-every steps, the last step, Ctrl-C/SIGTERM) and the benchmark. Under torchrun rank 0 alone
-    names the folder, prints and writes, and every process stops at the same step."""
+    resume (weights, optimiser, step, random state, open log window; a checkpoint already at or past
+    the run's stop changes nothing), the run folder and args.json, progress lines and metrics.jsonl,
+    the non-finite watch, checkpoints (every epoch end, every --save-every steps, the last step,
+    Ctrl-C/SIGTERM) and the benchmark. Under torchrun rank 0 alone names the folder, prints and
+    writes, and every process stops at the same step."""
 
     def __init__(self, method, args, checkpoint, model, optimizer, loader, device, amp):
         self.method, self.args, self.model, self.optimizer = method, args, model, optimizer
+        self.nothing_to_do = False
         self.rank, world = rank_and_world()
         self.steps_per_epoch = loader.batch_sampler.batches_per_epoch
         total_steps = args.epochs * self.steps_per_epoch
         self.stop_step = min(total_steps, args.max_steps or total_steps)
         self.step, log_state = 0, None
-        if checkpoint:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            self.step, log_state = checkpoint["step"], checkpoint.get("log")
-            set_rng_state(checkpoint["rng"])
         self.dir = self._run_dir(world)
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         self.log = self.bench = None
+        if checkpoint:
+            self.step, log_state = checkpoint["step"], checkpoint.get("log")
+            self.nothing_to_do = self._check_resume_point(total_steps)
+            if self.nothing_to_do:  # nothing is loaded or written: the run folder stays as it is
+                return
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            set_rng_state(checkpoint["rng"])
         if self.rank == 0:
             write_json(os.path.join(self.dir, "args.json"), vars(args))
             if checkpoint:
@@ -1145,7 +1308,24 @@ class Run:
         self.watch = NonFiniteWatch(device)
         self.stop = StopSignal(announce=self.rank == 0)
         if self.bench and args.benchmark:
-            self.bench.time_loader(loader, loader.batch_sampler, min(50, self.steps_per_epoch))
+            self.bench.time_loader(loader, loader.batch_sampler, min(50, self.steps_per_epoch), args.workers, world)
+            if not args.compile:  # FlopCounterMode counts eager operations: not a compiled graph's
+                self.bench.count_flops(args.batch_size // world)
+
+    def _check_resume_point(self, total_steps):
+        """A resumed run must have steps left before it stops: a stop below the checkpoint's step is
+        refused, and a stop at it (a finished run, or --max-steps equal to its step) is nothing to do,
+        said in one line. Either way nothing is changed. Returns True when there is nothing to do."""
+        step, stop, args = self.step, self.stop_step, self.args
+        if stop == total_steps:
+            where, more = f"the end of its --epochs {args.epochs}", "start a new run to train longer"
+        else:
+            where, more = f"--max-steps {stop}", f"give a --max-steps above {step} to train further"
+        if step > stop:
+            raise UserError(f"{args.resume} is at step {step}, already past step {stop} ({where}); {more}")
+        if step == stop and self.rank == 0:
+            print(f"nothing to do: {args.resume} is at step {step}, where this run stops ({where}); {more}", flush=True)
+        return step == stop
 
     def _run_dir(self, world):
         """Rank 0 names and makes the folder; the other processes learn its name, or rank 0's error."""
@@ -1190,6 +1370,8 @@ class Run:
 
     def finish(self):
         """The benchmark summary and the closing line; returns the run folder."""
+        if self.nothing_to_do:
+            return self.dir
         if self.bench:
             self.bench.summary(self.dir, self.method)
         if self.rank == 0:

@@ -48,8 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DefaultsHelpFormatter, DualBN, ResNet18, UserError,
-                    atomic_file, autocast, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard,
-                    pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize, write_json)
+                    atomic_file, autocast, checkpoint_file, default_workers, eval_loader, fail, load_checkpoint,
+                    load_dataset, main_guard, pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize,
+                    write_json)
 
 # The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -270,6 +271,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    args.checkpoint, args.compare = checkpoint_file(args.checkpoint), args.compare and [checkpoint_file(p) for p in args.compare]
     for name in ("epochs", "batch_size", "test_batch_size", "train_size", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")

@@ -2315,3 +2315,212 @@ def test_standard_supervised_checkpoint_is_evaluated_through_its_trained_clean_b
     result = eval_linear.main([at_ckpt, *quick, "--cka", "--cka-samples", "16", "--compare", st_ckpt,
                                "--out", str(tmp_path / "d.json")])
     assert result["bn"] == "adv" and result["compare"][0]["bn"] == "clean"
+
+
+# =============================================================================================
+# Run bookkeeping (issues 20, 21): CPU threads, resume points, what a refused file is, run folders,
+# an unreadable CIFAR folder, FLOPs per image in the benchmark
+# =============================================================================================
+
+def fake_proc_stat(*readings):
+    """A /proc/stat reader that returns the given {cpu: (idle ticks, all ticks)} readings in turn."""
+    readings = iter(readings)
+    return lambda: next(readings)
+
+
+@pytest.mark.parametrize("after, allowed, default, threads", [
+    ({0: (120, 220), 1: (120, 220)}, {0, 1}, 2, 2),  # idle machine: every core
+    ({0: (120, 220), 1: (100, 220)}, {0, 1}, 2, 1),  # one core busy with another process
+    ({0: (115, 220), 1: (105, 220)}, {0, 1}, 2, 1),  # 0.75 + 0.25 idle: round(1.0)
+    ({0: (120, 220), 1: (117, 220)}, {0, 1}, 2, 2),  # 1.85 idle
+    ({0: (100, 220), 1: (100, 220)}, {0, 1}, 2, 1),  # both busy: still one thread
+    ({0: (120, 220), 1: (120, 220)}, {0, 1}, 1, 1),  # never more than PyTorch's default
+    ({0: (120, 220), 1: (100, 220)}, {0}, 2, 1),     # only the cores this process may use count
+], ids=["idle", "one-busy", "three-quarters", "almost-idle", "all-busy", "capped", "affinity"])
+def test_cpu_threads_follow_the_idle_cores(after, allowed, default, threads):
+    before = {0: (100, 200), 1: (100, 200)}
+    got, idle = common.idle_threads({}, fake_proc_stat(before, after), allowed, default, interval=0)
+    expected_idle = sum((after[c][0] - before[c][0]) / (after[c][1] - before[c][1]) for c in allowed)
+    assert got == threads and idle == pytest.approx(expected_idle)
+
+
+def test_cpu_threads_respect_omp_num_threads_and_unreadable_stats(monkeypatch, capsys):
+    def never():
+        raise AssertionError("/proc/stat read although OMP_NUM_THREADS was set")
+
+    assert common.idle_threads({"OMP_NUM_THREADS": "3"}, never, {0, 1}, 2, interval=0) == (None, None)
+
+    def unreadable():
+        raise OSError("no /proc here")
+
+    assert common.idle_threads({}, unreadable, {0, 1}, 2, interval=0) == (None, None)
+    # pick_device, which every script passes, sets the threads and says why in one line
+    busy = fake_proc_stat({0: (100, 200), 1: (100, 200)}, {0: (120, 220), 1: (100, 220)})
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(common, "read_proc_stat", busy)
+    monkeypatch.setattr(common, "TORCH_THREADS", 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = torch.get_num_threads()
+    try:
+        assert common.pick_device("cpu").type == "cpu" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out == ("CPU: 1 thread, not 2: 1.0 of 2 cores are idle (other processes use the rest); "
+                   "set OMP_NUM_THREADS to choose\n")
+
+
+def run_files(run_dir):
+    """Each file of a run folder: its bytes and modification time."""
+    return {name: (open(os.path.join(run_dir, name), "rb").read(), os.stat(os.path.join(run_dir, name)).st_mtime_ns)
+            for name in sorted(os.listdir(run_dir))}
+
+
+def assert_one_sentence(status, err, *fragments):
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, (status, err)
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_resume_at_or_below_the_stop_changes_nothing(tmp_path, capsys):
+    run_dir = acl.main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path)])
+    path = os.path.join(run_dir, "checkpoint.pt")
+    files = run_files(run_dir)
+    assert {"args.json", "metrics.jsonl", "checkpoint.pt"} <= set(files)
+    capsys.readouterr()
+    status, err = in_process_error(acl.main, ["--resume", path, "--max-steps", "2"], capsys)
+    assert_one_sentence(status, err, f"{path} is at step 3, already past step 2 (--max-steps 2)",
+                        "give a --max-steps above 3 to train further")
+    for argv in (["--resume", path], ["--resume", path, "--max-steps", "3"]):  # the run's own stop, or given again
+        assert acl.main(argv) == run_dir
+        assert capsys.readouterr().out == (f"nothing to do: {path} is at step 3, where this run stops (--max-steps 3); "
+                                           "give a --max-steps above 3 to train further\n")
+    assert run_files(run_dir) == files
+    result = run_cli("acl.py", "--resume", path)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout.startswith("nothing to do: ")
+    assert result.stdout.count("\n") == 1 and run_files(run_dir) == files
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
+    write_image_tree(str(tmp_path / "tree"), sizes=((40, 48), (32, 32), (64, 50), (36, 36)))  # 8 images
+    run_dir = acl.main(TINY + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "tree"), "--batch-size", "4",
+                               "--epochs", "1", "--out-dir", str(tmp_path / "runs")])
+    path = os.path.join(run_dir, "checkpoint.pt")
+    files = run_files(run_dir)
+    assert torch.load(path, weights_only=True)["step"] == 2
+    capsys.readouterr()
+    data = ["--data-dir", str(tmp_path / "tree")]  # the data folder may move between runs: it is not the checkpoint's
+    for argv in (["--resume", path, *data], ["--resume", path, *data, "--max-steps", "50"]):
+        assert acl.main(argv) == run_dir
+        assert capsys.readouterr().out == (f"nothing to do: {path} is at step 2, where this run stops (the end of its "
+                                           "--epochs 1); start a new run to train longer\n")
+    status, err = in_process_error(acl.main, ["--resume", path, *data, "--max-steps", "1"], capsys)
+    assert_one_sentence(status, err, "is at step 2, already past step 1 (--max-steps 1)")
+    assert run_files(run_dir) == files
+
+
+@pytest.mark.parametrize("recorded, fragments", [
+    ("dynacl-air++", ["is an encoder post-processed by eval_linear.py --post-process (method 'dynacl-air++')",
+                      "it cannot be resumed, only evaluated with eval_linear.py"]),
+    ("acl-air++", ["is an encoder post-processed by eval_linear.py --post-process (method 'acl-air++')"]),
+    ("acl+slf", ["is a model fine-tuned by eval_linear.py (method 'acl+slf')", "cannot be resumed, only evaluated"]),
+    ("dynacl-air+++aff", ["is a model fine-tuned by eval_linear.py (method 'dynacl-air+++aff')"]),
+    ("air", ["is a checkpoint of 'air' (air.py), not of 'acl'; resume it with air.py, or start a new run"]),
+    ("a_infonce", ["is a checkpoint of 'a_infonce' (a_infonce.py), not of 'acl'; resume it with a_infonce.py"]),
+    ("supervised", ["is a checkpoint of 'supervised' (supervised.py), not of 'acl'; resume it with supervised.py"]),
+    (None, ["is not a checkpoint of this project's training scripts (it records no method",
+            "cannot be resumed, only evaluated with eval_linear.py"]),
+    ("simclr", ["(it records the method 'simclr'"]),
+    ("tensor", ["(it records no method"]),
+    ("truncated", ["cannot be read: it is truncated, corrupt or not a PyTorch checkpoint"]),
+])
+def test_resume_says_what_a_refused_file_is(recorded, fragments, pretrained, tmp_path, capsys):
+    checkpoint = torch.load(pretrained, weights_only=True)
+    path = tmp_path / "file.pt"
+    if recorded == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif recorded == "truncated":
+        data = open(pretrained, "rb").read()
+        path.write_bytes(data[: len(data) // 2])
+    elif recorded is None:  # a released checkpoint: a state dict under 'state_dict'
+        torch.save({"state_dict": checkpoint["model"]}, path)
+    else:
+        torch.save(dict(checkpoint, method=recorded), path)
+    status, err = in_process_error(acl.main, ["--resume", str(path)], capsys)
+    assert_one_sentence(status, err, str(path), *fragments)
+    named = set(re.findall(r"[\w+-]+\.py\b", err))  # only scripts that exist: never 'dynacl-air++.py'
+    assert named <= {"eval_linear.py", "acl.py", "air.py", "a_infonce.py", "supervised.py"}, named
+    assert os.listdir(tmp_path) == ["file.pt"]
+
+
+def test_a_run_folder_stands_for_its_checkpoint(pretrained, tmp_path, capsys):
+    run_dir = acl.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path / "runs")])
+    assert acl.main(["--resume", run_dir, "--max-steps", "2"]) == run_dir
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 2
+    os.makedirs(tmp_path / "empty")
+    status, err = in_process_error(acl.main, ["--resume", str(tmp_path / "empty")], capsys)
+    assert_one_sentence(status, err, f"{tmp_path / 'empty'} is a folder without a checkpoint.pt")
+    folder = os.path.dirname(pretrained)
+    args = eval_linear.parse_args([folder, "--compare", run_dir, pretrained])
+    assert args.checkpoint == pretrained and args.compare == [os.path.join(run_dir, "checkpoint.pt"), pretrained]
+    for argv in ([str(tmp_path / "empty")], [pretrained, "--compare", str(tmp_path / "empty")]):
+        status, err = in_process_error(eval_linear.main, argv, capsys)
+        assert_one_sentence(status, err, "is a folder without a checkpoint.pt")
+    out = tmp_path / "eval.json"
+    assert eval_linear.main([folder, *QUICK, "--out", str(out)])["checkpoint"] == os.path.abspath(pretrained)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("keys", "data_batch_2 has no 'data' entry"),
+    ("truncated", "data_batch_2 is not a readable pickle (UnpicklingError"),
+    ("shape", "data_batch_2's 'data' is not one row of 3x32x32 pixels per label"),
+    ("meta", "batches.meta has no 'label_names' entry"),
+])
+def test_an_unreadable_cifar_folder_names_the_file(damage, fragment, tmp_path):
+    batches = write_tiny_cifar10(str(tmp_path))
+    folder = tmp_path / "cifar-10-batches-py"
+    if damage == "keys":
+        pickle.dump({"images": batches["data_batch_2"]["data"], "labels": [0] * 4}, open(folder / "data_batch_2", "wb"))
+    elif damage == "truncated":
+        data = (folder / "data_batch_2").read_bytes()
+        (folder / "data_batch_2").write_bytes(data[: len(data) // 2])
+    elif damage == "shape":
+        pickle.dump({"data": np.zeros((4, 1000), np.uint8), "labels": [0] * 4}, open(folder / "data_batch_2", "wb"))
+    else:
+        pickle.dump({"names": []}, open(folder / "batches.meta", "wb"))
+    listing = sorted(os.listdir(folder))
+    result = run_cli("acl.py", *TINY, "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs"))
+    assert_clean_error(result, f"the cifar10 folder {folder} is there but cannot be read: {fragment}",
+                       f"extract cifar-10-python.tar.gz into {tmp_path} again")
+    assert sorted(os.listdir(folder)) == listing and not os.path.exists(tmp_path / "runs")
+
+
+def test_benchmark_flops_per_image_equal_a_counted_hand_written_step(tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+    run_dir = acl.main(TINY + ["--max-steps", "3", "--benchmark", "--workers", "2", "--out-dir", str(tmp_path)])
+    result = json.load(open(os.path.join(run_dir, "benchmark.json")))
+
+    model = common.ResNet18(8, "cifar")
+    x1, x2 = torch.rand(16, 3, 32, 32), torch.rand(16, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        # the attack written out (2 steps, adversarial BN, eval mode, input gradients only); the images
+        # enter the network as a non-leaf tensor, which the counter's module tracker needs under
+        # torch.autograd.grad (pytorch/pytorch#131753)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        x_adv = torch.cat([x1, x2])
+        for _ in range(2):
+            leaf = x_adv.detach().requires_grad_(True)
+            z = model(leaf + 0, adv=True)
+            (grad,) = torch.autograd.grad(common.nt_xent(*z.chunk(2)), [leaf])
+            x_adv = common.step_and_project(leaf, grad, torch.cat([x1, x2]), 8 / 255, 2 / 255)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train()
+        z1, z2 = model(torch.cat([x1, x2])).chunk(2)
+        z1_adv, z2_adv = model(x_adv.detach(), adv=True).chunk(2)
+        acl.acl_loss(z1, z2, z1_adv, z2_adv)[0].backward()
+    assert result["flops_per_image"] == counter.get_total_flops() / 16 > 0
+    assert result["tflops_per_s"] == pytest.approx(result["flops_per_image"] * result["images_per_s"] / 1e12, rel=1e-9)
+    assert result["loader_images_per_s_per_worker"] == pytest.approx(result["loader_images_per_s"] / 2, rel=1e-9)
