@@ -1443,9 +1443,19 @@ def two_process_worker(rank, tmp):
     torch.distributed.destroy_process_group()
 
 
-def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
+def spawn_two_processes(worker, tmp_path, monkeypatch):
+    """worker(rank, tmp_path) in two processes that rendezvous on a free local port (gloo)."""
     import socket
     import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=2)
+
+
+def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
     z = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     reference = {"z": z, "batches": [], "attack": None}
     for name, loss_fn in LOSSES.items():
@@ -1466,12 +1476,7 @@ def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
         module.main(STEP_ARGV + ["--out-dir", str(tmp_path / "one" / module.METHOD)])
     monkeypatch.undo()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    mp.spawn(two_process_worker, args=(str(tmp_path),), nprocs=2)
+    spawn_two_processes(two_process_worker, tmp_path, monkeypatch)
 
     for module in (acl, air, a_infonce):  # one step on 2 processes = one step on 1 (SGD: a wrong gradient scale shows)
         (one,), (two,) = (list((tmp_path / n / module.METHOD).iterdir()) for n in ("one", "two"))
@@ -2275,8 +2280,6 @@ def supervised_two_process_worker(rank, tmp):
 
 
 def test_supervised_and_supcon_on_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
-    import socket
-    import torch.multiprocessing as mp
     model, x, y = supervised_attack_inputs()
     torch.manual_seed(2)
     torch.save(supervised.adversarial_examples(model, x, y, 8 / 255, 2 / 255, 3), tmp_path / "attack.pt")
@@ -2285,12 +2288,7 @@ def test_supervised_and_supcon_on_two_processes_compute_the_one_process_run(tmp_
         module.main(argv + ["--out-dir", str(tmp_path / "one" / name)])
     monkeypatch.undo()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    mp.spawn(supervised_two_process_worker, args=(str(tmp_path),), nprocs=2)
+    spawn_two_processes(supervised_two_process_worker, tmp_path, monkeypatch)
 
     for name in TWO_PROCESS_RUNS:
         (one,), (two,) = (list((tmp_path / n / name).iterdir()) for n in ("one", "two"))
