@@ -752,9 +752,10 @@ def parse_and_resume(parser, argv, method):
         check_resumable(checkpoint, args.resume, method)
         saved, given = checkpoint["args"], given_flags(parser, argv)
         for name in sorted(given - RESUMABLE):
-            if name in saved and saved[name] != getattr(args, name):
+            trained = saved.get(name, parser.get_default(name))  # a flag newer than the run: it ran with its default
+            if trained != getattr(args, name):
                 flag = "--" + name.replace("_", "-")
-                raise UserError(f"{args.resume} was trained with {flag} {saved[name]}, but {flag} {getattr(args, name)} "
+                raise UserError(f"{args.resume} was trained with {flag} {trained}, but {flag} {getattr(args, name)} "
                                 "was given; drop the flag to resume, or start a new run")
         for name, value in saved.items():
             if hasattr(args, name) and (name not in RESUMABLE or (name in KEPT_ON_RESUME and name not in given)):
@@ -777,8 +778,10 @@ def check_resumable(checkpoint, path, method):
     if recorded in SCRIPTS:
         raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
                         f"with {SCRIPTS[recorded]}, or start a new run")
-    if isinstance(recorded, str) and "+" in recorded:
-        what = ("an encoder post-processed by eval_linear.py --post-process" if recorded.endswith("++")
+    written = isinstance(checkpoint, dict) and ("fine_tune" in checkpoint or "post_process" in checkpoint)
+    if written or (isinstance(recorded, str) and "+" in recorded):  # also one made from a released file (method None)
+        post_processed = "post_process" in checkpoint if written else recorded.endswith("++")
+        what = ("an encoder post-processed by eval_linear.py --post-process" if post_processed
                 else "a model fine-tuned by eval_linear.py")
         raise UserError(f"{path} is {what} (method {recorded!r}), not a training run's checkpoint: it cannot be "
                         "resumed, only evaluated with eval_linear.py")

@@ -7,8 +7,8 @@
 
 Reported: clean accuracy, PGD-20 accuracy, optionally AutoAttack (torchattacks), CIFAR-10-C style
 corruptions and per-stage linear CKA between clean and adversarial representations.
-Reads this project's checkpoints (acl.py, a_infonce.py, air.py) and the released ACL / DynACL / AIR
-pre-training checkpoints.
+Reads this project's checkpoints (acl.py, a_infonce.py, air.py, supervised.py) and the released ACL /
+DynACL / AIR pre-training checkpoints.
 
 Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
 per mode, each with every key. Our choices: an image counts as robust only when its clean version is
@@ -17,8 +17,8 @@ also classified correctly (the clean image lies in the eps-ball), so robust accu
 between points of the network (clean x adv, clean x clean, adv x adv; --cka-eps per attack radius; --compare
 across checkpoints), --probes trains a linear probe at every point, --plot draws the figures (matplotlib).
 Each mode's fine-tuned network is kept beside the JSON as <json stem>_<mode>.pt, which --compare reads as it
-is (its own classifier and BN copy, not fine-tuned again); a run removes the earlier fine-tuned files and
-figures of its JSON's name that it did not rewrite, so that everything beside the JSON belongs to it.
+is (its own classifier and BN copy, not fine-tuned again); a run removes the earlier figures of its JSON's
+name that it did not redraw, so that the figures beside the JSON belong to it (earlier fine-tuned files stay).
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
@@ -202,8 +202,8 @@ def parse_args(argv=None):
     a("--mode", default=None, choices=["slf", "alf", "aff", "all"], help="fine-tuning protocol; 'all': SLF, ALF and AFF "
       "from one encoder; --post-process without --mode only post-processes (default: slf)")
     a("--bn", default=None, choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF "
-      "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper; clean for supervised.py --eps 0, "
-      "whose adversarial BN is never trained)")
+      "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper; clean in SLF/ALF for "
+      "supervised.py --eps 0, whose adversarial BN is never trained)")
     a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
     a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
     a("--image-size", type=int, default=None, help="input size in px (default: the checkpoint's, else 32 / 96 for the CIFAR / ImageNet stem)")
@@ -232,8 +232,9 @@ def parse_args(argv=None):
       "blocks, pooled; 'all' adds every conv, BN and shortcut")
     a("--cka-eps", type=float, nargs="+", default=None, help="repeat the clean x adv map at each attack radius, in "
       "/255 (default: --eps; implies --cka)")
-    a("--compare", nargs="+", default=None, metavar="OTHER", help="also map against these checkpoints' points (same "
-      "BN copy, each fine-tuned in the same mode; implies --cka)")
+    a("--compare", nargs="+", default=None, metavar="OTHER", help="also map against these models' points: a pre-training "
+      "checkpoint is fine-tuned in the same mode with this model's BN copy, a fine-tuned file (<json stem>_<mode>.pt) "
+      "is used as it is; implies --cka")
     a("--probes", action="store_true", help="a linear probe at every point: clean and adversarial accuracy")
     a("--probe-features", default="flatten", choices=["flatten", "pool"], help="probe input: the point's flattened "
       "map, or its global average pool")
@@ -316,11 +317,12 @@ def check_args(args):
         args.mode = "slf"
 
 
-def only_clean_bn_trained(encoder):
-    """True for a supervised.py --eps 0 checkpoint: standard training sends every image through the clean
-    batch norms, so its adversarial copy is still at its initialisation and the clean one is evaluated
-    (unless --bn says otherwise)."""
-    return encoder.method == "supervised" and (encoder.run_args or {}).get("eps") == 0
+def only_clean_bn_trained(encoder, mode):
+    """True for a supervised.py --eps 0 checkpoint in SLF or ALF: standard training sends every image through
+    the clean batch norms, so its adversarial copy is still at its initialisation and the frozen encoder is
+    evaluated through the clean one (unless --bn says otherwise). AFF trains the adversarial copy on its
+    adversarial images and reports that route, as for every other checkpoint."""
+    return mode != "aff" and encoder.method == "supervised" and (encoder.run_args or {}).get("eps") == 0
 
 
 def mode_settings(args, mode, method=None, image_size=None):
@@ -943,7 +945,7 @@ def representation_analysis(model, mode, settings, method, others, test_loader, 
         print(f"\n--compare {path}: {label}, {mode} fine-tuning", flush=True)
         torch.manual_seed(args.seed)
         other = Classifier(encoder, num_classes).to(device, memory_format=memory_format)
-        other.encoder.adv = model.encoder.adv and not (args.bn is None and only_clean_bn_trained(encoder))
+        other.encoder.adv = model.encoder.adv and not (args.bn is None and only_clean_bn_trained(encoder, mode))
         fine_tune(other, mode, train_loader(settings["batch_size"]), settings, args, device, amp, memory_format)
         compared.append(other)
     keep_all = args.probes and args.probe_attack == "fixed"
@@ -1334,7 +1336,7 @@ def main(argv=None):
     for mode in modes:
         mode_start = time.perf_counter()
         settings = mode_settings(args, mode, method, image_size)
-        if args.bn is None and only_clean_bn_trained(pretrained):
+        if args.bn is None and only_clean_bn_trained(pretrained, mode):
             settings["bn"] = "clean"
         recipe = recipe_record(args, method, mode, settings)
         torch.manual_seed(args.seed)  # every mode starts from the same encoder, classifier and random numbers
@@ -1381,14 +1383,23 @@ def main(argv=None):
         raise UserError(f"cannot write {out} and the fine-tuned models beside it ({e.strerror}); choose another "
                         "--out") from None
     print("", *(f"wrote {path}" for path in written), sep="\n", flush=True)
-    for path in plot_analysis(results[-1], out) if args.plot else []:
+    try:
+        figures = plot_analysis(results[-1], out) if args.plot else []
+    except OSError as e:
+        raise UserError(f"cannot write the figures beside {out} ({e.strerror}); choose another --out") from None
+    for path in figures:
         print(f"wrote {path}", flush=True)
-        written.append(path)
-    # A figure or fine-tuned file of this JSON that an earlier run wrote and this one did not would no longer
-    # match the JSON beside it.
+    written += figures
+    # A figure of this JSON that an earlier run drew and this one did not would no longer match the JSON: it is
+    # removed. An earlier fine-tuned model is left (it carries its own record, and may have cost hours), and said.
     for path in earlier_outputs(out, written + [args.checkpoint] + (args.compare or [])):
-        os.remove(path)
-        print(f"removed {path}: an earlier run's output that {os.path.basename(out)} no longer describes", flush=True)
+        if path.endswith(".png"):
+            os.remove(path)
+            print(f"removed {path}: an earlier run's figure that {os.path.basename(out)} no longer describes",
+                  flush=True)
+        else:
+            print(f"left {path}: a model fine-tuned by an earlier run, not described by {os.path.basename(out)}",
+                  flush=True)
     return result
 
 

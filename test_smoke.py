@@ -2012,13 +2012,16 @@ def test_a_run_leaves_only_its_own_figures(pretrained, tmp_path, capsys):
     eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--cka", "--cka-samples", "16", "--plot", "--out", str(out)])
     printed = capsys.readouterr().out
     second = {"e_clean_x_adv.png", "e_clean_x_clean.png", "e_adv_x_adv.png", "e_diagonal.png", "e_stages.png"}
-    assert sorted(os.listdir(tmp_path)) == sorted(second | {"e.json", "e_slf.pt", "e_notes.png"})
-    removed = ["e_aff.pt", "e_clean_x_adv_eps4.png", "e_clean_x_adv_eps8.png", "e_compare0_adv_x_adv.png",
+    # the earlier figures go; an earlier fine-tuned model stays (it may have cost hours) and is named
+    assert sorted(os.listdir(tmp_path)) == sorted(second | {"e.json", "e_slf.pt", "e_aff.pt", "e_notes.png"})
+    removed = ["e_clean_x_adv_eps4.png", "e_clean_x_adv_eps8.png", "e_compare0_adv_x_adv.png",
                "e_compare0_clean_x_clean.png", "e_probes.png"]
-    assert sorted(first_pngs - second) == removed[1:]
+    assert sorted(first_pngs - second) == removed
     for name in removed:
-        assert f"removed {tmp_path / name}: an earlier run's output that e.json no longer describes" in printed
+        assert f"removed {tmp_path / name}: an earlier run's figure that e.json no longer describes" in printed
     assert printed.count("removed ") == len(removed)
+    assert f"left {tmp_path / 'e_aff.pt'}: a model fine-tuned by an earlier run, not described by e.json" in printed
+    assert (tmp_path / "e_aff.pt").read_bytes() == b"an earlier --mode aff run's model"
     assert json.loads(out.read_text())["compare"] is None
 
 
@@ -2313,6 +2316,33 @@ def test_standard_supervised_checkpoint_is_evaluated_through_its_trained_clean_b
     result = eval_linear.main([at_ckpt, *quick, "--cka", "--cka-samples", "16", "--compare", st_ckpt,
                                "--out", str(tmp_path / "d.json")])
     assert result["bn"] == "adv" and result["compare"][0]["bn"] == "clean"
+    # AFF trains the adversarial copy on its adversarial images and reports that route, as for any checkpoint
+    assert eval_linear.main([st_ckpt, *quick, "--mode", "aff", "--out", str(tmp_path / "e.json")])["bn"] == "adv"
+
+
+def test_resume_refuses_a_flag_the_checkpoint_predates_and_names_fine_tuned_files_of_released_encoders(tmp_path, capsys):
+    run_dir = acl.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path)])
+    path = os.path.join(run_dir, "checkpoint.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["args"]["supcon"]  # written before --supcon existed: it ran without it
+    torch.save(checkpoint, path)
+    status, err = in_process_error(acl.main, ["--resume", path, "--supcon", "--max-steps", "2"], capsys)
+    assert status == 2 and "was trained with --supcon False, but --supcon True was given" in err
+    assert torch.load(path, weights_only=True)["step"] == 1
+    released_fine_tuned = tmp_path / "ACL_DS_slf.pt"  # eval_linear.py on a released file records no method
+    torch.save({"method": None, "args": {}, "model": {}, "fine_tune": {"mode": "slf"}, "bn": "adv"}, released_fine_tuned)
+    status, err = in_process_error(acl.main, ["--resume", str(released_fine_tuned)], capsys)
+    assert status == 2 and "is a model fine-tuned by eval_linear.py" in err and "released" not in err
+
+
+def test_a_figure_that_cannot_be_written_is_one_sentence(pretrained, tmp_path, capsys, monkeypatch):
+    def full_disk(entry, out):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(eval_linear, "plot_analysis", full_disk)
+    status, err = in_process_error(eval_linear.main, [pretrained, "--mode", "slf", *QUICK, "--cka", "--cka-samples", "16",
+                                                      "--plot", "--out", str(tmp_path / "e.json")], capsys)
+    assert status == 2 and "cannot write the figures beside" in err and "No space left on device" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # =============================================================================================
