@@ -711,7 +711,8 @@ def given_flags(parser, argv):
 
 def check_shared_args(args, method):
     if args.batch_size < 2:
-        raise UserError(f"--batch-size must be at least 2 (got {args.batch_size}): contrastive losses need other images as negatives")
+        raise UserError(f"--batch-size must be at least 2 (got {args.batch_size}): contrastive losses need other images as "
+                        "negatives, and batch norm needs more than one image")
     if args.eps < 0:
         raise UserError(f"--eps must be >= 0 (got {args.eps}); it is in /255 units, e.g. --eps 8")
     if args.pgd_steps < 0:
