@@ -6,25 +6,22 @@
          CE(f(x), y) + beta * KL(f(x) || f(x')), clean x through the clean BN, x' through the adversarial BN
 
 Reported: clean accuracy, PGD-20 accuracy, optionally AutoAttack (torchattacks), CIFAR-10-C style
-corruptions and per-stage linear CKA between clean and adversarial representations.
-Reads this project's checkpoints (acl.py, a_infonce.py, air.py, supervised.py) and the released ACL /
-DynACL / AIR pre-training checkpoints.
+corruptions and per-stage linear CKA between clean and adversarial representations (--cka, the model of the
+last mode run: AFF with --mode all). Reads this project's checkpoints (acl.py, a_infonce.py, air.py,
+supervised.py) and the released ACL / DynACL / AIR pre-training checkpoints.
 
 Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
-per mode, each with every key. Our choices: an image counts as robust only when its clean version is
-also classified correctly (the clean image lies in the eps-ball), so robust accuracy <= clean accuracy;
---cka measures the model of the last mode run (AFF with --mode all). --cka also writes minibatch CKA maps
-between points of the network (clean x adv, clean x clean, adv x adv; --cka-eps per attack radius; --compare
-across checkpoints), --probes trains a linear probe at every point, --plot draws the figures (matplotlib).
-Each mode's fine-tuned network is kept beside the JSON as <json stem>_<mode>.pt, which --compare reads as it
-is (its own classifier and BN copy, not fine-tuned again); a run removes the earlier figures of its JSON's
-name that it did not redraw, so that the figures beside the JSON belong to it (earlier fine-tuned files stay).
+per mode, each with every key. Our choice: an image counts as robust only when its clean version is
+also classified correctly (the clean image lies in the eps-ball), so robust accuracy <= clean accuracy.
+Each mode's fine-tuned network is kept beside the JSON as <json stem>_<mode>.pt. Seed 002's representation
+analysis (CKA maps within and across models, per-point probes, the eps effect, figures) is representations.py,
+which reads those kept models as they are (and imports this file; this file does not import it).
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
-    python eval_linear.py checkpoint.pt --mode slf --cka --probes --compare other.pt --plot   # representation analysis
-    python eval_linear.py AT.pt --mode slf --cka --compare eval_all_cifar10_alf.pt eval_all_cifar10_aff.pt --plot
+    python eval_linear.py checkpoint.pt --mode all --cka   # keeps eval_all_cifar10_{slf,alf,aff}.pt
+    python representations.py eval_all_cifar10_slf.pt eval_all_cifar10_alf.pt eval_all_cifar10_aff.pt --plot
     python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
     python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
 
@@ -36,10 +33,10 @@ probe on them, then TRADES on the whole encoder; it writes postprocessed.pt next
 import argparse
 import copy
 import importlib.util
-import math
 import os
 import re
 import signal
+import sys
 import time
 
 import numpy as np
@@ -47,10 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DefaultsHelpFormatter, DualBN, ResNet18, UserError,
-                    atomic_file, autocast, checkpoint_file, default_workers, eval_loader, fail, load_checkpoint,
-                    load_dataset, main_guard, pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize,
-                    write_json)
+from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast,
+                    checkpoint_file, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard,
+                    pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
 # The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -131,14 +127,16 @@ def paper_settings(method, mode, dataset, image_size):
 # Method names. Every name this program records, reads back with --method and shows in figures is
 #     <base>[-supcon][++][+<mode>]
 #   base      acl, dynacl (acl.py [--dynacl]), acl-air, dynacl-air (air.py [--dynacl]), a-infonce, supervised
-#   -supcon   pre-trained with --supcon (acl.py / air.py: SupCon's loss instead of NT-Xent)
+#   -supcon   pre-trained with --supcon (acl.py / air.py: SupCon's loss instead of NT-Xent); never after a-infonce
+#             or supervised, whose scripts refuse --supcon
 #   ++        post-processed by --post-process lpaft: DynACL++ and DynACL-AIR++ are the authors'; any other ++
 #             is our extension of LPAFT, for which the authors published no fine-tuning recipe
 #   +<mode>   a fine-tuned model written by this program (<json stem>_<mode>.pt), e.g. acl+aff, dynacl-air+++slf
 METHOD_BASES = ["acl", "dynacl", "acl-air", "dynacl-air", "a-infonce", "supervised"]
-METHOD_NAME = re.compile(rf"({'|'.join(map(re.escape, METHOD_BASES))})(-supcon)?(\+\+)?(\+(slf|alf|aff))?")
-METHOD_GRAMMAR = (f"<base>[-supcon][++][+<mode>] with <base> one of {', '.join(METHOD_BASES)} and <mode> slf, alf "
-                  "or aff")
+SUPCON_BASES = METHOD_BASES[:4]  # acl.py and air.py
+METHOD_NAME = re.compile(rf"(?:(?:{'|'.join(SUPCON_BASES)})(?:-supcon)?|a-infonce|supervised)(\+\+)?(?:\+(slf|alf|aff))?")
+METHOD_GRAMMAR = (f"<base>[-supcon][++][+<mode>] with <base> one of {', '.join(METHOD_BASES)}, -supcon only after "
+                  f"{', '.join(SUPCON_BASES)} (--supcon is acl.py's and air.py's), and <mode> slf, alf or aff")
 
 
 def recorded_method(checkpoint):
@@ -167,9 +165,9 @@ def resolve_method(args, recorded):
     if args.method and recorded and args.method != recorded:
         raise UserError(f"{args.checkpoint} records the method {recorded}, but --method {args.method} was given; "
                         "drop --method (it is only for released checkpoints, which record none)")
-    if args.method and METHOD_NAME.fullmatch(args.method).group(4):
+    if args.method and METHOD_NAME.fullmatch(args.method).group(2):
         raise UserError(f"--method {args.method} names a fine-tuned model, which is not fine-tuned again; give the "
-                        "pre-training method of the checkpoint (pass fine-tuned files to --compare)")
+                        "pre-training method of the checkpoint (map fine-tuned files with representations.py)")
     method = recorded or args.method
     if method is None and (args.recipe == "paper" or args.post_process):
         raise UserError(f"{args.checkpoint} does not record its method (a released checkpoint); say which it is "
@@ -195,7 +193,18 @@ def recipe_record(args, method, mode, settings):
     return recipe
 
 
+# The representation analysis's flags, which moved to representations.py; each is answered with its command there.
+MOVED_FLAGS = ["--compare", "--probes", "--probe-features", "--probe-attack", "--probe-epochs", "--cka-eps",
+               "--cka-points", "--labels", "--plot"]
+
+
 def parse_args(argv=None):
+    words = sys.argv[1:] if argv is None else argv
+    given = [flag for flag in MOVED_FLAGS if any(word.split("=")[0] == flag for word in words)]
+    if given:
+        raise UserError(f"{given[0]} belongs to the representation analysis, which moved to representations.py: keep "
+                        f"the fine-tuned models here, then run python representations.py <json stem>_<mode>.pt "
+                        f"[OTHER ...] {given[0]} ... over them (or over pre-training checkpoints)")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     a = parser.add_argument
     a("checkpoint", help="pre-training checkpoint: this project's checkpoint.pt, or a released ACL/DynACL/AIR file")
@@ -225,26 +234,9 @@ def parse_args(argv=None):
     a("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
     a("--autoattack", action="store_true", help="also report AutoAttack (standard, L-inf) through the torchattacks package")
     a("--corruptions", default=None, metavar="DIR", help="CIFAR-10-C / CIFAR-100-C folder (labels.npy, <name>.npy)")
-    a("--cka", action="store_true", help="clean-vs-PGD linear CKA per stage, and minibatch CKA maps between points, "
-      "on the last mode's model")
+    a("--cka", action="store_true", help="clean-vs-PGD linear CKA per stage and pooled cosine similarity, on the last "
+      "mode's model (the maps, cross-model maps, probes and figures are representations.py's)")
     a("--cka-samples", type=int, default=1000, help="test images used for --cka")
-    a("--cka-points", default="blocks", choices=["blocks", "all"], help="points of the maps and probes: stem, the 8 "
-      "blocks, pooled; 'all' adds every conv, BN and shortcut")
-    a("--cka-eps", type=float, nargs="+", default=None, help="repeat the clean x adv map at each attack radius, in "
-      "/255 (default: --eps; implies --cka)")
-    a("--compare", nargs="+", default=None, metavar="OTHER", help="also map against these models' points: a pre-training "
-      "checkpoint is fine-tuned in the same mode with this model's BN copy, a fine-tuned file (<json stem>_<mode>.pt) "
-      "is used as it is; implies --cka")
-    a("--probes", action="store_true", help="a linear probe at every point: clean and adversarial accuracy")
-    a("--probe-features", default="flatten", choices=["flatten", "pool"], help="probe input: the point's flattened "
-      "map, or its global average pool")
-    a("--probe-attack", default="fixed", choices=["fixed", "probe"], help="adversarial probe images: PGD-20 made once "
-      "against the fine-tuned classifier, or against each probe")
-    a("--probe-epochs", type=int, default=30, help="training epochs of each probe (SLF's other settings)")
-    a("--plot", action="store_true", help="PNG figures of the maps and probe accuracies next to the JSON "
-      "(needs matplotlib)")
-    a("--labels", nargs="+", default=None, metavar="LABEL", help="the models' names in figures and tables, one per "
-      "model: the checkpoint, then each --compare (default: method and pre-training eps, e.g. 'acl+slf, eps 8/255')")
     a("--seed", type=int, default=0, help="random seed (data order, attack starts); every mode starts from it")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run; auto picks CUDA when available")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
@@ -272,7 +264,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    args.checkpoint, args.compare = checkpoint_file(args.checkpoint), args.compare and [checkpoint_file(p) for p in args.compare]
+    args.checkpoint = checkpoint_file(args.checkpoint)
     for name in ("epochs", "batch_size", "test_batch_size", "train_size", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
@@ -287,19 +279,8 @@ def check_args(args):
         raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
     if args.image_size is not None and args.image_size < 8:
         raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
-    if args.cka_samples < 4:
-        raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): the unbiased CKA estimator "
-                        "needs n > 3 images")
-    if args.probe_epochs < 1:
-        raise UserError(f"--probe-epochs must be at least 1 (got {args.probe_epochs})")
-    if args.cka_eps is not None and min(args.cka_eps) < 0:
-        raise UserError(f"--cka-eps must be >= 0 (got {' '.join(f'{e:g}' for e in args.cka_eps)})")
-    args.cka = args.cka or bool(args.compare) or args.cka_eps is not None
-    if args.cka and args.test_batch_size < 4:
-        raise UserError(f"--test-batch-size must be at least 4 with --cka (got {args.test_batch_size}): "
-                        "the unbiased CKA estimator needs n > 3 images per batch")
-    if args.plot and not (args.cka or args.probes):
-        raise UserError("--plot draws the --cka maps and the --probes accuracies; add --cka or --probes")
+    if args.cka_samples < 2:
+        raise UserError(f"--cka-samples must be at least 2 (got {args.cka_samples}): CKA compares images with each other")
     for name in ("lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size", "kmeans_restarts"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
@@ -310,11 +291,18 @@ def check_args(args):
         raise UserError(f"--lpaft-weight-decay must be >= 0 (got {args.lpaft_weight_decay})")
     if args.method is not None and not METHOD_NAME.fullmatch(args.method):
         raise UserError(f"--method {args.method} is not a method name; write {METHOD_GRAMMAR} (e.g. dynacl-air++)")
-    if args.labels is not None and len(args.labels) != 1 + len(args.compare or []):
-        raise UserError(f"--labels takes one label per model, {1 + len(args.compare or [])} here (the checkpoint, "
-                        f"then each --compare), but {len(args.labels)} were given")
     if args.mode is None and not args.post_process:
         args.mode = "slf"
+
+
+def dataset_classes(dataset, data_dir):
+    """The number of classes of a dataset; an ImageFolder's class folders, the same in train/ and test/."""
+    if dataset != "imagefolder":
+        return NUM_CLASSES[dataset]
+    classes = load_dataset("imagefolder", data_dir, "train").classes
+    if load_dataset("imagefolder", data_dir, "test").classes != classes:
+        raise UserError(f"{data_dir}/train and {data_dir}/test have different class folders; make them the same")
+    return len(classes)
 
 
 def only_clean_bn_trained(encoder, mode):
@@ -471,11 +459,11 @@ def fine_tuned_checkpoint(model, method, run_args, entry):
     'method' <method>+<mode>; 'args' the pre-training run's (with image_size); 'model' the backbone's weights in
     the pre-training checkpoints' layout (no projection head) plus 'classifier.weight' and 'classifier.bias';
     'bn' the BN copy the classifier was trained and evaluated with; 'num_classes'; 'fine_tune' the JSON entry's
-    settings and accuracies (not its maps and probes)."""
+    settings and accuracies (not its CKA)."""
     state = {k: v.detach().cpu().clone() for k, v in model.encoder.model.state_dict().items()}
     state.update({"classifier.weight": model.fc.weight.detach().cpu().clone(),
                   "classifier.bias": model.fc.bias.detach().cpu().clone()})
-    record = {k: v for k, v in entry.items() if k not in ("cka", "compare", "probes")}
+    record = {k: v for k, v in entry.items() if k != "cka"}
     return {"method": method, "args": run_args, "model": state, "bn": entry["bn"], "num_classes": entry["num_classes"],
             "fine_tune": record}
 
@@ -723,7 +711,7 @@ def print_values(values, indent="  "):
 
 
 def print_table(results):
-    """A readable summary on stdout; the JSON has the same numbers. Each CKA table names its estimator."""
+    """A readable summary on stdout; the JSON has the same numbers."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     print(f"\n{'mode':<5} {'bn':<5} {'epochs':>6} {'clean %':>8} {'PGD %':>8} {'AA %':>8} {'corrupt. %':>10} {'seconds':>8}")
     for r in results:
@@ -737,267 +725,17 @@ def print_table(results):
                 print(f"  {name:<20} " + " ".join(f"{100 * a:6.2f}" for a in accs))
         if r["cka"]:
             cka = r["cka"]
-            print(f"\nfull-batch linear CKA per stage, clean vs PGD images ({r['label']}; {cka['samples']} images "
+            print(f"\nfull-batch linear CKA per stage, clean vs PGD images ({r['mode']} model; {cka['samples']} images "
                   "at once):")
             print_values(cka["linear_cka"])
             print(f"  mean cosine similarity of the pooled features, clean vs PGD: {cka['pooled_cosine']:.3f}")
-            print(f"\nminibatch linear CKA (unbiased HSIC; batches of {cka['batch_size']}, {cka['map_samples']} images), "
-                  "diagonal of the clean x adv map:")
-            diagonals = [(r["label"], cka["clean_x_adv"])]
-            diagonals += [(f"{r['label']}, attack eps {e}/255", matrix)
-                          for e, matrix in cka["clean_x_adv_per_eps"].items() if float(e) != cka["eps"]]
-            diagonals += [(o["label"], o["own_clean_x_adv"]) for o in r["compare"] or []]
-            for label, matrix in diagonals:
-                print(f"  {label}:")
-                print_values(dict(zip(cka["points"], np.diag(matrix))), indent="    ")
-        if r.get("probes"):
-            print(f"\nlinear probes ({r['label']}; {r['probes']['features']} features, {r['probes']['attack']} "
-                  "attack): clean % / adversarial %")
-            for point, accuracy in r["probes"]["accuracy"].items():
-                print(f"  {point:<24} {100 * accuracy['clean']:6.2f} {100 * accuracy['adversarial']:6.2f}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Representation analysis: CKA maps and probes
-# ---------------------------------------------------------------------------------------------
-# After Ghofrani, Yaghouti & Jamshidi, "Rethinking Robust Contrastive Learning from the Adversarial
-# Perspective": clean and adversarial representations compared point by point within one network and
-# across networks, and a linear probe at every point. As in their released code the maps use minibatch
-# linear CKA with the unbiased HSIC estimator on flattened features, models in eval mode, clean and
-# adversarial images aligned image by image; the probes read flattened features by default and are
-# scored on adversarial images made once against the whole fine-tuned classifier.
-
-CKA_ESTIMATOR = ("minibatch linear CKA with the unbiased HSIC estimator (Nguyen, Raghu & Kornblith, ICLR 2021), "
-                 "HSIC sums over test batches in float64, features flattened per image")
-
-
-class _PointReached(Exception):
-    """Raised by a hook to end a forward pass at the point a probe reads."""
-
-
-def point_features(encoder, x, points="blocks", stop_at=None):
-    """{name: output} of the encoder's points for images x, in forward order, through its BN copy.
-    'blocks': stem (the input of layer1.0), layer1.0 ... layer4.1 (block outputs), pooled. 'all' adds every
-    convolution and batch-norm output (layerN.0.downsample.bn is the shortcut of a downsampling block).
-    With `stop_at`, the forward pass ends at that point: the layers after it are not run."""
-    model, found, hooks = encoder.model, {}, []
-
-    def keep(name, value):
-        found[name] = value
-        if name == stop_at:
-            raise _PointReached
-
-    hooks.append(model.layer1[0].register_forward_pre_hook(lambda module, inputs: keep("stem", inputs[0])))
-    for name, module in model.named_modules():
-        if isinstance(module, BasicBlock) or (points == "all" and isinstance(module, (nn.Conv2d, DualBN))):
-            hooks.append(module.register_forward_hook(lambda module, inputs, out, name=name: keep(name, out)))
-    try:
-        keep("pooled", encoder(x))
-    except _PointReached:
-        pass
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return found
-
-
-def point_names(encoder, image_size, points):
-    device = next(encoder.parameters()).device
-    with torch.no_grad():
-        return list(point_features(encoder, torch.zeros(1, 3, image_size, image_size, device=device), points))
-
-
-def unbiased_hsic(k, l):
-    """HSIC_1 of every pair of Gram matrices k[p], l[q] (stacks P x n x n and Q x n x n, n > 3) -> P x Q.
-    With K~, L~ the Gram matrices with their diagonals set to 0 (Song et al., JMLR 2012):
-    HSIC_1 = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n (n-3))."""
-    n = k.shape[-1]
-    off_diagonal = 1 - torch.eye(n, dtype=k.dtype, device=k.device)
-    k, l = k * off_diagonal, l * off_diagonal
-    trace = k.flatten(1) @ l.flatten(1).T  # tr(K~ L~) = sum_ij K~_ij L~_ij for symmetric matrices
-    sums = k.sum((1, 2))[:, None] * l.sum((1, 2))[None, :] / ((n - 1) * (n - 2))
-    cross = k.sum(2) @ l.sum(2).T  # 1^T K~ L~ 1 = (K~ 1) . (L~ 1)
-    return (trace + sums - 2 / (n - 2) * cross) / (n * (n - 3))
-
-
-class CKAMaps:
-    """Minibatch linear CKA between named sets of points, accumulated batch by batch in float64 (memory does
-    not grow with the number of images). For the points i of set a and j of set b:
-        CKA_ij = sum_b HSIC_1(K_bi, L_bj) / sqrt(sum_b HSIC_1(K_bi, K_bi) sum_b HSIC_1(L_bj, L_bj))."""
-
-    def __init__(self, pairs):
-        self.pairs = list(dict.fromkeys(list(pairs) + [(a, a) for pair in pairs for a in pair]))
-        self.sums, self.samples = {}, 0
-
-    def add(self, grams):
-        """grams: {set name: P x n x n Gram matrices of one batch, X X^T of the flattened features}."""
-        for a, b in self.pairs:
-            hsic = unbiased_hsic(grams[a], grams[b])
-            self.sums[a, b] = self.sums[a, b] + hsic if (a, b) in self.sums else hsic
-        self.samples += next(iter(grams.values())).shape[-1]
-
-    def map(self, a, b):
-        norm_a, norm_b = self.sums[a, a].diagonal(), self.sums[b, b].diagonal()
-        return self.sums[a, b] / torch.sqrt(norm_a[:, None] * norm_b[None, :])
-
-
-def _point_grams(encoder, images, points, amp):
-    with torch.no_grad():
-        with autocast(amp):
-            features = point_features(encoder, images, points)
-        return torch.stack([_gram(f.float()) for f in features.values()])
-
-
-def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_format):
-    """One pass over the test images. Each batch gets its PGD images against the fine-tuned classifier, made
-    once and returned (one CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes;
-    with --cka, the first --cka-samples images add their Gram matrices to the maps: this model on clean and
-    PGD images, PGD at each --cka-eps, and each compared model on the clean images, on this model's PGD
-    images and on PGD images against its own classifier. A batch of fewer than 4 images is left out of the
-    maps (the estimator needs n > 3)."""
-    eps, alpha = args.eps / 255, args.pgd_alpha / 255
-    radii = [e for e in args.cka_eps or [] if e != args.eps]
-    pairs = [("clean", "adv"), ("clean", "clean"), ("adv", "adv")] + [("clean", f"adv@{e:g}") for e in radii]
-    for i in range(len(compared)):
-        pairs += [("clean", f"{i}:clean"), ("adv", f"{i}:adv"), (f"{i}:clean", f"{i}:own_adv")]
-    maps = CKAMaps(pairs) if args.cka else None
-    adversarial, seen = [], 0
-    for x, y in loader:
-        if seen >= args.cka_samples and not keep_all:
-            break
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
-        x_adv = pgd_attack(model, x, y, eps, alpha, args.pgd_steps, amp)
-        adversarial.append(x_adv.cpu())
-        n = min(len(x), args.cka_samples - seen)
-        seen += len(x)
-        if maps is None or n < 4:
-            continue
-        x, y, x_adv = x[:n], y[:n], x_adv[:n]
-        grams = {"clean": _point_grams(model.encoder, x, args.cka_points, amp),
-                 "adv": _point_grams(model.encoder, x_adv, args.cka_points, amp)}
-        for e in radii:
-            x_eps = pgd_attack(model, x, y, e / 255, alpha, args.pgd_steps, amp)
-            grams[f"adv@{e:g}"] = _point_grams(model.encoder, x_eps, args.cka_points, amp)
-        for i, other in enumerate(compared):
-            x_own = pgd_attack(other, x, y, eps, alpha, args.pgd_steps, amp)
-            for key, images in (("clean", x), ("adv", x_adv), ("own_adv", x_own)):
-                grams[f"{i}:{key}"] = _point_grams(other.encoder, images, args.cka_points, amp)
-        maps.add(grams)
-    return adversarial, maps
-
-
-class PointFeatures(nn.Module):
-    """The frozen encoder up to one point (the forward pass stops there), its output flattened per image
-    or globally average-pooled."""
-
-    def __init__(self, encoder, point, features="flatten"):
-        super().__init__()
-        self.encoder, self.point, self.features = encoder, point, features
-
-    def forward(self, x):
-        out = point_features(self.encoder, x, "all", stop_at=self.point)[self.point]
-        return out.mean((2, 3)) if self.features == "pool" and out.ndim == 4 else out.flatten(1)
-
-
-class Probe(nn.Module):
-    """A linear probe at one point: PointFeatures and a zero-initialised linear layer. It has Classifier's
-    attribute names (encoder, fc), so fine_tune trains it as SLF and correct_per_image scores it; at 'pooled'
-    it is Classifier itself, up to the names of its modules."""
-
-    def __init__(self, encoder, point, features, num_classes, image_size):
-        super().__init__()
-        self.encoder = PointFeatures(encoder, point, features)
-        device = next(encoder.parameters()).device
-        with torch.no_grad():
-            dim = self.encoder(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
-        self.fc = nn.Linear(dim, num_classes)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, x):
-        return self.fc(self.encoder(x))
-
-
-def representation_analysis(model, mode, settings, method, others, test_loader, num_classes, image_size, args, device,
-                            amp, memory_format):
-    """--cka, --compare and --probes on the last mode's fine-tuned `model`: {'label', 'cka', 'compare', 'probes'}.
-    Each compared pre-training encoder uses this model's BN copy and gets a classifier fine-tuned in the same
-    mode with the same settings and seed, so that it is attacked through its own classifier (the eps-effect
-    diagonals); a compared fine-tuned file is used as it is, through its own classifier and BN copy."""
-    eps, alpha = args.eps / 255, args.pgd_alpha / 255
-
-    def train_loader(batch_size):
-        return eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size, args.workers, device,
-                           args.seed, subset=args.train_size)
-
-    labels = args.labels or [model_label(method, model.encoder.run_args, args.checkpoint, mode)] + [
-        model_label(encoder.method, encoder.run_args, path, None if encoder.fine_tuned else mode)
-        for path, encoder in others]
-    if not args.labels:  # models recording the same method and eps (two seeds; a checkpoint and itself): numbered
-        labels = [f"{name} ({i + 1})" if labels.count(name) > 1 else name for i, name in enumerate(labels)]
-    compared = []
-    for (path, encoder), label in zip(others, labels[1:]):
-        if encoder.fine_tuned:
-            print(f"\n--compare {path}: {label}, as fine-tuned (not fine-tuned again)", flush=True)
-            compared.append(fine_tuned_model(encoder).to(device, memory_format=memory_format))
-            continue
-        print(f"\n--compare {path}: {label}, {mode} fine-tuning", flush=True)
-        torch.manual_seed(args.seed)
-        other = Classifier(encoder, num_classes).to(device, memory_format=memory_format)
-        other.encoder.adv = model.encoder.adv and not (args.bn is None and only_clean_bn_trained(encoder, mode))
-        fine_tune(other, mode, train_loader(settings["batch_size"]), settings, args, device, amp, memory_format)
-        compared.append(other)
-    keep_all = args.probes and args.probe_attack == "fixed"
-    adversarial, maps = analysis_pass(model, compared, test_loader, args, keep_all, device, amp, memory_format) \
-        if args.cka or keep_all else (None, None)
-    names = point_names(model.encoder, image_size, args.cka_points)
-    result = {"label": labels[0], "cka": None, "compare": None, "probes": None}
-    if args.cka:
-        result["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha,
-                                                  args.pgd_steps, amp, memory_format, mode, adversarial)
-        per_eps = {f"{e:g}": maps.map("clean", "adv" if e == args.eps else f"adv@{e:g}").tolist()
-                   for e in args.cka_eps or [args.eps]}
-        result["cka"].update({"estimator": CKA_ESTIMATOR, "points_mode": args.cka_points, "points": names,
-                              "map_samples": maps.samples, "batch_size": args.test_batch_size, "eps": args.eps,
-                              "clean_x_adv": maps.map("clean", "adv").tolist(),
-                              "clean_x_clean": maps.map("clean", "clean").tolist(),
-                              "adv_x_adv": maps.map("adv", "adv").tolist(), "clean_x_adv_per_eps": per_eps})
-    if compared:  # rows: this model's points; columns: the other model's
-        result["compare"] = [{"checkpoint": os.path.abspath(path), "label": label, "method": encoder.method,
-                              "width": encoder.width, "fine_tuned": bool(encoder.fine_tuned),
-                              "mode": encoder.fine_tuned["record"].get("mode") if encoder.fine_tuned else mode,
-                              "bn": "adv" if other.encoder.adv else "clean",
-                              "clean_x_clean": maps.map("clean", f"{i}:clean").tolist(),
-                              "adv_x_adv": maps.map("adv", f"{i}:adv").tolist(),
-                              "own_clean_x_adv": maps.map(f"{i}:clean", f"{i}:own_adv").tolist()}
-                             for i, ((path, encoder), label, other) in enumerate(zip(others, labels[1:], compared))]
-    if args.probes:
-        probe_settings = dict(mode_settings(args, "slf", method, image_size), epochs=args.probe_epochs)
-        accuracy = {}
-        for point in names:
-            torch.manual_seed(args.seed)  # as each mode: the probe at 'pooled' repeats SLF exactly
-            probe = Probe(model.encoder, point, args.probe_features, num_classes, image_size).to(device)
-            fine_tune(probe, "slf", train_loader(probe_settings["batch_size"]),
-                      dict(probe_settings, label=f"probe {point}"), args, device, amp, memory_format)
-            clean, robust = correct_per_image(probe, test_loader, device, eps, alpha, args.pgd_steps, amp,
-                                              memory_format, adversarial if args.probe_attack == "fixed" else None)
-            accuracy[point] = {"clean": clean.float().mean().item(), "adversarial": robust.float().mean().item()}
-        result["probes"] = {"points_mode": args.cka_points, "features": args.probe_features,
-                            "attack": args.probe_attack, **probe_settings, "accuracy": accuracy}
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Files beside the JSON: fine-tuned models, figures
+# Files beside the JSON: fine-tuned models
 # ---------------------------------------------------------------------------------------------
 
-# The names this program writes beside <stem>.json: fine_tuned_path's and plot_analysis's.
-OUTPUT_SUFFIX = (r"_(?:(?:slf|alf|aff)\.pt|(?:clean_x_adv(?:_eps[0-9.e+-]+)?|clean_x_clean|adv_x_adv"
-                 r"|compare[0-9]+_(?:clean_x_clean|adv_x_adv)|diagonal|stages|probes)\.png)")
-FIGURE_DPI = 200  # sharp at a paper's column width
-DISTANCE_FLOOR = 1e-5  # 1 - CKA below this is drawn at it on the log axis (the title says so)
-MARKERS = "osD^v<>phX*" * 10  # one per model: coinciding lines stay visible
+FINE_TUNED_SUFFIX = r"_(?:slf|alf|aff)\.pt"  # the names this program writes beside <stem>.json (fine_tuned_path's)
 
 
 def fine_tuned_path(out, mode):
@@ -1005,119 +743,15 @@ def fine_tuned_path(out, mode):
     return f"{os.path.splitext(out)[0]}_{mode}.pt"
 
 
-def earlier_outputs(out, keep):
-    """The files beside the JSON `out` whose names this program writes for it (OUTPUT_SUFFIX), except those in
-    `keep` (what this run wrote, and what it read): an earlier run's, which the JSON no longer describes."""
+def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
+    """The files beside the JSON `out` named <json stem><suffix> (the names a program writes for it: this one's
+    fine-tuned models, representations.py's figures), except those in `keep` (what this run wrote, and what it
+    read): an earlier run's, which the JSON no longer describes."""
     folder, name = os.path.split(out)
-    pattern = re.compile(re.escape(os.path.splitext(name)[0]) + OUTPUT_SUFFIX)
+    pattern = re.compile(re.escape(os.path.splitext(name)[0]) + suffix)
     keep = {os.path.realpath(path) for path in keep}
     paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder or ".")) if pattern.fullmatch(f)]
     return [path for path in paths if os.path.realpath(path) not in keep]
-
-
-def model_label(method, run_args, path, mode=None):
-    """How tables and figures name a model: its method (+ the mode it was fine-tuned in) and the pre-training
-    eps its checkpoint records, e.g. 'acl+slf, eps 8/255', 'acl+slf, eps 0' (a standard encoder) or
-    'acl+aff, eps 8/255' (a fine-tuned file); a released file records neither: its file name."""
-    name = (method or os.path.basename(path)) + (f"+{mode}" if mode else "")
-    eps = (run_args or {}).get("eps")
-    if eps is None:
-        return name
-    return f"{name}, eps {eps:g}/255" if eps else f"{name}, eps 0"
-
-
-def _point_ticks(ax, points, axes="x"):
-    every = max(1, math.ceil(len(points) / 16))  # 'all' has about 50 points: label every few
-    ticks = list(range(0, len(points), every))
-    if "x" in axes:
-        ax.set_xticks(ticks, [points[t] for t in ticks], rotation=90)
-    if "y" in axes:
-        ax.set_yticks(ticks, [points[t] for t in ticks])
-
-
-def plot_analysis(entry, out):
-    """PNG figures next to the JSON `out`, each titled with its estimator and naming the models by their labels:
-    a heatmap per minibatch CKA map (colour scale 0..1); the maps' clean-vs-adversarial diagonal of every model
-    and the full-batch per-stage CKA, both as 1 - CKA on a log axis (0.993 against 0.984 is a factor of 2
-    there, and two coinciding lines on 0..1); the probe accuracies in percent. Returns the paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base, label, written = os.path.splitext(out)[0], entry["label"], []
-    along = "point of the network (input to output)"
-
-    def save(fig, suffix):
-        path = f"{base}_{suffix}.png"
-        with atomic_file(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-
-    def heatmap(suffix, title, matrix, points, ylabel, xlabel):
-        fig, ax = plt.subplots(figsize=(5.6, 4.8))
-        image = ax.imshow(np.array(matrix), vmin=0, vmax=1, cmap="magma", origin="lower")
-        _point_ticks(ax, points, "xy")
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-        fig.colorbar(image, ax=ax, label="minibatch linear CKA")
-        save(fig, suffix)
-
-    def distance_lines(suffix, title, points, curves, xlabel=along):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        clipped = False
-        for (name, values), marker in zip(curves, MARKERS):
-            distance = 1 - np.asarray(values, dtype=float)
-            clipped |= bool((distance < DISTANCE_FLOOR).any())
-            ax.plot(range(len(points)), np.maximum(distance, DISTANCE_FLOOR), marker=marker, label=name)
-        ax.set_yscale("log")
-        _point_ticks(ax, points)
-        floor = f"; values under {DISTANCE_FLOOR:g} drawn at {DISTANCE_FLOOR:g}" if clipped else ""
-        ax.set(xlabel=xlabel, ylabel="1 - CKA(clean, adversarial), log scale", title=title + floor)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(title="lower: less changed by the attack")
-        save(fig, suffix)
-
-    with plt.rc_context({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9, "xtick.labelsize": 8,
-                         "ytick.labelsize": 8}):
-        cka = entry["cka"]
-        if cka:
-            points = cka["points"]
-            minibatch = f"minibatch linear CKA (unbiased HSIC), {cka['map_samples']} images"
-            attack = f"PGD-{entry['pgd_steps']} at eps {cka['eps']:g}/255"
-            for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv"):
-                rows, columns = ("clean" if k == "clean" else "adversarial" for k in key.split("_x_"))
-                heatmap(key, f"{label}\n{rows} x {columns} images\n{minibatch}", cka[key], points,
-                        f"{rows} images", f"{columns} images")
-            if len(cka["clean_x_adv_per_eps"]) > 1:
-                for e, matrix in cka["clean_x_adv_per_eps"].items():
-                    heatmap(f"clean_x_adv_eps{e}", f"{label}\nclean x adversarial images (eps {e}/255)\n{minibatch}",
-                            matrix, points, "clean images", f"adversarial images (eps {e}/255)")
-            for i, other in enumerate(entry["compare"] or []):
-                for key, kind in (("clean_x_clean", "clean"), ("adv_x_adv", "adversarial")):
-                    heatmap(f"compare{i}_{key}", f"rows: {label}\ncolumns: {other['label']}\n{kind} images\n{minibatch}",
-                            other[key], points, f"{label}, {kind} images", f"{other['label']}, {kind} images")
-            curves = [(label, np.diag(cka["clean_x_adv"]))]
-            curves += [(o["label"], np.diag(o["own_clean_x_adv"])) for o in entry["compare"] or []]
-            distance_lines("diagonal", f"Clean vs adversarial images, diagonal of the clean x adversarial map\n"
-                           f"{minibatch}; {attack}, each model through its own classifier", points, curves)
-            distance_lines("stages", f"Clean vs adversarial images per stage: full-batch linear CKA\n"
-                           f"{cka['samples']} test images at once; {attack}", list(cka["linear_cka"]),
-                           [(label, list(cka["linear_cka"].values()))], "stage of the network (input to output)")
-        if entry["probes"]:
-            probes = entry["probes"]
-            fixed = "made once against the fine-tuned classifier" if probes["attack"] == "fixed" else "against each probe"
-            fig, ax = plt.subplots(figsize=(7.5, 4.5))
-            for kind, marker, style in (("clean", "o", "-"), ("adversarial", "s", "--")):
-                ax.plot(range(len(probes["accuracy"])), [100 * a[kind] for a in probes["accuracy"].values()],
-                        marker=marker, linestyle=style, label=f"{kind} test images")
-            _point_ticks(ax, list(probes["accuracy"]))
-            ax.set_ylim(0, 100)
-            ax.set(xlabel=along, ylabel="probe accuracy (%)", title=f"{label}: a linear probe at each point "
-                   f"({probes['features']} features)\nadversarial images: PGD-{entry['pgd_steps']} {fixed}")
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-            save(fig, "probes")
-    return written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1271,9 +905,6 @@ def main(argv=None):
     if args.autoattack and importlib.util.find_spec("torchattacks") is None:
         raise UserError("--autoattack needs the torchattacks package, which is not installed; "
                         "run 'pip install torchattacks' or drop --autoattack")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UserError("--plot needs the matplotlib package, which is not installed; run 'pip install matplotlib' "
-                        "or drop --plot (the numbers are in the JSON either way)")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
@@ -1283,36 +914,19 @@ def main(argv=None):
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     pretrained = load_encoder(args.checkpoint, args.bn or "adv")
     if pretrained.fine_tuned:  # its classifier would be thrown away and the encoder fine-tuned a second time
-        raise UserError(f"{args.checkpoint} is a model fine-tuned by eval_linear.py ({pretrained.method}); pass it to "
-                        "--compare to map it against another model, or evaluate the checkpoint it was fine-tuned from")
-    others = [(path, load_encoder(path, args.bn or "adv")) for path in args.compare or []]
-    for path, other in others:  # same input images for both: the stems must agree; widths may differ
-        if other.stem != pretrained.stem:
-            raise UserError(f"--compare {path} has the {other.stem} stem but {args.checkpoint} the {pretrained.stem} "
-                            "stem; compare encoders made for the same image size")
+        raise UserError(f"{args.checkpoint} is a model fine-tuned by eval_linear.py ({pretrained.method}); map it with "
+                        "representations.py, or evaluate the checkpoint it was fine-tuned from")
     if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
         raise UserError(f"cannot write {out}; choose another --out")
-    inputs = {os.path.realpath(path) for path in [args.checkpoint] + (args.compare or [])}
     for mode in ["slf", "alf", "aff"] if args.mode == "all" else [args.mode] if args.mode else []:
-        if os.path.realpath(fine_tuned_path(out, mode)) in inputs:
+        if os.path.realpath(fine_tuned_path(out, mode)) == os.path.realpath(args.checkpoint):
             raise UserError(f"--out {out} would overwrite {fine_tuned_path(out, mode)}, which this run reads; "
                             "choose another --out")
     image_size = args.image_size or pretrained.image_size
-    if args.dataset == "imagefolder":  # the class list comes from the folder; train and test must agree
-        classes = load_dataset("imagefolder", args.data_dir, "train").classes
-        if load_dataset("imagefolder", args.data_dir, "test").classes != classes:
-            raise UserError(f"{args.data_dir}/train and {args.data_dir}/test have different class folders; "
-                            "make them the same")
-        num_classes = len(classes)
-    else:
-        num_classes = NUM_CLASSES[args.dataset]
+    num_classes = dataset_classes(args.dataset, args.data_dir)
     if corruptions and corruptions[0].max() >= num_classes:
         raise UserError(f"{args.corruptions} has labels up to {corruptions[0].max()}, but {args.dataset} has "
                         f"{num_classes} classes; use the corruptions of the fine-tuning dataset")
-    for path, other in others:
-        if other.fine_tuned and other.fine_tuned["num_classes"] != num_classes:
-            raise UserError(f"--compare {path} was fine-tuned for {other.fine_tuned['num_classes']} classes but "
-                            f"{args.dataset} has {num_classes}; compare models of the same dataset")
     method = resolve_method(args, pretrained.method)
     if args.recipe == "paper":  # a method, dataset or image size the table lacks is refused before any work
         recipe_size(args.dataset, image_size)
@@ -1355,16 +969,16 @@ def main(argv=None):
                  "train_images": len(train_loader.dataset), "test_images": len(clean), "seed": args.seed,
                  "device": device.type, "amp": amp, "train_images_per_s": images_per_s,
                  "clean_acc": clean.float().mean().item(), "pgd20_acc": robust.float().mean().item(),
-                 "autoattack_acc": None, "corruption_acc": None, "cka": None, "compare": None, "probes": None,
+                 "autoattack_acc": None, "corruption_acc": None, "cka": None,
                  "method": method, "fine_tuned": os.path.abspath(fine_tuned_path(out, mode))}
         if args.autoattack:
             robust_aa = autoattack_correct(model, test_loader, num_classes, eps, device, args.seed)
             entry["autoattack_acc"] = robust_aa.float().mean().item()
         if corruptions:
             entry["corruption_acc"] = corruption_accuracy(model, *corruptions, args.test_batch_size, device, image_size, amp)
-        if (args.cka or args.probes) and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
-            entry.update(representation_analysis(model, mode, settings, method, others, test_loader, num_classes,
-                                                 image_size, args, device, amp, memory_format))
+        if args.cka and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
+            entry["cka"] = representation_similarity(model, test_loader, args.cka_samples, device, eps, alpha,
+                                                     args.pgd_steps, amp, memory_format, mode)
         entry["seconds"] = time.perf_counter() - mode_start
         results.append(entry)
         run_args = dict(pretrained.run_args or {}, image_size=image_size)
@@ -1383,23 +997,10 @@ def main(argv=None):
         raise UserError(f"cannot write {out} and the fine-tuned models beside it ({e.strerror}); choose another "
                         "--out") from None
     print("", *(f"wrote {path}" for path in written), sep="\n", flush=True)
-    try:
-        figures = plot_analysis(results[-1], out) if args.plot else []
-    except OSError as e:
-        raise UserError(f"cannot write the figures beside {out} ({e.strerror}); choose another --out") from None
-    for path in figures:
-        print(f"wrote {path}", flush=True)
-    written += figures
-    # A figure of this JSON that an earlier run drew and this one did not would no longer match the JSON: it is
-    # removed. An earlier fine-tuned model is left (it carries its own record, and may have cost hours), and said.
-    for path in earlier_outputs(out, written + [args.checkpoint] + (args.compare or [])):
-        if path.endswith(".png"):
-            os.remove(path)
-            print(f"removed {path}: an earlier run's figure that {os.path.basename(out)} no longer describes",
-                  flush=True)
-        else:
-            print(f"left {path}: a model fine-tuned by an earlier run, not described by {os.path.basename(out)}",
-                  flush=True)
+    # An earlier fine-tuned model of this JSON's name is left (it carries its own record, and may have cost
+    # hours), and said.
+    for path in earlier_outputs(out, written + [args.checkpoint]):
+        print(f"left {path}: a model fine-tuned by an earlier run, not described by {os.path.basename(out)}", flush=True)
     return result
 
 

@@ -13,7 +13,7 @@ folder, checkpoint, resume and torchrun are acl.py's; `diff acl.py supervised.py
 
 Defaults are the usual CIFAR PGD-AT settings, not ACL's: SGD with momentum 0.9, lr 0.1 at batch 128
 with a per-iteration cosine decay and no warm-up, weight decay 5e-4, 100 epochs, PGD-10 (--pgd-steps
-10, eps 8/255, step 2/255). --temperature has no use here; --dynacl and --supcon are refused. The
+10, eps 8/255, step 2/255). --temperature, --dynacl and --supcon have no use here and are refused. The
 checkpoint's model is the backbone in the released ACL layout plus classifier.weight and
 classifier.bias, so eval_linear.py reads it as a pre-training checkpoint (an --eps 0 run trains only
 the clean batch norms, so eval_linear.py evaluates that copy of it unless --bn says otherwise).
@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, UserError, ResNet18, Run, add_shared_flags, attack_mode, autocast, init_distributed,
-                    lr_at, main_guard, make_optimizer, parallel, parse_and_resume, pgd_attack, pretrain_loader,
-                    stem_for)
+from common import (NUM_CLASSES, UserError, ResNet18, Run, add_shared_flags, attack_mode, autocast, gather,
+                    given_flags, init_distributed, lr_at, main_guard, make_optimizer, parallel, parse_and_resume,
+                    pgd_attack, pretrain_loader, stem_for)
 
 METHOD = "supervised"
 
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     add_shared_flags(parser)
     parser.set_defaults(epochs=100, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4, warmup_epochs=0,
                         pgd_steps=10)  # the usual CIFAR PGD-AT settings (module docstring)
+    if "temperature" in given_flags(parser, argv):  # a shared flag (common.add_shared_flags) of the contrastive losses
+        raise UserError("--temperature is the contrastive losses' temperature, which supervised.py (cross-entropy) does "
+                        "not have; drop --temperature")
     return parse_and_resume(parser, argv, METHOD)
 
 
@@ -129,8 +132,10 @@ def main(argv=None):
             with autocast(amp):
                 logits = train_net(x).float()
                 logits_adv = None if x_adv is None else train_net(x_adv, adv=True).float()
-            # No gather: cross-entropy is a mean over images, so under torchrun each process's slice mean,
-            # averaged by DDP, gives the global batch's gradient (rank 0 logs its own slice's loss).
+            # Under torchrun every process computes (and rank 0 logs) the global batch's loss, as in acl.py; the
+            # gather's backward and DDP's averaging make the step the one-process step (common.gather).
+            logits, y = gather(logits)[0], gather(y)[0]
+            logits_adv = None if logits_adv is None else gather(logits_adv)[0]
             loss, terms = supervised_loss(logits, logits_adv, y)
 
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Tests for common.py, acl.py, air.py, a_infonce.py and eval_linear.py, all on the CPU in a few minutes.
+"""Tests for common.py, the method files, supervised.py, eval_linear.py and representations.py, all on the CPU.
 
     python -m pytest -q test_smoke.py
 
@@ -32,6 +32,7 @@ import acl
 import air
 import common
 import eval_linear
+import representations
 import supervised
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -985,7 +986,7 @@ def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
 # What a new user reads: --help
 # =============================================================================================
 
-@pytest.mark.parametrize("module", [acl, air, a_infonce, supervised, eval_linear])
+@pytest.mark.parametrize("module", [acl, air, a_infonce, supervised, eval_linear, representations])
 def test_help_shows_every_default(module, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
@@ -995,6 +996,9 @@ def test_help_shows_every_default(module, capsys):
     expected = {"--seed": 0, "--workers": common.default_workers(), "--eps": 8}
     if module is eval_linear:
         expected.update({"--mode": "slf", "--pgd-steps": 20, "--cka-samples": 1000})
+    elif module is representations:  # SLF's settings for fitted classifiers and probes
+        expected.update({"--pgd-steps": 20, "--cka-samples": 1000, "--epochs": 25, "--batch-size": 512, "--lr": 0.01,
+                         "--milestones": [10, 20], "--probe-epochs": 30})
     elif module is supervised:  # the usual CIFAR PGD-AT settings, not ACL's
         expected.update({"--epochs": 100, "--batch-size": 128, "--lr": 0.1, "--optimizer": "sgd", "--weight-decay": 0.0005,
                          "--warmup-epochs": 0, "--pgd-steps": 10, "--width": 64})
@@ -1512,7 +1516,7 @@ def test_torchrun_resumes_a_one_process_run_stops_on_sigterm_and_resumes_on_one(
 
 
 # =============================================================================================
-# eval_linear.py: representation analysis (minibatch CKA maps, --compare, probes, --plot)
+# representations.py: minibatch CKA maps within and across models, probes, figures
 # =============================================================================================
 
 BLOCK_POINTS = ["stem"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["pooled"]
@@ -1535,7 +1539,7 @@ def minibatch_cka_numpy(x_batches, y_batches):
 
 
 def minibatch_cka(x_batches, y_batches):
-    maps = eval_linear.CKAMaps([("x", "y")])
+    maps = representations.CKAMaps([("x", "y")])
     for x, y in zip(x_batches, y_batches):
         maps.add({"x": eval_linear._gram(x)[None], "y": eval_linear._gram(y)[None]})
     return maps.map("x", "y").item()
@@ -1550,7 +1554,7 @@ def test_unbiased_hsic_equals_the_u_statistic():
     perm = lambda r: list(itertools.permutations(range(n), r))  # noqa: E731
     u = (np.mean([k[i, j] * l[i, j] for i, j in perm(2)]) + np.mean([k[i, j] * l[q, r] for i, j, q, r in perm(4)])
          - 2 * np.mean([k[i, j] * l[i, q] for i, j, q in perm(3)]))
-    got = eval_linear.unbiased_hsic(torch.from_numpy(k)[None], torch.from_numpy(l)[None]).item()
+    got = representations.unbiased_hsic(torch.from_numpy(k)[None], torch.from_numpy(l)[None]).item()
     assert got == pytest.approx(u, abs=1e-10) and got == pytest.approx(hsic1_numpy(k, l), abs=1e-10)
 
 
@@ -1578,10 +1582,10 @@ def test_points_blocks_and_all_in_forward_order(pretrained):
     encoder = eval_linear.load_encoder(pretrained)
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        blocks = eval_linear.point_features(encoder, x, "blocks")
-        every = eval_linear.point_features(encoder, x, "all")
+        blocks = representations.point_features(encoder, x, "blocks")
+        every = representations.point_features(encoder, x, "all")
         stages = encoder.stages(x)
-        partial = eval_linear.point_features(encoder, x, "all", stop_at="layer2.0.conv1")
+        partial = representations.point_features(encoder, x, "all", stop_at="layer2.0.conv1")
     assert list(blocks) == BLOCK_POINTS
     expected = ["conv1", "bn1", "stem"]
     for block in BLOCK_POINTS[1:-1]:
@@ -1597,9 +1601,9 @@ def test_points_blocks_and_all_in_forward_order(pretrained):
     x_noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     maps = {}
     for points in ("blocks", "all"):
-        maps[points] = eval_linear.CKAMaps([("clean", "adv")])
-        maps[points].add({"clean": eval_linear._point_grams(encoder, x, points, False),
-                          "adv": eval_linear._point_grams(encoder, x_noisy, points, False)})
+        maps[points] = representations.CKAMaps([("clean", "adv")])
+        maps[points].add({"clean": representations._point_grams(encoder, x, points, False),
+                          "adv": representations._point_grams(encoder, x_noisy, points, False)})
     at = [list(every).index(name) for name in BLOCK_POINTS]
     assert torch.allclose(maps["all"].map("clean", "adv")[at][:, at], maps["blocks"].map("clean", "adv"), atol=1e-12)
 
@@ -1610,15 +1614,16 @@ def test_probe_input_sizes_flatten_and_pool(pretrained):
     x = torch.rand(3, 3, 32, 32)
     for point, (channels, side) in sizes.items():
         for features, dim in (("flatten", channels * side * side), ("pool", channels)):
-            probe = eval_linear.Probe(encoder, point, features, 10, 32)
+            probe = representations.Probe(encoder, point, features, 10, 32)
             assert probe.fc.in_features == dim and not probe.fc.weight.any()
             assert probe.encoder(x).shape == (3, dim) and probe(x).shape == (3, 10)
 
 
 def test_cka_maps_compare_fixed_probes_and_plots(pretrained, tmp_path, monkeypatch):
     import inspect
-    attacks, scored = [], []
-    real_attack, real_correct = eval_linear.pgd_attack, eval_linear.correct_per_image
+    attacks, scored, fitted = [], [], []
+    real_attack, real_correct, real_fine_tune = representations.pgd_attack, representations.correct_per_image, \
+        representations.fine_tune
 
     def spy_attack(forward, x, y, eps, alpha, steps, amp=False):
         attacks.append((forward, len(x), round(eps * 255, 6)))
@@ -1629,14 +1634,19 @@ def test_cka_maps_compare_fixed_probes_and_plots(pretrained, tmp_path, monkeypat
         scored.append((model, bound.arguments.get("adversarial")))
         return real_correct(model, *args, **kwargs)
 
-    monkeypatch.setattr(eval_linear, "pgd_attack", spy_attack)
-    monkeypatch.setattr(eval_linear, "correct_per_image", spy_correct)
+    def spy_fine_tune(model, mode, *args, **kwargs):
+        fitted.append((model, mode))
+        return real_fine_tune(model, mode, *args, **kwargs)
+
+    monkeypatch.setattr(representations, "pgd_attack", spy_attack)
+    monkeypatch.setattr(representations, "correct_per_image", spy_correct)
+    monkeypatch.setattr(representations, "fine_tune", spy_fine_tune)
     plot = importlib.util.find_spec("matplotlib") is not None
     out = tmp_path / "maps.json"
-    result = eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--cka-samples", "20", "--cka-eps", "4", "8",
-                               "--compare", pretrained, "--probes", "--probe-epochs", "1", "--out", str(out)]
-                              + ["--plot"] * plot)
+    result = representations.main([pretrained, pretrained, *QUICK, "--cka-samples", "20", "--cka-eps", "4", "8",
+                                   "--probes", "--probe-epochs", "1", "--out", str(out)] + ["--plot"] * plot)
     saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
     cka = saved["cka"]
     assert cka["points"] == BLOCK_POINTS and cka["points_mode"] == "blocks" and "unbiased HSIC" in cka["estimator"]
     assert cka["map_samples"] == 20 and cka["samples"] == 20  # batches of 16 and 4 images
@@ -1646,16 +1656,26 @@ def test_cka_maps_compare_fixed_probes_and_plots(pretrained, tmp_path, monkeypat
     assert np.allclose(np.diag(maps["adv_x_adv"]), 1, atol=1e-12)
     assert list(cka["clean_x_adv_per_eps"]) == ["4", "8"] and cka["clean_x_adv_per_eps"]["8"] == cka["clean_x_adv"]
     assert np.diag(maps["clean_x_adv"]).min() < 1 - 1e-6  # the attack changed the representations
+    # a pre-training encoder: a linear classifier fitted with SLF's settings, named as what is attacked
+    first = saved["model"]
+    assert first["fine_tuned"] is False and first["mode"] == "slf" and first["bn"] == "adv"
+    assert first["attacked"].startswith("a linear classifier fitted here") and first["fitted"]["epochs"] == 1
+    assert first["fitted"]["lr"] == eval_linear.MODE_DEFAULTS["slf"]["lr"] and first["fitted"]["batch_size"] == 16
     (other,) = saved["compare"]
-    assert other["mode"] == "slf" and other["checkpoint"] == os.path.abspath(pretrained)
+    assert other["mode"] == "slf" and other["checkpoint"] == os.path.abspath(pretrained) and not other["fine_tuned"]
     assert np.allclose(other["clean_x_clean"], maps["clean_x_clean"], atol=1e-12)  # itself: its own clean x clean map
     assert np.allclose(other["adv_x_adv"], maps["adv_x_adv"], atol=1e-12)
-    # PGD-20 images: test accuracy (32) + one pass for the maps and the fixed probes (32) + eps 4 (20) + the
-    # compared model through its own classifier (20); the probes are scored on the images of that one pass
-    assert sum(n for _, n, _ in attacks) == 32 + 32 + 20 + 20
+    # the same seed and settings: the same classifier (its own attack starts elsewhere: another map)
+    first_fit, second_fit = (model for model, _ in fitted[:2])
+    assert torch.equal(first_fit.fc.weight, second_fit.fc.weight) and first_fit.fc.weight.abs().sum() > 0
+    # two fitted classifiers (one per model), then one probe per point; the encoders are never trained
+    assert [mode for _, mode in fitted] == ["slf"] * 12 and sum(isinstance(m, representations.Probe) for m, _ in fitted) == 10
+    # PGD-20 images: one pass for the maps and the fixed probes (32) + eps 4 (20) + the compared model through its
+    # own classifier (20); the probes are scored on the images of that one pass
+    assert sum(n for _, n, _ in attacks) == 32 + 20 + 20
     assert sum(n for _, n, eps in attacks if eps == 4) == 20
-    assert not any(isinstance(forward, eval_linear.Probe) for forward, _, _ in attacks)
-    probe_scoring = [adversarial for model, adversarial in scored if isinstance(model, eval_linear.Probe)]
+    assert not any(isinstance(forward, representations.Probe) for forward, _, _ in attacks)
+    probe_scoring = [adversarial for model, adversarial in scored if isinstance(model, representations.Probe)]
     assert len(probe_scoring) == 10 and all(a is probe_scoring[0] for a in probe_scoring)
     assert sum(len(x) for x in probe_scoring[0]) == 32
     probes = saved["probes"]
@@ -1665,27 +1685,45 @@ def test_cka_maps_compare_fixed_probes_and_plots(pretrained, tmp_path, monkeypat
     if plot:
         from PIL import Image
         names = ["clean_x_adv", "clean_x_clean", "adv_x_adv", "clean_x_adv_eps4", "clean_x_adv_eps8",
-                 "compare0_clean_x_clean", "compare0_adv_x_adv", "diagonal", "probes"]
+                 "compare0_clean_x_clean", "compare0_adv_x_adv", "diagonal", "stages", "probes"]
         for name in names:
             with Image.open(tmp_path / f"maps_{name}.png") as image:
                 assert image.format == "PNG" and min(image.size) > 100
-    assert result["cka"]["points"] == BLOCK_POINTS
+
+
+def test_the_maps_of_a_kept_model_are_those_of_the_model_eval_linear_fine_tuned(pretrained, tmp_path):
+    """A pre-training checkpoint here and the SLF model eval_linear.py kept of it (same seed and settings) are the
+    same classifier: the same maps, figures' curves and probes, without a second fine-tuning."""
+    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--out", str(tmp_path / "e.json")])
+    kept = str(tmp_path / "e_slf.pt")
+    argv = [*QUICK, "--cka-samples", "20", "--probes", "--probe-epochs", "1"]
+    fitted = representations.main([pretrained, *argv, "--out", str(tmp_path / "fitted.json")])
+    as_kept = representations.main([kept, *argv, "--out", str(tmp_path / "kept.json")])
+    assert as_kept["model"]["fine_tuned"] and as_kept["model"]["fitted"] is None
+    assert as_kept["model"]["attacked"] == "its own classifier, fine-tuned and kept by eval_linear.py"
+    for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv"):
+        assert np.allclose(as_kept["cka"][key], fitted["cka"][key], atol=1e-9)
+    assert as_kept["cka"]["linear_cka"] == pytest.approx(fitted["cka"]["linear_cka"], abs=1e-9)
+    assert as_kept["probes"]["accuracy"] == fitted["probes"]["accuracy"]
+    assert as_kept["model"]["label"] == fitted["model"]["label"] == "acl+slf, eps 8/255"
 
 
 def test_probe_at_pooled_repeats_slf(pretrained, tmp_path, monkeypatch):
     attacked = []
-    real_attack = eval_linear.pgd_attack
+    real_attack = representations.pgd_attack
+    monkeypatch.setattr(representations, "pgd_attack", lambda forward, *a, **k: attacked.append(forward) or real_attack(forward, *a, **k))
     monkeypatch.setattr(eval_linear, "pgd_attack", lambda forward, *a, **k: attacked.append(forward) or real_attack(forward, *a, **k))
-    result = eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--test-size", "16", "--probes", "--probe-epochs", "1",
-                               "--probe-attack", "probe", "--probe-features", "pool", "--out", str(tmp_path / "p.json")])
+    slf = eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--test-size", "16", "--out", str(tmp_path / "e.json")])
+    result = representations.main([pretrained, *QUICK, "--test-size", "16", "--probes", "--probe-epochs", "1",
+                                   "--probe-attack", "probe", "--probe-features", "pool", "--out", str(tmp_path / "p.json")])
     pooled = result["probes"]["accuracy"]["pooled"]
-    assert pooled == {"clean": result["clean_acc"], "adversarial": result["pgd20_acc"]}
-    assert result["probes"]["attack"] == "probe" and result["cka"] is None
-    assert {p.encoder.point for p in attacked if isinstance(p, eval_linear.Probe)} == set(BLOCK_POINTS)  # each probe attacked
+    assert pooled == {"clean": slf["clean_acc"], "adversarial": slf["pgd20_acc"]}
+    assert result["probes"]["attack"] == "probe"
+    assert {p.encoder.point for p in attacked if isinstance(p, representations.Probe)} == set(BLOCK_POINTS)  # each probe attacked
 
 
 @pytest.mark.parametrize("kind", ["garbage", "imagenet stem", "incomplete"])
-def test_compare_with_an_unreadable_or_other_checkpoint_is_refused(kind, pretrained, tmp_path, capsys):
+def test_a_model_that_is_unreadable_or_of_another_stem_is_refused(kind, pretrained, tmp_path, capsys):
     other = tmp_path / "other.pt"
     if kind == "garbage":
         other.write_bytes(b"not a checkpoint")
@@ -1694,22 +1732,41 @@ def test_compare_with_an_unreadable_or_other_checkpoint_is_refused(kind, pretrai
         if kind == "incomplete":
             del sd["layer3.1.conv2.weight"]
         torch.save(sd, other)
-    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--compare", str(other),
-                                                      "--out", str(tmp_path / "x.json")], capsys)
+    status, err = in_process_error(representations.main, [pretrained, str(other), *QUICK,
+                                                           "--out", str(tmp_path / "x.json")], capsys)
     fragment = {"garbage": "cannot be read", "imagenet stem": "imagenet stem", "incomplete": "lacks 1 weights"}[kind]
     assert status == 2 and fragment in err and str(other) in err and len(err.strip().splitlines()) == 1
-    assert "epoch" not in capsys.readouterr().out
+    assert "epoch" not in capsys.readouterr().out and os.listdir(tmp_path) == ["other.pt"]
 
 
 def test_plot_without_matplotlib_and_bad_analysis_flags_are_refused(pretrained, tmp_path, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
-    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--cka", "--plot"], capsys)
+    status, err = in_process_error(representations.main, [pretrained, *QUICK, "--plot"], capsys)
     assert status == 2 and "pip install matplotlib" in err and "epoch" not in capsys.readouterr().out
     for argv, fragment in ((["--probes", "--probe-epochs", "0"], "--probe-epochs"), (["--cka-eps", "-2"], "--cka-eps"),
-                           (["--plot"], "--plot"), (["--cka", "--test-batch-size", "3"], "--test-batch-size")):
-        status, err = in_process_error(eval_linear.main, [pretrained, *argv], capsys)
-        assert status == 2 and err.startswith("error: ") and fragment in err
+                           (["--cka-samples", "3"], "--cka-samples"), (["--test-batch-size", "3"], "--test-batch-size"),
+                           (["--labels", "a", "b"], "--labels takes one label per model, 1 here, but 2 were given"),
+                           (["--epochs", "0"], "--epochs"), (["--milestones", "5", "3"], "--milestones"),
+                           (["--out", pretrained], "is one of the models this run reads")):
+        status, err = in_process_error(representations.main, [pretrained, *argv], capsys)
+        assert status == 2 and err.startswith("error: ") and fragment in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", eval_linear.MOVED_FLAGS)
+def test_eval_linear_names_the_representations_command_for_the_moved_flags(flag, pretrained, tmp_path, capsys):
+    argv = {"--compare": ["x.pt"], "--labels": ["A"], "--cka-eps": ["4"], "--probe-epochs": ["1"],
+            "--cka-points": ["all"], "--probe-features": ["pool"], "--probe-attack": ["probe"]}.get(flag, [])
+    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--cka", flag, *argv,
+                                                      "--out", str(tmp_path / "e.json")], capsys)
+    assert status == 2 and err.strip() == (
+        f"error: {flag} belongs to the representation analysis, which moved to representations.py: keep the fine-tuned "
+        f"models here, then run python representations.py <json stem>_<mode>.pt [OTHER ...] {flag} ... over them (or "
+        "over pre-training checkpoints)")
+    assert os.listdir(tmp_path) == [] and "epoch" not in capsys.readouterr().out
+    if flag == "--compare":  # from the command line, written as --flag=value too
+        assert_clean_error(run_eval_cli(pretrained, "--compare=x.pt", "--out", str(tmp_path / "e.json")),
+                           "--compare belongs to the representation analysis")
 
 
 # =============================================================================================
@@ -1852,11 +1909,11 @@ def test_fine_tuned_file_round_trips(fine_tuned_aff, pretrained):
     assert clean.float().mean().item() == result["clean_acc"]
 
 
-def test_compare_uses_a_fine_tuned_file_as_it_is(fine_tuned_aff, pretrained, tmp_path, monkeypatch):
+def test_a_kept_model_is_used_as_it_is(fine_tuned_aff, pretrained, tmp_path, monkeypatch):
     _, path, _ = fine_tuned_aff
     saved = torch.load(path, weights_only=True)
     trained, attacked = [], []
-    real_fine_tune, real_attack = eval_linear.fine_tune, eval_linear.pgd_attack
+    real_fine_tune, real_attack = representations.fine_tune, representations.pgd_attack
 
     def spy_fine_tune(model, *args, **kwargs):
         trained.append(model)
@@ -1866,29 +1923,26 @@ def test_compare_uses_a_fine_tuned_file_as_it_is(fine_tuned_aff, pretrained, tmp
         attacked.append(forward)
         return real_attack(forward, *args, **kwargs)
 
-    monkeypatch.setattr(eval_linear, "fine_tune", spy_fine_tune)
-    monkeypatch.setattr(eval_linear, "pgd_attack", spy_attack)
-    # the same AFF fine-tuning again (same seed: the same model), compared with the file that holds it
-    result = eval_linear.main([pretrained, "--mode", "aff", *QUICK, "--cka", "--cka-samples", "16", "--bn", "clean",
-                               "--compare", path, "--out", str(tmp_path / "c.json")])
-    assert len(trained) == 1  # this run's model; the file is not fine-tuned again
-    (other,) = result["compare"]
-    assert other["fine_tuned"] and other["mode"] == "aff" and other["bn"] == "adv" and other["method"] == "acl+aff"
-    # the same fine-tuned model on both sides: the diagonals are 1 - but only through the file's own BN copy
-    # (this run evaluates --bn clean, the file was trained and evaluated through the adversarial BN)
-    assert result["bn"] == "clean" and other["bn"] == "adv"
+    monkeypatch.setattr(representations, "fine_tune", spy_fine_tune)
+    monkeypatch.setattr(representations, "pgd_attack", spy_attack)
+    # the kept AFF model against the pre-training encoder through its clean BN (--bn is the encoder's only)
+    result = representations.main([path, pretrained, *QUICK, "--cka-samples", "16", "--bn", "clean",
+                                   "--out", str(tmp_path / "c.json")])
+    assert len(trained) == 1 and trained[0].encoder.method == "acl"  # the encoder's classifier only; the file as it is
+    first, (other,) = result["model"], result["compare"]
+    assert first["fine_tuned"] and first["mode"] == "aff" and first["bn"] == "adv" and first["method"] == "acl+aff"
+    assert not other["fine_tuned"] and other["mode"] == "slf" and other["bn"] == "clean"
+    assert not other["attacked"].startswith("its own") and other["fitted"]["epochs"] == 1
     own = [f for f in attacked if isinstance(f, eval_linear.Classifier) and f is not trained[0]]
     assert own and all(torch.equal(f.fc.weight, saved["model"]["classifier.weight"]) and f.encoder.adv for f in own)
-    assert not np.allclose(np.diag(other["clean_x_clean"]), 1, atol=1e-6)  # clean BN rows against adv BN columns
-    result = eval_linear.main([pretrained, "--mode", "aff", *QUICK, "--cka", "--cka-samples", "16",
-                               "--compare", path, "--out", str(tmp_path / "d.json")])
+    # the kept model against itself: no fine-tuning, cross maps of 1 on the diagonal; the labels are numbered
+    result = representations.main([path, path, *QUICK, "--cka-samples", "16", "--out", str(tmp_path / "d.json")])
     (other,) = result["compare"]
-    assert len(trained) == 2  # one more: this run's model only
+    assert len(trained) == 1 and other["fine_tuned"] and other["bn"] == "adv"
     assert np.allclose(np.diag(other["clean_x_clean"]), 1, atol=1e-9)
     assert np.allclose(np.diag(other["adv_x_adv"]), 1, atol=1e-9)
     assert np.allclose(other["clean_x_clean"], result["cka"]["clean_x_clean"], atol=1e-9)
-    # same method and eps on both sides: the default labels are numbered
-    assert (result["label"], other["label"]) == ("acl+aff, eps 8/255 (1)", "acl+aff, eps 8/255 (2)")
+    assert (result["model"]["label"], other["label"]) == ("acl+aff, eps 8/255 (1)", "acl+aff, eps 8/255 (2)")
 
 
 def test_fine_tuned_file_refused_where_it_cannot_be_used(fine_tuned_aff, pretrained, tmp_path, capsys):
@@ -1896,7 +1950,7 @@ def test_fine_tuned_file_refused_where_it_cannot_be_used(fine_tuned_aff, pretrai
     data = open(path, "rb").read()
     truncated = tmp_path / "ft_slf.pt"
     truncated.write_bytes(data[:len(data) // 2])
-    result = run_eval_cli(pretrained, *QUICK, "--cka", "--compare", str(truncated), "--out", str(tmp_path / "x.json"))
+    result = run_cli("representations.py", pretrained, str(truncated), *QUICK, "--out", str(tmp_path / "x.json"))
     assert_clean_error(result, str(truncated), "cannot be read")
     result = run_eval_cli(str(truncated), *QUICK, "--out", str(tmp_path / "x.json"))
     assert_clean_error(result, str(truncated), "cannot be read")
@@ -1904,13 +1958,13 @@ def test_fine_tuned_file_refused_where_it_cannot_be_used(fine_tuned_aff, pretrai
     for argv in ([path], [path, "--post-process", "lpaft"]):
         status, err = in_process_error(eval_linear.main, [*argv, *QUICK, "--out", str(tmp_path / "x.json")], capsys)
         assert status == 2 and err.strip() == (
-            f"error: {path} is a model fine-tuned by eval_linear.py (acl+aff); pass it to --compare to map it against "
-            "another model, or evaluate the checkpoint it was fine-tuned from")
+            f"error: {path} is a model fine-tuned by eval_linear.py (acl+aff); map it with representations.py, or "
+            "evaluate the checkpoint it was fine-tuned from")
     damaged = torch.load(path, weights_only=True)
     del damaged["model"]["classifier.bias"]
     torch.save(damaged, tmp_path / "damaged.pt")
-    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--compare", str(tmp_path / "damaged.pt"),
-                                                      "--out", str(tmp_path / "x.json")], capsys)
+    status, err = in_process_error(representations.main, [pretrained, str(tmp_path / "damaged.pt"), *QUICK,
+                                                          "--out", str(tmp_path / "x.json")], capsys)
     assert status == 2 and "whose classifier, BN copy or record is missing or damaged" in err
     assert sorted(os.listdir(tmp_path)) == ["damaged.pt", "ft_slf.pt"] and "epoch" not in capsys.readouterr().out
 
@@ -1922,12 +1976,12 @@ def test_every_method_name_written_is_read_back_by_method():
     recorded = set()
     for method in ("acl", "air", "a_infonce", "supervised"):
         for dynacl in (None, False, True):  # None: the key is absent (an older checkpoint)
-            for supcon in (None, False, True):
+            for supcon in (None, False, True) if method in ("acl", "air") else (None, False):  # the others refuse it
                 run_args = {k: v for k, v in (("dynacl", dynacl), ("supcon", supcon)) if v is not None}
                 name = eval_linear.recorded_method({"method": method, "args": run_args, "model": {}})
                 assert expected.get((method, bool(dynacl), bool(supcon)), name) == name
                 recorded.add(name)
-    assert len(recorded) == 12  # acl.py, air.py: [dyn]...[-supcon], 4 each; a-infonce[-supcon]; supervised[-supcon]
+    assert len(recorded) == 10  # acl.py, air.py: [dyn]...[-supcon], 4 each; a-infonce; supervised
     post_processed = {eval_linear.derived_method(name, "++") for name in recorded}
     fine_tuned = {eval_linear.derived_method(name, f"+{mode}") for name in recorded | post_processed
                   for mode in ("slf", "alf", "aff")}
@@ -1936,7 +1990,8 @@ def test_every_method_name_written_is_read_back_by_method():
         assert eval_linear.parse_args(["x.pt", "--method", name]).method == name
     for name in post_processed | fine_tuned:  # the files that record these names read back as they are
         assert eval_linear.recorded_method({"method": name, "args": {"dynacl": True, "supcon": True}}) == name
-    for bad in ("acl-air-dynacl", "acl+++", "ACL", "acl++slf", "acl+slf+aff", "dynacl_air", "a_infonce"):
+    for bad in ("acl-air-dynacl", "acl+++", "ACL", "acl++slf", "acl+slf+aff", "dynacl_air", "a_infonce",
+                "supervised-supcon", "a-infonce-supcon++", "supervised-supcon+slf"):  # no script writes these
         with pytest.raises(common.UserError, match=f"--method {re.escape(bad)} is not a method name; write "
                            r"<base>\[-supcon\]\[\+\+\]\[\+<mode>\]"):
             eval_linear.parse_args(["x.pt", "--method", bad])
@@ -1949,7 +2004,7 @@ def test_every_method_name_written_is_read_back_by_method():
     ("acl", ["--recipe", "paper", "--post-process", "lpaft", "--mode", "slf"], "--recipe paper has no settings for acl++:"),
     ("released", ["--method", "acl-air-dynacl"], "--method acl-air-dynacl is not a method name; write <base>"),
     ("released", ["--method", "acl+slf"], "--method acl+slf names a fine-tuned model, which is not fine-tuned again"),
-    ("acl", ["--cka", "--compare", "x.pt", "--labels", "one"], "--labels takes one label per model, 2 here"),
+    ("acl", ["--cka", "--compare", "x.pt", "--labels", "one"], "--compare belongs to the representation analysis"),
 ])
 def test_recipe_paper_and_method_names_refused(kind, argv, fragment, recipe_files, tmp_path, capsys):
     """Refused before any work, in one sentence. The supervised checkpoint carries a classifier (as supervised.py
@@ -1974,7 +2029,7 @@ def test_recipe_paper_and_method_names_refused(kind, argv, fragment, recipe_file
 
 
 def test_model_labels_name_method_mode_and_eps():
-    label = eval_linear.model_label
+    label = representations.model_label
     assert label("acl", {"eps": 8.0, "dynacl": False}, "runs/acl_cifar10_0_20260101-000000/checkpoint.pt",
                  "slf") == "acl+slf, eps 8/255"
     assert label("acl", {"eps": 0.0}, "runs/x/checkpoint.pt", "slf") == "acl+slf, eps 0"  # a standard encoder
@@ -1991,60 +2046,72 @@ def test_earlier_outputs_are_only_this_programs_names_and_never_inputs(tmp_path)
     for name in names:
         (tmp_path / name).write_bytes(b"")
     keep = [str(tmp_path / "e.json"), str(tmp_path / "e_stages.png"), str(tmp_path / "e_aff.pt")]  # e_aff.pt: an input
-    found = eval_linear.earlier_outputs(str(tmp_path / "e.json"), keep)
+    found = eval_linear.earlier_outputs(str(tmp_path / "e.json"), keep)  # the fine-tuned models eval_linear.py writes
+    assert [os.path.basename(p) for p in found] == ["e_slf.pt"]
+    found = eval_linear.earlier_outputs(str(tmp_path / "e.json"), keep, representations.FIGURE_SUFFIX)  # the figures
     assert [os.path.basename(p) for p in found] == ["e_clean_x_adv_eps4.png", "e_compare3_adv_x_adv.png",
-                                                     "e_diagonal.png", "e_probes.png", "e_slf.pt"]
+                                                     "e_diagonal.png", "e_probes.png"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
 def test_a_run_leaves_only_its_own_figures(pretrained, tmp_path, capsys):
     out = tmp_path / "e.json"
-    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--cka-samples", "16", "--cka-eps", "4", "8", "--compare",
-                      pretrained, "--probes", "--probe-epochs", "1", "--plot", "--labels", "AT", "AT again",
-                      "--out", str(out)])
+    representations.main([pretrained, pretrained, *QUICK, "--cka-samples", "16", "--cka-eps", "4", "8", "--probes",
+                          "--probe-epochs", "1", "--plot", "--labels", "AT", "AT again", "--out", str(out)])
     first = json.loads(out.read_text())
-    assert first["label"] == "AT" and first["compare"][0]["label"] == "AT again"
+    assert first["model"]["label"] == "AT" and first["compare"][0]["label"] == "AT again"
     first_pngs = {f for f in os.listdir(tmp_path) if f.endswith(".png")}
     assert {"e_compare0_adv_x_adv.png", "e_clean_x_adv_eps4.png", "e_diagonal.png", "e_probes.png"} <= first_pngs
-    (tmp_path / "e_aff.pt").write_bytes(b"an earlier --mode aff run's model")
+    (tmp_path / "e_aff.pt").write_bytes(b"an eval_linear.py model of that name")
     (tmp_path / "e_notes.png").write_bytes(b"a user's file")
     capsys.readouterr()
-    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--cka", "--cka-samples", "16", "--plot", "--out", str(out)])
+    representations.main([pretrained, *QUICK, "--cka-samples", "16", "--plot", "--out", str(out)])
     printed = capsys.readouterr().out
     second = {"e_clean_x_adv.png", "e_clean_x_clean.png", "e_adv_x_adv.png", "e_diagonal.png", "e_stages.png"}
-    # the earlier figures go; an earlier fine-tuned model stays (it may have cost hours) and is named
-    assert sorted(os.listdir(tmp_path)) == sorted(second | {"e.json", "e_slf.pt", "e_aff.pt", "e_notes.png"})
+    # the earlier figures go; any other file stays
+    assert sorted(os.listdir(tmp_path)) == sorted(second | {"e.json", "e_aff.pt", "e_notes.png"})
     removed = ["e_clean_x_adv_eps4.png", "e_clean_x_adv_eps8.png", "e_compare0_adv_x_adv.png",
                "e_compare0_clean_x_clean.png", "e_probes.png"]
     assert sorted(first_pngs - second) == removed
     for name in removed:
         assert f"removed {tmp_path / name}: an earlier run's figure that e.json no longer describes" in printed
     assert printed.count("removed ") == len(removed)
+    assert (tmp_path / "e_aff.pt").read_bytes() == b"an eval_linear.py model of that name"
+    assert json.loads(out.read_text())["compare"] == []
+
+
+def test_eval_linear_leaves_an_earlier_fine_tuned_model_and_says_so(pretrained, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    (tmp_path / "e_aff.pt").write_bytes(b"an earlier --mode aff run's model")
+    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["e.json", "e_aff.pt", "e_slf.pt"]
     assert f"left {tmp_path / 'e_aff.pt'}: a model fine-tuned by an earlier run, not described by e.json" in printed
     assert (tmp_path / "e_aff.pt").read_bytes() == b"an earlier --mode aff run's model"
-    assert json.loads(out.read_text())["compare"] is None
 
 
 def test_no_printed_line_is_longer_than_the_limit(pretrained, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths: only a long path could make a line longer
     os.symlink(pretrained, "c.pt")
-    result = eval_linear.main(["c.pt", "--mode", "slf", *QUICK, "--cka", "--cka-points", "all", "--cka-samples", "16",
-                               "--cka-eps", "4", "8", "--compare", "c.pt", "--out", "e.json"])
+    evaluated = eval_linear.main(["c.pt", "--mode", "slf", *QUICK, "--cka", "--cka-samples", "16", "--out", "e.json"])
+    result = representations.main(["c.pt", "c.pt", *QUICK, "--cka-points", "all", "--cka-samples", "16",
+                                   "--cka-eps", "4", "8", "--out", "r.json"])
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert max(map(len, lines)) <= eval_linear.LINE_WIDTH == 110, max(lines, key=len)
     points = result["cka"]["points"]
     assert len(points) == 50
     # every estimator is named where it is printed, and the tables hold every point
-    first = lines.index(next(line for line in lines if line.startswith("full-batch linear CKA per stage")))
+    stage_lines = [i for i, line in enumerate(lines) if line.startswith("full-batch linear CKA per stage")]
+    assert len(stage_lines) == 2  # eval_linear.py's --cka, then representations.py's
+    for first, values in zip(stage_lines, (evaluated["cka"], result["cka"])):
+        assert lines[first + 1].split() == [x for name, v in values["linear_cka"].items() for x in (name, f"{v:.3f}")]
     second = lines.index(next(line for line in lines if line.startswith("minibatch linear CKA (unbiased HSIC")))
-    assert first < second and "diagonal of the clean x adv map" in lines[second]
-    stage_cells = lines[first + 1].split()
-    assert stage_cells == [x for name, v in result["cka"]["linear_cka"].items() for x in (name, f"{v:.3f}")]
+    assert stage_lines[1] < second and "diagonal of the clean x adv map" in lines[second]
     table = [line.split() for line in lines[second + 1:] if line.startswith("    ")]
     diagonals = [np.diag(result["cka"]["clean_x_adv"]), np.diag(result["cka"]["clean_x_adv_per_eps"]["4"]),
                  np.diag(result["compare"][0]["own_clean_x_adv"])]
-    cells = [cell for row in table for cell in row]
+    cells = [cell for row in table for cell in row][:6 * len(points)]
     assert cells == [x for diagonal in diagonals for point, v in zip(points, diagonal) for x in (point, f"{v:.3f}")]
     assert "  acl+slf, eps 8/255 (1), attack eps 4/255:" in lines and "  acl+slf, eps 8/255 (2):" in lines
 
@@ -2244,6 +2311,10 @@ def test_supcon_without_labels_or_with_another_loss_is_refused(tmp_path, capsys)
                                        f"not to {module.METHOD}.py; drop --supcon\n")
     status, err = in_process_error(supervised.main, TINY + ["--dynacl", "--out-dir", str(tmp_path / "runs")], capsys)
     assert status == 2 and err.startswith("error: --dynacl") and err.count("\n") == 1
+    for argv in (["--temperature", "0.5"], ["--temperature=0.2"]):  # a flag supervised.py has no use for, even at its default
+        status, err = in_process_error(supervised.main, TINY + argv + ["--out-dir", str(tmp_path / "runs")], capsys)
+        assert status == 2 and err == ("error: --temperature is the contrastive losses' temperature, which supervised.py "
+                                       "(cross-entropy) does not have; drop --temperature\n")
     assert not os.listdir(tmp_path)  # refused before any folder was made or any data was read
 
 
@@ -2298,13 +2369,15 @@ def test_supervised_and_supcon_on_two_processes_compute_the_one_process_run(tmp_
         a, b = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (one, two))
         assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), name
         assert sorted(os.listdir(two)) == sorted(os.listdir(one))
-    one, two = (metrics(next((tmp_path / n / "acl_supcon").iterdir())) for n in ("one", "two"))
-    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)  # SupCon over the gathered batch and labels
+    for name in TWO_PROCESS_RUNS:  # every script logs the global batch's loss (supervised.py: gathered logits)
+        one, two = (metrics(next((tmp_path / n / name).iterdir())) for n in ("one", "two"))
+        assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-6), name
+        assert [r["loss_clean"] for r in two] == pytest.approx([r["loss_clean"] for r in one], rel=1e-6), name
 
 
 def test_standard_supervised_checkpoint_is_evaluated_through_its_trained_clean_bn(tmp_path):
-    """supervised.py --eps 0 never uses the adversarial batch norms: eval_linear.py picks the clean copy unless
-    --bn is given, as the main checkpoint and as a --compare model."""
+    """supervised.py --eps 0 never uses the adversarial batch norms: eval_linear.py and representations.py pick the
+    clean copy unless --bn is given."""
     st = supervised.main(TINY + ["--eps", "0", "--max-steps", "2", "--out-dir", str(tmp_path / "st")])
     at = supervised.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "at")])
     quick = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "32", "--test-size", "16", "--pgd-steps", "1",
@@ -2313,9 +2386,8 @@ def test_standard_supervised_checkpoint_is_evaluated_through_its_trained_clean_b
     assert eval_linear.main([st_ckpt, *quick, "--out", str(tmp_path / "a.json")])["bn"] == "clean"
     assert eval_linear.main([st_ckpt, *quick, "--bn", "adv", "--out", str(tmp_path / "b.json")])["bn"] == "adv"
     assert eval_linear.main([at_ckpt, *quick, "--out", str(tmp_path / "c.json")])["bn"] == "adv"
-    result = eval_linear.main([at_ckpt, *quick, "--cka", "--cka-samples", "16", "--compare", st_ckpt,
-                               "--out", str(tmp_path / "d.json")])
-    assert result["bn"] == "adv" and result["compare"][0]["bn"] == "clean"
+    result = representations.main([at_ckpt, st_ckpt, *quick, "--cka-samples", "16", "--out", str(tmp_path / "d.json")])
+    assert result["model"]["bn"] == "adv" and result["compare"][0]["bn"] == "clean"
     # AFF trains the adversarial copy on its adversarial images and reports that route, as for any checkpoint
     assert eval_linear.main([st_ckpt, *quick, "--mode", "aff", "--out", str(tmp_path / "e.json")])["bn"] == "adv"
 
@@ -2336,12 +2408,12 @@ def test_resume_refuses_a_flag_the_checkpoint_predates_and_names_fine_tuned_file
 
 
 def test_a_figure_that_cannot_be_written_is_one_sentence(pretrained, tmp_path, capsys, monkeypatch):
-    def full_disk(entry, out):
+    def full_disk(result, out):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(eval_linear, "plot_analysis", full_disk)
-    status, err = in_process_error(eval_linear.main, [pretrained, "--mode", "slf", *QUICK, "--cka", "--cka-samples", "16",
-                                                      "--plot", "--out", str(tmp_path / "e.json")], capsys)
-    assert status == 2 and "cannot write the figures beside" in err and "No space left on device" in err
+    monkeypatch.setattr(representations, "plot_analysis", full_disk)
+    status, err = in_process_error(representations.main, [pretrained, *QUICK, "--cka-samples", "16", "--plot",
+                                                          "--out", str(tmp_path / "e.json")], capsys)
+    assert status == 2 and "cannot write" in err and "figures beside it" in err and "No space left on device" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -2489,10 +2561,12 @@ def test_a_run_folder_stands_for_its_checkpoint(pretrained, tmp_path, capsys):
     status, err = in_process_error(acl.main, ["--resume", str(tmp_path / "empty")], capsys)
     assert_one_sentence(status, err, f"{tmp_path / 'empty'} is a folder without a checkpoint.pt")
     folder = os.path.dirname(pretrained)
-    args = eval_linear.parse_args([folder, "--compare", run_dir, pretrained])
-    assert args.checkpoint == pretrained and args.compare == [os.path.join(run_dir, "checkpoint.pt"), pretrained]
-    for argv in ([str(tmp_path / "empty")], [pretrained, "--compare", str(tmp_path / "empty")]):
-        status, err = in_process_error(eval_linear.main, argv, capsys)
+    assert eval_linear.parse_args([folder]).checkpoint == pretrained
+    args = representations.parse_args([folder, run_dir, pretrained])
+    assert args.models == [pretrained, os.path.join(run_dir, "checkpoint.pt"), pretrained]
+    for main, argv in ((eval_linear.main, [str(tmp_path / "empty")]),
+                       (representations.main, [pretrained, str(tmp_path / "empty")])):
+        status, err = in_process_error(main, argv, capsys)
         assert_one_sentence(status, err, "is a folder without a checkpoint.pt")
     out = tmp_path / "eval.json"
     assert eval_linear.main([folder, *QUICK, "--out", str(out)])["checkpoint"] == os.path.abspath(pretrained)
