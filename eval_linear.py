@@ -11,15 +11,13 @@ last mode run: AFF with --mode all). Reads this project's checkpoints (acl.py, a
 supervised.py) and the released ACL / DynACL / AIR pre-training checkpoints.
 
 Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
-per mode, each with every key. Our choice: an image counts as robust only when its clean version is
-also classified correctly (the clean image lies in the eps-ball), so robust accuracy <= clean accuracy.
-Each mode's fine-tuned network is kept beside the JSON as <json stem>_<mode>.pt. Seed 002's representation
-analysis (CKA maps within and across models, per-point probes, the eps effect, figures) is representations.py,
-which reads those kept models as they are (and imports this file; this file does not import it).
+per mode. Our choice: an image counts as robust only when its clean version is also classified correctly
+(it lies in the eps-ball), so robust accuracy <= clean accuracy. Each mode's fine-tuned network is kept
+beside the JSON as <json stem>_<mode>.pt, which representations.py (seed 002's analysis: CKA maps within and
+across models, probes, figures; it imports this file, never the other way round) reads as it is.
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
-    python eval_linear.py checkpoint.pt --mode slf --dataset synthetic --epochs 1 --train-size 64 --test-size 32
     python eval_linear.py checkpoint.pt --mode all --cka   # keeps eval_all_cifar10_{slf,alf,aff}.pt
     python representations.py eval_all_cifar10_slf.pt eval_all_cifar10_alf.pt eval_all_cifar10_aff.pt --plot
     python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
@@ -199,8 +197,7 @@ MOVED_FLAGS = ["--compare", "--probes", "--probe-features", "--probe-attack", "-
 
 
 def parse_args(argv=None):
-    words = sys.argv[1:] if argv is None else argv
-    given = [flag for flag in MOVED_FLAGS if any(word.split("=")[0] == flag for word in words)]
+    given = [flag for flag in MOVED_FLAGS if flag in {w.split("=")[0] for w in (sys.argv[1:] if argv is None else argv)}]
     if given:
         raise UserError(f"{given[0]} belongs to the representation analysis, which moved to representations.py: keep "
                         f"the fine-tuned models here, then run python representations.py <json stem>_<mode>.pt "
@@ -468,6 +465,25 @@ def fine_tuned_checkpoint(model, method, run_args, entry):
             "fine_tune": record}
 
 
+FINE_TUNED_SUFFIX = r"_(?:slf|alf|aff)\.pt"  # the names this program writes beside <stem>.json (fine_tuned_path's)
+
+
+def fine_tuned_path(out, mode):
+    """Where a mode's fine-tuned model goes: <json stem>_<mode>.pt."""
+    return f"{os.path.splitext(out)[0]}_{mode}.pt"
+
+
+def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
+    """The files beside the JSON `out` named <json stem><suffix> (the names a program writes for it: this one's
+    fine-tuned models, representations.py's figures), except those in `keep` (what this run wrote, and what it
+    read): an earlier run's, which the JSON no longer describes."""
+    folder, name = os.path.split(out)
+    pattern = re.compile(re.escape(os.path.splitext(name)[0]) + suffix)
+    keep = {os.path.realpath(path) for path in keep}
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder or ".")) if pattern.fullmatch(f)]
+    return [path for path in paths if os.path.realpath(path) not in keep]
+
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning
 # ---------------------------------------------------------------------------------------------
@@ -732,29 +748,6 @@ def print_table(results):
 
 
 # ---------------------------------------------------------------------------------------------
-# Files beside the JSON: fine-tuned models
-# ---------------------------------------------------------------------------------------------
-
-FINE_TUNED_SUFFIX = r"_(?:slf|alf|aff)\.pt"  # the names this program writes beside <stem>.json (fine_tuned_path's)
-
-
-def fine_tuned_path(out, mode):
-    """Where a mode's fine-tuned model goes: <json stem>_<mode>.pt."""
-    return f"{os.path.splitext(out)[0]}_{mode}.pt"
-
-
-def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
-    """The files beside the JSON `out` named <json stem><suffix> (the names a program writes for it: this one's
-    fine-tuned models, representations.py's figures), except those in `keep` (what this run wrote, and what it
-    read): an earlier run's, which the JSON no longer describes."""
-    folder, name = os.path.split(out)
-    pattern = re.compile(re.escape(os.path.splitext(name)[0]) + suffix)
-    keep = {os.path.realpath(path) for path in keep}
-    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder or ".")) if pattern.fullmatch(f)]
-    return [path for path in paths if os.path.realpath(path) not in keep]
-
-
-# ---------------------------------------------------------------------------------------------
 # Post-processing (DynACL++ / DynACL-AIR++)
 # ---------------------------------------------------------------------------------------------
 # LPAFT (Luo et al., ICLR 2023; used by AIR for DynACL-AIR++): pooled clean-BN features of the
@@ -997,8 +990,7 @@ def main(argv=None):
         raise UserError(f"cannot write {out} and the fine-tuned models beside it ({e.strerror}); choose another "
                         "--out") from None
     print("", *(f"wrote {path}" for path in written), sep="\n", flush=True)
-    # An earlier fine-tuned model of this JSON's name is left (it carries its own record, and may have cost
-    # hours), and said.
+    # An earlier fine-tuned model of this JSON's name is left (it has its own record, may have cost hours), and said
     for path in earlier_outputs(out, written + [args.checkpoint]):
         print(f"left {path}: a model fine-tuned by an earlier run, not described by {os.path.basename(out)}", flush=True)
     return result
