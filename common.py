@@ -8,6 +8,7 @@ methods and protocols.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -286,6 +287,7 @@ NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, 
 DEFAULT_IMAGE_SIZE = {"imagefolder": 32, "digits": 16}  # --image-size of the datasets without a native size
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "digits": 10, "synthetic": 10}
 DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
+DIGITS_SHA256 = "d577edce67e5aa5721ae9ac6507a964154781e521d15152b6107afb2d759c41b"  # README.md prints it too
 
 
 class _ExtractedCopy:
@@ -336,9 +338,7 @@ class DigitsImages(Dataset):
     so every later transform sees `size` px images as it sees CIFAR's 32 px ones. Labels are the digits."""
 
     def __init__(self, train=True, size=16):
-        if not os.path.isfile(DIGITS_FILE):
-            raise UserError(f"the built-in digits data file {DIGITS_FILE} is missing; copy digits.npz from the "
-                            "repository next to common.py")
+        check_digits_file()
         with np.load(DIGITS_FILE) as f:
             keep = f["train"] if train else ~f["train"]
             scans, self.targets = f["images"][keep], f["labels"][keep].tolist()
@@ -352,6 +352,24 @@ class DigitsImages(Dataset):
     def __getitem__(self, i):
         from PIL import Image
         return Image.fromarray(self.data[i]), self.targets[i]
+
+
+def check_digits_file():
+    """digits.npz must be the file this project ships, byte for byte (its SHA-256; 46 KB, read in
+    milliseconds): a missing, unreadable, cut or changed file ends with one sentence saying how to get
+    it back, never with numpy's or zipfile's traceback and never by training on other data."""
+    how = ("get it back with 'git checkout digits.npz' in the repository, or copy digits.npz from the repository "
+           "next to common.py")
+    if not os.path.isfile(DIGITS_FILE):
+        raise UserError(f"the built-in digits data file {DIGITS_FILE} is missing; {how}")
+    try:
+        with open(DIGITS_FILE, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise UserError(f"the built-in digits data file {DIGITS_FILE} cannot be read ({e.strerror}); {how}") from None
+    if digest != DIGITS_SHA256:
+        raise UserError(f"the built-in digits data file {DIGITS_FILE} is damaged or changed (SHA-256 {digest[:12]}..., "
+                        f"not {DIGITS_SHA256[:12]}...); {how}")
 
 
 def load_dataset(name, data_dir, split, seed=0, size=None):
@@ -547,6 +565,8 @@ def pretrain_loader(args, device, supervised=False):
     if len(base) < args.batch_size:
         raise UserError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}; "
                         "lower the batch size or add images")
+    if supervised or args.supcon:  # labels are learnt from: one class would train at loss 0 and learn nothing
+        check_classes(args.dataset, args.data_dir, getattr(base, "classes", None), "supervised.py" if supervised else "--supcon")
     views = PretrainViews(base, args.image_size, NATIVE_SIZE[args.dataset], args.seed, supervised)
     sampler = PretrainSampler(len(views), args.batch_size, args.seed, *rank_and_world())
     # The loader gets its own generator: creating an iterator then draws from it, not from the global
@@ -555,6 +575,15 @@ def pretrain_loader(args, device, supervised=False):
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                         worker_init_fn=_worker_init, prefetch_factor=4 if args.workers > 0 else None)
     return loader, sampler
+
+
+def check_classes(name, data_dir, classes, user):
+    """A dataset whose labels are used (`user`: supervised.py, --supcon, evaluation) needs at least two
+    classes, or training reaches loss 0 and accuracy 100% having learnt nothing. Only an ImageFolder
+    can have fewer (the others have 10 or 100): its one class folder is refused."""
+    if name == "imagefolder" and len(classes) < 2:
+        raise UserError(f"{os.path.join(data_dir, 'train')} holds one class ({classes[0]}), but {user} learns from "
+                        "labels and needs at least two; add a subfolder of images for every other class")
 
 
 class LabelledImages(Dataset):
@@ -709,16 +738,36 @@ def given_flags(parser, argv):
     return {k for k, v in vars(namespace).items() if v is not unset}
 
 
+def check_finite(args):
+    """Every number given as a float flag (or a list of them) must be finite: NaN passes every range check
+    written as `x < 0` and inf every lower bound, and either would fail hours later or train on nothing.
+    Called right after parsing, in every script, before the range checks."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
+
+
+def check_attack_flags(eps, alpha, steps, steps_flag="--pgd-steps"):
+    """The attack's radius and step, in /255 units: eps in [0, 255] (255 is the whole pixel range), alpha >= 0,
+    and alpha > 0 when the attack takes steps (alpha 0 would leave it at its random start and call that PGD)."""
+    if not 0 <= eps <= 255:
+        raise UserError(f"--eps must be in [0, 255] (got {eps:g}); it is in /255 units, e.g. --eps 8")
+    if alpha < 0:
+        raise UserError(f"--pgd-alpha must be >= 0 (got {alpha:g})")
+    if alpha == 0 and eps > 0 and steps > 0:
+        raise UserError(f"--pgd-alpha 0 would leave the PGD attack (eps {eps:g}/255, {steps} steps) at its random "
+                        f"start; give a positive step in /255 units, e.g. --pgd-alpha 2, or {steps_flag} 0 for the "
+                        "random start alone")
+
+
 def check_shared_args(args, method):
     if args.batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (got {args.batch_size}): contrastive losses need other images as "
                         "negatives, and batch norm needs more than one image")
-    if args.eps < 0:
-        raise UserError(f"--eps must be >= 0 (got {args.eps}); it is in /255 units, e.g. --eps 8")
     if args.pgd_steps < 0:
         raise UserError(f"--pgd-steps must be >= 0 (got {args.pgd_steps})")
-    if args.pgd_alpha < 0:
-        raise UserError(f"--pgd-alpha must be >= 0 (got {args.pgd_alpha})")
+    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     for name in ("epochs", "width", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
@@ -746,6 +795,7 @@ def parse_and_resume(parser, argv, method):
     """Parse the command line; with --resume, load the checkpoint and take the run's arguments from
     it. A flag written on the command line that contradicts the checkpoint is refused."""
     args = parser.parse_args(argv)
+    check_finite(args)
     checkpoint = None
     if args.resume:
         args.resume = checkpoint_file(args.resume)
@@ -885,6 +935,44 @@ def run_dir_for(args, method, checkpoint_path=None):
     except OSError as e:
         raise UserError(f"cannot create the run folder {path} ({e.strerror}); choose another --out-dir") from None
     return path
+
+
+# The files of a training run's folder (Run) and those --post-process writes next to its checkpoint: a
+# report (eval_linear.py, representations.py) never takes one of these names.
+RUN_FILES = ("checkpoint.pt", "args.json", "metrics.jsonl", "benchmark.json", "postprocessed.pt", "postprocessed.json")
+
+
+def _same_file(a, b):
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))  # also a hard link
+
+
+def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
+    """Refuse, before any work and in one sentence, outputs that would lose a file. `paths`: what a command
+    will write (with report=True the first is the JSON report given to `flag`, which must end in .json,
+    then the files written beside it: fine-tuned models, figures); `inputs`: the files the run reads.
+    No path may be an input, or a folder, or (report=True) take a name of RUN_FILES, and each one's
+    folder must be writable or possible to make (the report's folder is made when the results are
+    written, as the training scripts make --out-dir). Used by eval_linear.py and representations.py."""
+    what = f"{flag} {paths[0]}" if report else flag
+    remedy = remedy or f"choose another {flag}"
+    if report and not paths[0].endswith(".json"):
+        raise UserError(f"{what} is not a .json file name; {flag} names the JSON report (the fine-tuned models and "
+                        "figures are written beside it), e.g. eval.json")
+    for path in paths:
+        beside = not (report and path == paths[0])
+        if report and os.path.basename(path) in RUN_FILES:
+            raise UserError(f"{what} {f'would write {path}, which has' if beside else 'has'} the name of a training "
+                            f"run's file ({', '.join(RUN_FILES)}); {remedy}")
+        if any(_same_file(path, other) for other in inputs):
+            raise UserError(f"{what} {f'would overwrite {path}, which' if beside else 'is a file that'} this run reads; "
+                            f"{remedy}")
+        missing = _first_missing_folder(os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(missing) if missing else os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            why = ("it is a folder" if os.path.isdir(path) else
+                   f"{folder} is not a folder" if not os.path.isdir(folder) else f"{folder} is not writable")
+            raise UserError(f"cannot write {path}: {why}; {remedy}")
 
 
 @contextlib.contextmanager
@@ -1257,17 +1345,36 @@ def parallel(model, compile, device, find_unused=False):
 # Run bookkeeping: one object per training run, one call per step
 # =============================================================================================
 
-def cut_metrics(path, step, log_every):
-    """On resume, keep the records up to the checkpoint's step, less one there that closed a partial
-    window (a --max-steps stop): the resumed run writes those again, so metrics.jsonl reads as if
-    the run was never interrupted (also after a crash past the last checkpoint)."""
+def metrics_to_keep(path, step, log_every):
+    """On resume, the records of metrics.jsonl to keep (None without the file): those up to the
+    checkpoint's step, less one there that closed a partial window (a --max-steps stop). The resumed
+    run writes those again, so metrics.jsonl reads as if the run was never interrupted (also after a
+    crash past the last checkpoint). A last line cut by a crash (no newline) is dropped; any other line
+    that is not a record is refused in one sentence naming it, before the resumed run writes anything."""
     if not os.path.exists(path):
-        return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut by a crash is dropped
-    kept = [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
+        return None
+    records = []
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break  # the last line, cut by a crash
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not UTF-8 or not JSON
+                    record = None
+                if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                    raise UserError(f"{path} line {number} is not a metrics record (one JSON object with its 'step' "
+                                    "per line); repair or delete that line and resume again (nothing was changed)")
+                records.append(record)
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); make it readable and resume again") from None
+    return [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
+
+
+def write_metrics(path, records):
     with atomic_file(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 class Run:
@@ -1286,21 +1393,25 @@ class Run:
         total_steps = args.epochs * self.steps_per_epoch
         self.stop_step = min(total_steps, args.max_steps or total_steps)
         self.step, log_state = 0, None
-        self.dir = self._run_dir(world)
+        self.dir = self._on_rank0(world, lambda: run_dir_for(args, method, args.resume))  # the same on every process
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        metrics_path, kept = os.path.join(self.dir, "metrics.jsonl"), None
         self.log = self.bench = None
         if checkpoint:
             self.step, log_state = checkpoint["step"], checkpoint.get("log")
             self.nothing_to_do = self._check_resume_point(total_steps)
             if self.nothing_to_do:  # nothing is loaded or written: the run folder stays as it is
                 return
+            # read (and checked) before the first write: a damaged file leaves the run folder as it is
+            kept = self._on_rank0(world, lambda: metrics_to_keep(metrics_path, self.step, checkpoint["args"]["log_every"]))
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             set_rng_state(checkpoint["rng"])
         if self.rank == 0:
             write_json(os.path.join(self.dir, "args.json"), vars(args))
+            if kept is not None:
+                write_metrics(metrics_path, kept)
             if checkpoint:
-                cut_metrics(os.path.join(self.dir, "metrics.jsonl"), self.step, checkpoint["args"]["log_every"])
                 print(f"resumed {args.resume} at step {self.step}", flush=True)
             processes = f", {world} processes" if world > 1 else ""
             print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
@@ -1331,12 +1442,13 @@ class Run:
             print(f"nothing to do: {args.resume} is at step {step}, where this run stops ({where}); {more}", flush=True)
         return step == stop
 
-    def _run_dir(self, world):
-        """Rank 0 names and makes the folder; the other processes learn its name, or rank 0's error."""
+    def _on_rank0(self, world, compute):
+        """compute() on rank 0 alone (it names and makes the run folder, reads metrics.jsonl); the other
+        processes learn its result, or its error, so that every process stops together."""
         shared = [None, None]
         if self.rank == 0:
             try:
-                shared[0] = run_dir_for(self.args, self.method, self.args.resume)
+                shared[0] = compute()
             except UserError as e:
                 shared[1] = str(e)
         if world > 1:

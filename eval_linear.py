@@ -48,9 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, BasicBlock, DefaultsHelpFormatter, DualBN, ResNet18, UserError,
-                    atomic_file, autocast, checkpoint_file, default_workers, eval_loader, fail, load_checkpoint,
-                    load_dataset, main_guard, pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize,
-                    write_json)
+                    atomic_file, autocast, check_attack_flags, check_classes, check_finite, check_outputs,
+                    checkpoint_file, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard,
+                    pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
 # The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -272,6 +272,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    check_finite(args)
     args.checkpoint, args.compare = checkpoint_file(args.checkpoint), args.compare and [checkpoint_file(p) for p in args.compare]
     for name in ("epochs", "batch_size", "test_batch_size", "train_size", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -279,6 +280,8 @@ def check_args(args):
     for name in ("eps", "pgd_alpha", "pgd_steps", "train_pgd_steps", "weight_decay", "trades_beta", "workers"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
+    check_attack_flags(args.eps, args.pgd_alpha, args.train_pgd_steps, "--train-pgd-steps")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be positive (got {args.lr})")
     if not 0 <= args.momentum < 1:
@@ -292,8 +295,9 @@ def check_args(args):
                         "needs n > 3 images")
     if args.probe_epochs < 1:
         raise UserError(f"--probe-epochs must be at least 1 (got {args.probe_epochs})")
-    if args.cka_eps is not None and min(args.cka_eps) < 0:
-        raise UserError(f"--cka-eps must be >= 0 (got {' '.join(f'{e:g}' for e in args.cka_eps)})")
+    if args.cka_eps is not None and not 0 <= min(args.cka_eps) <= max(args.cka_eps) <= 255:
+        raise UserError(f"--cka-eps must be in [0, 255] (got {' '.join(f'{e:g}' for e in args.cka_eps)}); it is in "
+                        "/255 units, e.g. --cka-eps 2 8")
     args.cka = args.cka or bool(args.compare) or args.cka_eps is not None
     if args.cka and args.test_batch_size < 4:
         raise UserError(f"--test-batch-size must be at least 4 with --cka (got {args.test_batch_size}): "
@@ -1015,6 +1019,21 @@ def earlier_outputs(out, keep):
     return [path for path in paths if os.path.realpath(path) not in keep]
 
 
+def check_output_files(args, out):
+    """Before any work: the JSON `out`, each mode's fine-tuned model and (--plot) any figure beside it overwrite
+    no input of the run and no file of a training run (common.check_outputs); nor do --post-process's files."""
+    inputs = [args.checkpoint] + (args.compare or [])
+    if args.mode:  # --post-process alone writes no JSON
+        modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
+        figure = re.compile(re.escape(os.path.splitext(os.path.abspath(out))[0]) + OUTPUT_SUFFIX)
+        figures = [path for path in inputs if args.plot and path.endswith(".png") and figure.fullmatch(os.path.abspath(path))]
+        check_outputs([out] + [fine_tuned_path(out, mode) for mode in modes] + figures, inputs)
+    if args.post_process:
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        check_outputs([os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")], inputs,
+                      "--post-process", report=False, remedy="post-process a copy of the checkpoint in another folder")
+
+
 def model_label(method, run_args, path, mode=None):
     """How tables and figures name a model: its method (+ the mode it was fine-tuned in) and the pre-training
     eps its checkpoint records, e.g. 'acl+slf, eps 8/255', 'acl+slf, eps 0' (a standard encoder) or
@@ -1278,6 +1297,7 @@ def main(argv=None):
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
+    check_output_files(args, out)
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -1290,19 +1310,13 @@ def main(argv=None):
         if other.stem != pretrained.stem:
             raise UserError(f"--compare {path} has the {other.stem} stem but {args.checkpoint} the {pretrained.stem} "
                             "stem; compare encoders made for the same image size")
-    if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
-        raise UserError(f"cannot write {out}; choose another --out")
-    inputs = {os.path.realpath(path) for path in [args.checkpoint] + (args.compare or [])}
-    for mode in ["slf", "alf", "aff"] if args.mode == "all" else [args.mode] if args.mode else []:
-        if os.path.realpath(fine_tuned_path(out, mode)) in inputs:
-            raise UserError(f"--out {out} would overwrite {fine_tuned_path(out, mode)}, which this run reads; "
-                            "choose another --out")
     image_size = args.image_size or pretrained.image_size
     if args.dataset == "imagefolder":  # the class list comes from the folder; train and test must agree
         classes = load_dataset("imagefolder", args.data_dir, "train").classes
         if load_dataset("imagefolder", args.data_dir, "test").classes != classes:
             raise UserError(f"{args.data_dir}/train and {args.data_dir}/test have different class folders; "
                             "make them the same")
+        check_classes(args.dataset, args.data_dir, classes, "evaluation")
         num_classes = len(classes)
     else:
         num_classes = NUM_CLASSES[args.dataset]
@@ -1376,6 +1390,7 @@ def main(argv=None):
     print_table(results)
     written = [fine_tuned_path(out, mode) for mode in modes] + [out]
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as the training scripts make --out-dir
         for path, checkpoint in zip(written, fine_tuned):
             save_checkpoint(path, checkpoint)
         write_json(out, result)

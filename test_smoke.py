@@ -2552,3 +2552,225 @@ def test_benchmark_flops_per_image_equal_a_counted_hand_written_step(tmp_path):
     assert result["flops_per_image"] == counter.get_total_flops() / 16 > 0
     assert result["tflops_per_s"] == pytest.approx(result["flops_per_image"] * result["images_per_s"] / 1e12, rel=1e-9)
     assert result["loader_images_per_s_per_worker"] == pytest.approx(result["loader_images_per_s"] / 2, rel=1e-9)
+
+
+# =============================================================================================
+# Nothing lost to a mistyped flag (issue 28): --out that would overwrite a run, damaged files,
+# non-finite values, one class; --out into a folder that does not exist yet (issue 27)
+# =============================================================================================
+
+def all_files(root):
+    """Every file under root: its bytes and modification time."""
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            found[os.path.relpath(path, root)] = (open(path, "rb").read(), os.stat(path).st_mtime_ns)
+    return found
+
+
+def copied_run(pretrained, root):
+    """A copy of the pretrained fixture's run folder under root (the fixture is shared by other tests)."""
+    run = root / "run"
+    os.makedirs(run)
+    for name in os.listdir(os.path.dirname(pretrained)):
+        (run / name).write_bytes(open(os.path.join(os.path.dirname(pretrained), name), "rb").read())
+    return run
+
+
+def test_eval_out_never_overwrites_an_input_or_a_training_runs_file(pretrained, tmp_path, capsys):
+    run = copied_run(pretrained, tmp_path)
+    assert {"checkpoint.pt", "args.json", "metrics.jsonl", "benchmark.json"} <= set(os.listdir(run))
+    model = str(run / "checkpoint.pt")
+    for name in ("M.pt", "M.json", "e_alf.pt", "postprocessed.pt", "e_diagonal.png"):
+        (tmp_path / name).write_bytes((run / "checkpoint.pt").read_bytes())
+    files = all_files(tmp_path)
+    names = "(checkpoint.pt, args.json, metrics.jsonl, benchmark.json, postprocessed.pt, postprocessed.json)"
+    cases = [
+        ([model, "--out", str(run / "checkpoint.pt")], f"error: --out {run / 'checkpoint.pt'} is not a .json file name; "
+         "--out names the JSON report (the fine-tuned models and figures are written beside it), e.g. eval.json"),
+        ([model, "--out", str(run / "metrics.jsonl")], f"error: --out {run / 'metrics.jsonl'} is not a .json file name"),
+        ([model, "--out", str(run / "args.json")], f"error: --out {run / 'args.json'} has the name of a training run's "
+         f"file {names}; choose another --out"),
+        ([model, "--out", str(run / "benchmark.json")], "benchmark.json has the name of a training run's file"),
+        ([model, "--out", str(run / "postprocessed.json")], "postprocessed.json has the name of a training run's file"),
+        ([model, "--compare", str(tmp_path / "M.pt"), "--out", str(tmp_path / "M.pt")], "is not a .json file name"),
+        ([model, "--compare", str(tmp_path / "M.json"), "--out", str(tmp_path / "M.json")],
+         f"error: --out {tmp_path / 'M.json'} is a file that this run reads; choose another --out"),
+        ([model, "--mode", "all", "--compare", str(tmp_path / "e_alf.pt"), "--out", str(tmp_path / "e.json")],
+         f"error: --out {tmp_path / 'e.json'} would overwrite {tmp_path / 'e_alf.pt'}, which this run reads; "
+         "choose another --out"),
+        ([str(tmp_path / "postprocessed.pt"), "--method", "dynacl", "--post-process", "lpaft"],
+         f"error: --post-process would overwrite {tmp_path / 'postprocessed.pt'}, which this run reads; post-process a "
+         "copy of the checkpoint in another folder"),
+    ]
+    if importlib.util.find_spec("matplotlib") is not None:  # else --plot is refused for that first
+        cases.append(([model, "--cka", "--plot", "--compare", str(tmp_path / "e_diagonal.png"), "--out",
+                       str(tmp_path / "e.json")], f"would overwrite {tmp_path / 'e_diagonal.png'}, which this run reads"))
+    for argv, message in cases:
+        status, err = in_process_error(eval_linear.main, [*argv, *QUICK], capsys)
+        assert_one_sentence(status, err, message)
+        assert "epoch" not in capsys.readouterr().out  # refused before any work
+    assert all_files(tmp_path) == files  # every file byte for byte, none added
+    result = run_eval_cli(model, *QUICK, "--out", model)  # the issue's command: the trained model was replaced
+    assert_clean_error(result, "is not a .json file name")
+    assert all_files(tmp_path) == files
+
+
+def test_eval_out_into_a_folder_that_does_not_exist(pretrained, tmp_path, capsys):
+    out = tmp_path / "runs" / "maps" / "at.json"  # as the README's digits recipe writes it
+    result = eval_linear.main([pretrained, *QUICK, "--out", str(out)])
+    assert json.load(open(out)) == json.loads(json.dumps(result))
+    assert sorted(os.listdir(out.parent)) == ["at.json", "at_slf.pt"]
+    (tmp_path / "file").write_text("not a folder")
+    files = all_files(tmp_path)
+    capsys.readouterr()
+    for out in (tmp_path / "file" / "e.json", tmp_path / "file" / "sub" / "e.json"):
+        status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--out", str(out)], capsys)
+        assert_one_sentence(status, err, f"error: cannot write {out}: {tmp_path / 'file'} is not a folder; "
+                            "choose another --out")
+    os.makedirs(tmp_path / "folder.json")
+    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, "--out", str(tmp_path / "folder.json")], capsys)
+    assert_one_sentence(status, err, f"cannot write {tmp_path / 'folder.json'}: it is a folder")
+    assert "epoch" not in capsys.readouterr().out
+    assert all_files(tmp_path) == files
+
+
+@pytest.mark.parametrize("damage, line", [("garbage{", 1), ("[1, 2]", 2), ('{"epoch": 1}', 3), (b"\xff\xfe", 1)])
+def test_a_damaged_metrics_file_stops_a_resume_before_it_writes(damage, line, tmp_path, capsys):
+    run_dir = supervised.main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path)])
+    path = os.path.join(run_dir, "metrics.jsonl")
+    lines = open(path, "rb").read().splitlines(keepends=True)
+    lines[line - 1] = (damage if isinstance(damage, bytes) else damage.encode()) + b"\n"
+    open(path, "wb").write(b"".join(lines))
+    os.utime(path, ns=(0, 0))  # an mtime that a rewrite could not keep
+    files = run_files(run_dir)
+    capsys.readouterr()
+    status, err = in_process_error(supervised.main, ["--resume", run_dir, "--max-steps", "5"], capsys)
+    assert_one_sentence(status, err, f"error: {path} line {line} is not a metrics record (one JSON object with its "
+                        "'step' per line); repair or delete that line and resume again (nothing was changed)")
+    assert capsys.readouterr().out == "" and run_files(run_dir) == files
+
+
+def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tmp_path):
+    straight = supervised.main(TINY + ["--max-steps", "4", "--out-dir", str(tmp_path / "a")])
+    cut = supervised.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "b")])
+    with open(os.path.join(cut, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "epoch": 1, "lo')  # a crash during the next record
+    assert supervised.main(["--resume", cut, "--max-steps", "4"]) == cut
+    assert [r["step"] for r in metrics(cut)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(straight)]
+
+
+def damaged_digits(kind, folder):
+    good = open(common.DIGITS_FILE, "rb").read()
+    path = folder / "digits.npz"
+    if kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "text":
+        path.write_text("images, labels, train\n")
+    elif kind == "no train array":
+        with np.load(common.DIGITS_FILE) as f:
+            np.savez(path, images=f["images"], labels=f["labels"])
+    elif kind == "one byte changed":
+        path.write_bytes(good[:-100] + bytes([good[-100] ^ 1]) + good[-99:])
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "no train array", "one byte changed"])
+def test_a_damaged_digits_file_is_one_sentence_that_says_how_to_get_it_back(kind, pretrained, tmp_path, monkeypatch,
+                                                                            capsys):
+    assert common.DIGITS_SHA256 == DIGITS_SHA256  # the checksum the README prints is the one checked
+    monkeypatch.setattr(common, "DIGITS_FILE", damaged_digits(kind, tmp_path))
+    files = all_files(tmp_path)
+    for main, argv in ((acl.main, ["--dataset", "digits", "--out-dir", str(tmp_path / "runs")]),
+                       (supervised.main, ["--dataset", "digits", "--out-dir", str(tmp_path / "runs")]),
+                       (eval_linear.main, [pretrained, "--dataset", "digits", "--workers", "0",
+                                           "--out", str(tmp_path / "e.json")])):
+        status, err = in_process_error(main, argv, capsys)
+        assert_one_sentence(status, err, f"error: the built-in digits data file {common.DIGITS_FILE} is damaged or "
+                            "changed (SHA-256 ", "get it back with 'git checkout digits.npz'")
+    assert all_files(tmp_path) == files
+
+
+NON_FINITE = [
+    (acl, "--eps", "nan"), (acl, "--eps", "inf"), (acl, "--eps=-inf", None), (acl, "--temperature", "inf"),
+    (acl, "--lr", "nan"), (acl, "--pgd-alpha", "nan"), (air, "--lambda2", "nan"), (air, "--weight-decay", "inf"),
+    (a_infonce, "--beta", "inf"), (a_infonce, "--ip-weight", "nan"), (a_infonce, "--tau-plus", "nan"),
+    (supervised, "--lr", "inf"), (supervised, "--eps", "1e999"),
+]
+
+
+@pytest.mark.parametrize("module, flag, value", NON_FINITE)
+def test_non_finite_training_flags_are_refused(module, flag, value, tmp_path, capsys):
+    argv = [flag] if value is None else [flag, value]
+    status, err = in_process_error(module.main, TINY + argv + ["--out-dir", str(tmp_path)], capsys)
+    name, got = (flag.split("=") if value is None else (flag, value))
+    expected = {"1e999": "inf"}.get(got, got)
+    assert_one_sentence(status, err, f"error: {name} must be a finite number (got {expected})\n")
+    assert err == f"error: {name} must be a finite number (got {expected})\n" and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eps", "nan"], "--eps must be a finite number (got nan)"),
+    (["--trades-beta", "inf"], "--trades-beta must be a finite number (got inf)"),
+    (["--lpaft-lr", "nan"], "--lpaft-lr must be a finite number (got nan)"),
+    (["--momentum", "nan"], "--momentum must be a finite number (got nan)"),
+    (["--cka-eps", "2", "nan"], "--cka-eps must be a finite number (got nan)"),
+    (["--eps", "256"], "--eps must be in [0, 255] (got 256); it is in /255 units, e.g. --eps 8"),
+    (["--cka-eps", "4", "300"], "--cka-eps must be in [0, 255] (got 4 300)"),
+    (["--pgd-alpha", "0"], "--pgd-alpha 0 would leave the PGD attack (eps 8/255, 20 steps) at its random start; give "
+     "a positive step in /255 units, e.g. --pgd-alpha 2, or --pgd-steps 0 for the random start alone"),
+    (["--pgd-alpha", "0", "--pgd-steps", "0"], "--pgd-alpha 0 would leave the PGD attack (eps 8/255, 10 steps) at its "
+     "random start; give a positive step in /255 units, e.g. --pgd-alpha 2, or --train-pgd-steps 0 for the random "
+     "start alone"),
+])
+def test_non_finite_and_out_of_range_evaluation_flags_are_refused(argv, message, pretrained, tmp_path, capsys):
+    status, err = in_process_error(eval_linear.main, [pretrained, *argv, *QUICK, "--out", str(tmp_path / "e.json")],
+                                   capsys)
+    assert_one_sentence(status, err, "error: " + message)
+    assert not os.listdir(tmp_path)
+
+
+def test_eps_above_255_and_a_zero_step_attack_are_refused_in_training(tmp_path, capsys):
+    for module in (acl, air, a_infonce, supervised):
+        status, err = in_process_error(module.main, TINY + ["--eps", "256", "--out-dir", str(tmp_path)], capsys)
+        assert err == "error: --eps must be in [0, 255] (got 256); it is in /255 units, e.g. --eps 8\n" and status == 2
+        status, err = in_process_error(module.main, TINY + ["--pgd-alpha", "0", "--out-dir", str(tmp_path)], capsys)
+        assert_one_sentence(status, err, "error: --pgd-alpha 0 would leave the PGD attack (eps 8/255, 2 steps) at its "
+                            "random start; give a positive step in /255 units, e.g. --pgd-alpha 2, or --pgd-steps 0")
+    assert not os.listdir(tmp_path)
+    for argv in (["--eps", "0"], ["--pgd-steps", "0"]):  # no attack, or the random start alone: nothing to refuse
+        run_dir = acl.main(TINY + ["--pgd-alpha", "0", *argv, "--max-steps", "1", "--out-dir", str(tmp_path)])
+        assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 1
+
+
+def test_non_finite_values_through_the_command_line_of_every_script(pretrained, tmp_path):
+    for script in ("acl.py", "air.py", "a_infonce.py", "supervised.py"):
+        assert_clean_error(run_cli(script, *TINY, "--eps", "nan", "--out-dir", str(tmp_path)),
+                           "--eps must be a finite number (got nan)")
+    assert_clean_error(run_eval_cli(pretrained, "--eps", "inf", "--out", str(tmp_path / "e.json")),
+                       "--eps must be a finite number (got inf)")
+    assert not os.listdir(tmp_path)
+
+
+def test_one_class_is_refused_where_labels_are_used(pretrained, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "tree"
+    write_image_tree(str(root), sizes=((32, 32),) * 4)
+    for split in ("train", "test"):
+        shutil.rmtree(root / split / "dog")
+    files = all_files(tmp_path)
+    data = ["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "4"]
+    sentence = f"error: {root / 'train'} holds one class (cat), but {{}} learns from labels and needs at least two; " \
+               "add a subfolder of images for every other class\n"
+    for main, argv, user in ((supervised.main, TINY + data + ["--out-dir", str(tmp_path / "runs")], "supervised.py"),
+                             (acl.main, TINY + data + ["--supcon", "--out-dir", str(tmp_path / "runs")], "--supcon"),
+                             (air.main, TINY + data + ["--supcon", "--out-dir", str(tmp_path / "runs")], "--supcon"),
+                             (eval_linear.main, [pretrained, *QUICK, *data, "--out", str(tmp_path / "e.json")],
+                              "evaluation")):
+        status, err = in_process_error(main, argv, capsys)
+        assert status == 2 and err == sentence.format(user)
+    assert all_files(tmp_path) == files
+    run_dir = acl.main(TINY + data + ["--max-steps", "1", "--out-dir", str(tmp_path / "runs")])  # no labels used
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 1
