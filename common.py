@@ -7,6 +7,7 @@ docstring states what it computes (with the equation where there is one); README
 methods and protocols.
 """
 import argparse
+import atexit
 import contextlib
 import hashlib
 import json
@@ -18,6 +19,7 @@ import signal
 import sys
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -31,7 +33,9 @@ from torchvision import datasets
 
 
 class UserError(Exception):
-    """A problem with the user's input: reported as one sentence, exit status 2, no traceback."""
+    """A problem with the user's input: reported as one sentence, exit status 2 (a subclass's `status`), no
+    traceback."""
+    status = 2
 
 
 def fail(message, status=2, everywhere=False):
@@ -553,6 +557,27 @@ def _worker_init(_):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# Loaders whose worker processes are still running when the interpreter exits. At exit, multiprocessing ends
+# daemonic children with SIGTERM and then joins them (torch relies on that for persistent workers), but ours
+# ignore SIGTERM (above), so a loader still alive at exit would make the program hang there for ever. A loader
+# can outlive main() through no fault of its own: matplotlib's mathtext parser (log-axis tick labels) keeps
+# exceptions whose tracebacks hold main()'s frame in reference cycles, which the garbage collector frees only
+# after the exit hooks. This hook, registered after torch's and multiprocessing's and therefore run before
+# them, ends those workers as dropping the loader's iterator does (torch has no public call for it).
+_LOADERS = weakref.WeakSet()
+
+
+@atexit.register
+def _end_loader_workers():
+    for loader in list(_LOADERS):
+        loader._iterator = None
+
+
+def _tracked(loader):
+    _LOADERS.add(loader)
+    return loader
+
+
 def default_workers():
     return min(8, os.cpu_count() or 1)
 
@@ -574,7 +599,7 @@ def pretrain_loader(args, device, supervised=False):
     loader = DataLoader(views, batch_sampler=sampler, num_workers=args.workers, generator=torch.Generator(),
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                         worker_init_fn=_worker_init, prefetch_factor=4 if args.workers > 0 else None)
-    return loader, sampler
+    return _tracked(loader), sampler
 
 
 def check_classes(name, data_dir, classes, user):
@@ -610,9 +635,9 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
     images = LabelledImages(load_dataset(dataset, data_dir, split, seed, size),
                             eval_transform(size, NATIVE_SIZE[dataset], train), subset, labels)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
-                      num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, worker_init_fn=_worker_init)
+    return _tracked(DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
+                               num_workers=workers, pin_memory=device.type == "cuda",
+                               persistent_workers=workers > 0, worker_init_fn=_worker_init))
 
 
 # =============================================================================================
@@ -1233,11 +1258,11 @@ class Benchmark:
 
 
 def main_guard(main):
-    """Run main(); a UserError becomes one sentence on stderr and exit status 2 (no traceback)."""
+    """Run main(); a UserError becomes one sentence on stderr and its exit status (no traceback)."""
     try:
         main()
     except UserError as e:
-        fail(str(e))
+        fail(str(e), e.status)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

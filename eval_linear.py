@@ -204,8 +204,10 @@ def parse_args(argv=None):
     a("--bn", default=None, choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF "
       "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper; clean in SLF/ALF for "
       "supervised.py --eps 0, whose adversarial BN is never trained)")
-    a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
-    a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
+    a("--dataset", default=None, choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only "
+      "(default: the checkpoint's, else cifar10; another dataset is a transfer evaluation)")
+    a("--data-dir", default=None, help="where datasets are read from (and downloaded to on first use) (default: the "
+      "checkpoint's for its own dataset, else ./data)")
     a("--image-size", type=int, default=None, help="input size in px (default: the checkpoint's, else 32 / 96 for the CIFAR / ImageNet stem)")
     a("--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's; uniform: 25 for every mode)")
     a("--batch-size", type=int, default=None, help="training batch (default: the recipe's; uniform: SLF/ALF 512, AFF 128)")
@@ -319,6 +321,24 @@ def check_args(args):
                         f"then each --compare), but {len(args.labels)} were given")
     if args.mode is None and not args.post_process:
         args.mode = "slf"
+
+
+def resolve_data(args, run_args):
+    """--dataset and --data-dir default to the pre-training run's (this project's checkpoints record them), so a
+    model pre-trained on an ImageFolder is evaluated on that folder; a released checkpoint records none: CIFAR-10
+    in ./data. Another --dataset than the checkpoint's is a transfer evaluation (--data-dir default ./data).
+    Returns how the header line names the data and where it came from."""
+    recorded = (run_args or {}).get("dataset")
+    given = args.dataset is not None
+    args.dataset = args.dataset or recorded or "cifar10"
+    if args.data_dir is None:
+        args.data_dir = (run_args.get("data_dir") if args.dataset == recorded else None) or "./data"
+    where = "" if args.dataset in ("digits", "synthetic") else f" in {args.data_dir}"
+    if recorded is None:
+        return args.dataset + where + ("" if given else " (the default: the checkpoint records no dataset)")
+    if args.dataset != recorded:
+        return f"{args.dataset}{where} (transfer: pre-trained on {recorded})"
+    return f"{args.dataset}{where} (the checkpoint's{'' if given else ', as --dataset was not given'})"
 
 
 def only_clean_bn_trained(encoder, mode):
@@ -510,11 +530,27 @@ def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
     return x_adv.detach()
 
 
+def say_if_one_step(loader, flag):
+    """One line when the training split fits in one batch. Unlike pre-training, which drops an incomplete batch
+    and so refuses a batch larger than the dataset, fine-tuning keeps it: such a run is valid, but each epoch is a
+    single step on the whole split, which a reader of the numbers should know."""
+    if len(loader) == 1:
+        print(f"note: the {len(loader.dataset)} training images fit in one batch of {loader.batch_size}: one step an "
+              f"epoch (lower {flag})", flush=True)
+
+
+class Diverged(UserError):
+    """Fine-tuning (a mode, a probe, post-processing) whose loss or weights became NaN or infinite: one sentence
+    and exit status 1, as pre-training's non-finite loss; its model is not kept."""
+    status = 1
+
+
 def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
     """Train `model` (a Classifier) by `mode` for settings['epochs']; the last epoch is kept (no
     selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns.
     Optional settings (post-processing): 'weight_decay' (else --weight-decay), 'natural_bn' ('adv': AFF
-    sends the natural images through the adversarial BN too) and 'label' (of the progress lines)."""
+    sends the natural images through the adversarial BN too) and 'label' (of the progress lines and messages).
+    A loss or weight (or BN statistic) that is NaN or infinite at the end of an epoch raises Diverged."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     frozen = mode in ("slf", "alf")
     natural_adv, label = settings.get("natural_bn") == "adv", settings.get("label", mode)
@@ -556,8 +592,14 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
         scheduler.step()
         synchronize(device)
         seconds = time.perf_counter() - start
-        print(f"{label} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
+        loss = loss_sum.item() / seen
+        print(f"{label} epoch {epoch}/{settings['epochs']} | loss {loss:.4f} | train acc "
               f"{100 * correct.item() / seen:.2f}% | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
+        weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()]).all())
+        if not (math.isfinite(loss) and weights_finite):
+            weights = "" if weights_finite else ", and weights became non-finite"
+            raise Diverged(f"fine-tuning ({label}) diverged in epoch {epoch}/{settings['epochs']}: mean loss {loss:.4g}"
+                           f"{weights}; lower the learning rate (it was {settings['lr']:g})")
     model.eval()
     return seen / seconds
 
@@ -1253,6 +1295,7 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
 
         loader = eval_loader(args.dataset, args.data_dir, "pretrain", image_size, args.lpaft_batch_size, args.workers,
                              device, args.seed, subset=args.train_size, labels=pseudo.tolist(), train=True)
+        say_if_one_step(loader, "--lpaft-batch-size")
         probe = dict(label="lpaft probe", epochs=args.lpaft_probe_epochs, lr=args.lpaft_probe_lr, milestones=[],
                      weight_decay=args.lpaft_weight_decay)
         aft = dict(label="lpaft trades", epochs=args.lpaft_epochs, lr=args.lpaft_lr, milestones=args.lpaft_milestones,
@@ -1295,9 +1338,6 @@ def main(argv=None):
                         "or drop --plot (the numbers are in the JSON either way)")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
-    check_output_files(args, out)
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -1305,6 +1345,10 @@ def main(argv=None):
     if pretrained.fine_tuned:  # its classifier would be thrown away and the encoder fine-tuned a second time
         raise UserError(f"{args.checkpoint} is a model fine-tuned by eval_linear.py ({pretrained.method}); pass it to "
                         "--compare to map it against another model, or evaluate the checkpoint it was fine-tuned from")
+    data = resolve_data(args, pretrained.run_args)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
+    check_output_files(args, out)
     others = [(path, load_encoder(path, args.bn or "adv")) for path in args.compare or []]
     for path, other in others:  # same input images for both: the stems must agree; widths may differ
         if other.stem != pretrained.stem:
@@ -1342,11 +1386,11 @@ def main(argv=None):
                               device, args.seed, subset=args.test_size)
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     print(f"{args.checkpoint}: {method or 'method not recorded'}, width {pretrained.width}, {pretrained.stem} stem; "
-          f"{args.dataset} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
+          f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
 
     modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
-    results, fine_tuned = [], []
+    results, fine_tuned, stopped = [], [], None
     for mode in modes:
         mode_start = time.perf_counter()
         settings = mode_settings(args, mode, method, image_size)
@@ -1358,7 +1402,12 @@ def main(argv=None):
         model.encoder.adv = settings["bn"] == "adv"
         train_loader = eval_loader(args.dataset, args.data_dir, "train", image_size, settings["batch_size"], args.workers,
                                    device, args.seed, subset=args.train_size)
-        images_per_s = fine_tune(model, mode, train_loader, settings, args, device, amp, memory_format)
+        say_if_one_step(train_loader, "--batch-size")
+        try:
+            images_per_s = fine_tune(model, mode, train_loader, settings, args, device, amp, memory_format)
+        except Diverged as e:  # the modes finished before it are kept (below); its model is not
+            stopped = e
+            break
 
         clean, robust = correct_per_image(model, test_loader, device, eps, alpha, args.pgd_steps, amp, memory_format)
         entry = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": mode, **settings,
@@ -1377,18 +1426,24 @@ def main(argv=None):
         if corruptions:
             entry["corruption_acc"] = corruption_accuracy(model, *corruptions, args.test_batch_size, device, image_size, amp)
         if (args.cka or args.probes) and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
-            entry.update(representation_analysis(model, mode, settings, method, others, test_loader, num_classes,
-                                                 image_size, args, device, amp, memory_format))
+            try:
+                entry.update(representation_analysis(model, mode, settings, method, others, test_loader, num_classes,
+                                                     image_size, args, device, amp, memory_format))
+            except Diverged as e:  # a probe or a compared model: this mode is not kept either
+                stopped = e
+                break
         entry["seconds"] = time.perf_counter() - mode_start
         results.append(entry)
         run_args = dict(pretrained.run_args or {}, image_size=image_size)
         fine_tuned.append(fine_tuned_checkpoint(model, derived_method(method, f"+{mode}"), run_args, entry))
 
-    result = results[0] if len(results) == 1 else {
+    if stopped and not results:
+        raise stopped
+    result = results[0] if args.mode != "all" else {
         "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": results[0]["bn"],
-        "results": results, "seconds": time.perf_counter() - start}
+        "results": results, "error": stopped and str(stopped), "seconds": time.perf_counter() - start}
     print_table(results)
-    written = [fine_tuned_path(out, mode) for mode in modes] + [out]
+    written = [fine_tuned_path(out, mode) for mode in modes[:len(results)]] + [out]
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as the training scripts make --out-dir
         for path, checkpoint in zip(written, fine_tuned):
@@ -1415,6 +1470,9 @@ def main(argv=None):
         else:
             print(f"left {path}: a model fine-tuned by an earlier run, not described by {os.path.basename(out)}",
                   flush=True)
+    if stopped:
+        raise Diverged(f"{stopped}; {' and '.join(modes[:len(results)])}, finished before it, "
+                       f"{'is' if len(results) == 1 else 'are'} in {out}")
     return result
 
 

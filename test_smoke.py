@@ -2774,3 +2774,92 @@ def test_one_class_is_refused_where_labels_are_used(pretrained, tmp_path, capsys
     assert all_files(tmp_path) == files
     run_dir = acl.main(TINY + data + ["--max-steps", "1", "--out-dir", str(tmp_path / "runs")])  # no labels used
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 1
+
+
+# =============================================================================================
+# Evaluation as a new user meets it (issue 27): loader workers at exit, divergence, the checkpoint's data
+# =============================================================================================
+
+def test_eval_with_loader_workers_and_plot_exits(pretrained, tmp_path):
+    """Workers ignore SIGTERM, and --plot's mathtext keeps main()'s frame (and its loaders) in reference cycles
+    until after the exit hooks: without common._end_loader_workers the process never exits."""
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed")
+    out = tmp_path / "e.json"
+    argv = [pretrained, "--mode", "slf", *QUICK, "--workers", "2", "--cka", "--cka-samples", "16", "--plot",
+            "--out", str(out)]
+    try:
+        result = run_cli("eval_linear.py", *argv, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("eval_linear.py --workers 2 --plot wrote its files but did not exit")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert json.loads(out.read_text())["mode"] == "slf" and (tmp_path / "e_diagonal.png").is_file()
+
+
+def test_diverged_fine_tuning_is_an_error_that_keeps_the_finished_modes(pretrained, tmp_path):
+    out = tmp_path / "d.json"
+    (tmp_path / "d_aff.pt").write_bytes(b"an earlier run's model")
+    result = run_cli("eval_linear.py", pretrained, "--mode", "all", *QUICK, "--lr", "1e6", "--pgd-steps", "1",
+                     "--train-pgd-steps", "1", "--out", str(out))
+    assert_clean_error(result, "fine-tuning (aff) diverged in epoch 1/1: mean loss nan", "slf and alf", str(out),
+                       status=1)
+    saved = json.loads(out.read_text())
+    assert [r["mode"] for r in saved["results"]] == ["slf", "alf"] and "(aff) diverged" in saved["error"]
+    assert all(math.isfinite(r["clean_acc"]) for r in saved["results"])
+    for mode in ("slf", "alf"):
+        model = torch.load(tmp_path / f"d_{mode}.pt", weights_only=True)["model"]
+        assert all(torch.isfinite(v).all() for v in model.values())
+    assert (tmp_path / "d_aff.pt").read_bytes() == b"an earlier run's model"  # no NaN model written over it
+    assert f"wrote {tmp_path / 'd_aff.pt'}" not in result.stdout and "left" in result.stdout
+    # one mode that diverges: nothing finished, nothing written
+    result = run_cli("eval_linear.py", pretrained, "--mode", "aff", *QUICK, "--lr", "1e6", "--pgd-steps", "1",
+                     "--train-pgd-steps", "1", "--out", str(tmp_path / "one.json"))
+    assert_clean_error(result, "fine-tuning (aff) diverged in epoch 1/1", status=1)
+    assert not (tmp_path / "one.json").exists() and not (tmp_path / "one_aff.pt").exists()
+
+
+def test_a_diverging_probe_is_an_error(pretrained, tmp_path, capsys, monkeypatch):
+    real_fine_tune = eval_linear.fine_tune
+
+    def probe_lr(model, mode, loader, settings, *rest):
+        if settings.get("label", "").startswith("probe layer2"):
+            settings = dict(settings, lr=1e30)
+        return real_fine_tune(model, mode, loader, settings, *rest)
+
+    monkeypatch.setattr(eval_linear, "fine_tune", probe_lr)
+    status, err = in_process_error(eval_linear.main, [pretrained, "--mode", "slf", *QUICK, "--probes", "--probe-epochs",
+                                                      "1", "--out", str(tmp_path / "p.json")], capsys)
+    assert status == 1 and err.startswith("error: fine-tuning (probe layer2.0) diverged in epoch 1/1")
+    assert len(err.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+def test_evaluation_reads_the_checkpoints_dataset_unless_told_otherwise(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    write_image_tree(str(tree), sizes=((40, 48), (32, 32), (64, 50), (36, 36)))
+    run_dir = acl.main(TINY + ["--dataset", "imagefolder", "--data-dir", str(tree), "--batch-size", "4",
+                               "--max-steps", "1", "--out-dir", str(tmp_path / "runs")])
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    capsys.readouterr()
+    fast = ["--epochs", "1", "--batch-size", "4", "--pgd-steps", "1", "--workers", "0"]
+    result = eval_linear.main([checkpoint, *fast, "--out", str(tmp_path / "own.json")])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"imagefolder in {tree} (the checkpoint's, as --dataset was not given) at 32 px, 2 classes, 8 test" in header
+    assert result["dataset"] == "imagefolder" and result["train_images"] == 8 and result["num_classes"] == 2
+    # another dataset given: a transfer evaluation, in ./data unless --data-dir says otherwise
+    result = eval_linear.main([checkpoint, *fast, "--dataset", "digits", "--out", str(tmp_path / "digits.json")])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "digits (transfer: pre-trained on imagefolder) at 32 px, 10 classes, 599 test images" in header
+    assert result["dataset"] == "digits" and result["train_images"] == 1198
+    # a released checkpoint records no dataset: CIFAR-10 in ./data, said so (here: not there, one sentence)
+    released = tmp_path / "released.pt"
+    torch.save(released_state_dict(8, "cifar"), released)
+    args = eval_linear.parse_args([str(released)])
+    assert eval_linear.resolve_data(args, None) == "cifar10 in ./data (the default: the checkpoint records no dataset)"
+
+
+def test_a_training_split_within_one_batch_is_said_in_one_line(pretrained, tmp_path, capsys):
+    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--batch-size", "64", "--out", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out
+    assert "note: the 64 training images fit in one batch of 64: one step an epoch (lower --batch-size)" in out
+    eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--batch-size", "32", "--out", str(tmp_path / "b.json")])
+    assert "note:" not in capsys.readouterr().out
