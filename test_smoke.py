@@ -35,6 +35,7 @@ import eval_linear
 import supervised
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TINY = ["--dataset", "synthetic", "--width", "8", "--batch-size", "16", "--pgd-steps", "2", "--workers", "0",
         "--log-every", "1"]
 
@@ -301,6 +302,55 @@ def test_lars_matches_hand_computed_update():
     zero.grad = g.clone()
     common.LARS([zero], lr=0.5, weight_decay=0.1).step()
     assert torch.allclose(zero.detach(), -0.5 * g)
+
+
+def lars_step_per_tensor(params, state, lr, m, wd, eta=0.001):
+    """The LARS step as it was written before torch._foreach_* (common.LARS up to issue 24): one tensor at a time."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad
+            w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+            trust = eta * w_norm / (g_norm + wd * w_norm)
+            local_lr = torch.where((w_norm < 1e-15) | (g_norm < 1e-15), torch.ones_like(trust), trust)
+            update = (g + wd * p) * (lr * local_lr)
+            buf = state.setdefault(p, torch.zeros_like(p))
+            buf.mul_(m).add_(update)
+            p.sub_(buf)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_lars_equals_the_per_tensor_loop(device):
+    """Several steps over tensors of ResNet shapes, two groups (one without weight decay), a tensor with no
+    gradient, a zero weight and a zero gradient: bit for bit on the CPU, to float rounding on CUDA."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (16,), (32, 16, 3, 3), (64, 64), (64,), (7,), (5,)]
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    weights[6].zero_()  # ||w|| = 0: local lr 1
+    ours = [nn.Parameter(w.clone().to(device)) for w in weights]
+    theirs = [nn.Parameter(w.clone().to(device)) for w in weights]
+    groups = lambda p: [{"params": p[:5]}, {"params": p[5:], "weight_decay": 0.0}]  # noqa: E731
+    optimizer = common.LARS(groups(ours), lr=5.0, momentum=0.9, weight_decay=1e-3)
+    buffers = {}
+    for step in range(4):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        grads[2].zero_()  # ||g|| = 0: local lr 1
+        for a, b, grad in zip(ours, theirs, grads):
+            a.grad = b.grad = None if a is ours[3] else grad.to(device)  # no gradient: left alone
+        lr = 5.0 / (step + 1)  # set before each step, as the training loops do
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        lars_step_per_tensor(theirs[:5], buffers, lr, 0.9, 1e-3)
+        lars_step_per_tensor(theirs[5:], buffers, lr, 0.9, 0.0)
+        for a, b in zip(ours, theirs):
+            if device == "cpu":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours[3].cpu(), weights[3]) and ours[3] not in optimizer.state
+    assert not torch.equal(ours[6].cpu(), weights[6]) and not torch.equal(ours[2].cpu(), weights[2])  # both moved
 
 
 def test_learning_rate_schedule():
