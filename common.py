@@ -703,9 +703,10 @@ def add_shared_flags(parser):
 # Arguments that may change when a run is resumed; every other one belongs to the run.
 RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
              "benchmark", "out_dir", "data_dir"}
-# Of those, the run's length and cadence are the checkpoint's unless given again: a resumed run ends
-# where the interrupted one would have, and logs and saves at the same steps.
-KEPT_ON_RESUME = {"max_steps", "log_every", "save_every"}
+# Of those, the run's length, cadence and data folder are the checkpoint's unless given again: a resumed
+# run ends where the interrupted one would have, logs and saves at the same steps, and reads its data
+# where it did (not from --data-dir's default).
+KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir"}
 
 
 def given_flags(parser, argv):
@@ -916,10 +917,27 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+def to_cpu(obj):
+    """`obj` with every tensor in it (in dicts, lists and tuples, at any depth) on the CPU; the containers
+    keep their type and attributes (a state dict's _metadata). CPU tensors are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "__dict__"):  # an OrderedDict's attributes; a plain dict has none
+            moved.__dict__.update(obj.__dict__)
+        return moved
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path, checkpoint):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
+    """Every .pt file the project writes goes through here: its tensors on the CPU (to_cpu), so that a
+    file written on a GPU loads on any machine without map_location; written atomically (a temporary
+    file, flushed to disk, then renamed over the old one)."""
     with atomic_file(path, "wb") as f:
-        torch.save(checkpoint, f)
+        torch.save(to_cpu(checkpoint), f)
 
 
 def load_checkpoint(path):
