@@ -646,7 +646,11 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
 
 class LARS(torch.optim.Optimizer):
     """LARS as in ACL: local_lr = eta ||w|| / (||g|| + wd ||w||) (1 when either norm < 1e-15),
-    buf = m buf + lr local_lr (g + wd w), w -= buf, for every parameter tensor. No host sync."""
+    buf = m buf + lr local_lr (g + wd w), w -= buf, for every parameter tensor. Each operation is one
+    torch._foreach_* call (or one op on the stacked norms) over all tensors of a group, in place of a
+    Python loop over the tensors; no host sync. On the CPU every value comes from the same float
+    operations in the same order as that loop (bit for bit, tested); torch._foreach_norm on CUDA
+    sums in another order, so there the two agree to float rounding."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
@@ -655,20 +659,23 @@ class LARS(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, m, wd, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                trust = eta * w_norm / (g_norm + wd * w_norm)
-                local_lr = torch.where((w_norm < 1e-15) | (g_norm < 1e-15), torch.ones_like(trust), trust)
-                update = (g + wd * p) * (lr * local_lr)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(m).add_(update)
-                p.sub_(buf)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+            trust = eta * w_norm / (g_norm + wd * w_norm)
+            local_lr = torch.where((w_norm < 1e-15) | (g_norm < 1e-15), torch.ones_like(trust), trust)
+            update = torch._foreach_mul(params, wd)  # wd w, then g + wd w: two roundings, as written
+            torch._foreach_add_(update, grads)
+            torch._foreach_mul_(update, (lr * local_lr).unbind())
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, update)
+            torch._foreach_sub_(params, bufs)
 
 
 def make_optimizer(name, params, lr, weight_decay):
@@ -750,9 +757,10 @@ def add_shared_flags(parser):
 # Arguments that may change when a run is resumed; every other one belongs to the run.
 RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
              "benchmark", "out_dir", "data_dir"}
-# Of those, the run's length and cadence are the checkpoint's unless given again: a resumed run ends
-# where the interrupted one would have, and logs and saves at the same steps.
-KEPT_ON_RESUME = {"max_steps", "log_every", "save_every"}
+# Of those, the run's length, cadence and data folder are the checkpoint's unless given again: a resumed
+# run ends where the interrupted one would have, logs and saves at the same steps, and reads its data
+# where it did (not from --data-dir's default).
+KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir"}
 
 
 def given_flags(parser, argv):
@@ -1022,10 +1030,27 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+def to_cpu(obj):
+    """`obj` with every tensor in it (in dicts, lists and tuples, at any depth) on the CPU; the containers
+    keep their type and attributes (a state dict's _metadata). CPU tensors are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "__dict__"):  # an OrderedDict's attributes; a plain dict has none
+            moved.__dict__.update(obj.__dict__)
+        return moved
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path, checkpoint):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
+    """Every .pt file the project writes goes through here: its tensors on the CPU (to_cpu), so that a
+    file written on a GPU loads on any machine without map_location; written atomically (a temporary
+    file, flushed to disk, then renamed over the old one)."""
     with atomic_file(path, "wb") as f:
-        torch.save(checkpoint, f)
+        torch.save(to_cpu(checkpoint), f)
 
 
 def load_checkpoint(path):

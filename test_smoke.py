@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,8 +36,12 @@ import eval_linear
 import supervised
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Every run in these tests is on the CPU (--device cpu; a resume gives it again, since --device is not the
+# checkpoint's): they compare with CPU arithmetic, often bit for bit, and the two-process tests use gloo.
+# Tests that need a GPU are marked needs_gpu and skipped without one.
 TINY = ["--dataset", "synthetic", "--width", "8", "--batch-size", "16", "--pgd-steps", "2", "--workers", "0",
-        "--log-every", "1"]
+        "--log-every", "1", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -303,6 +308,55 @@ def test_lars_matches_hand_computed_update():
     assert torch.allclose(zero.detach(), -0.5 * g)
 
 
+def lars_step_per_tensor(params, state, lr, m, wd, eta=0.001):
+    """The LARS step as it was written before torch._foreach_* (common.LARS up to issue 24): one tensor at a time."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                continue
+            g = p.grad
+            w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+            trust = eta * w_norm / (g_norm + wd * w_norm)
+            local_lr = torch.where((w_norm < 1e-15) | (g_norm < 1e-15), torch.ones_like(trust), trust)
+            update = (g + wd * p) * (lr * local_lr)
+            buf = state.setdefault(p, torch.zeros_like(p))
+            buf.mul_(m).add_(update)
+            p.sub_(buf)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_lars_equals_the_per_tensor_loop(device):
+    """Several steps over tensors of ResNet shapes, two groups (one without weight decay), a tensor with no
+    gradient, a zero weight and a zero gradient: bit for bit on the CPU, to float rounding on CUDA."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (16,), (32, 16, 3, 3), (64, 64), (64,), (7,), (5,)]
+    weights = [torch.randn(s, generator=g) for s in shapes]
+    weights[6].zero_()  # ||w|| = 0: local lr 1
+    ours = [nn.Parameter(w.clone().to(device)) for w in weights]
+    theirs = [nn.Parameter(w.clone().to(device)) for w in weights]
+    groups = lambda p: [{"params": p[:5]}, {"params": p[5:], "weight_decay": 0.0}]  # noqa: E731
+    optimizer = common.LARS(groups(ours), lr=5.0, momentum=0.9, weight_decay=1e-3)
+    buffers = {}
+    for step in range(4):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        grads[2].zero_()  # ||g|| = 0: local lr 1
+        for a, b, grad in zip(ours, theirs, grads):
+            a.grad = b.grad = None if a is ours[3] else grad.to(device)  # no gradient: left alone
+        lr = 5.0 / (step + 1)  # set before each step, as the training loops do
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        lars_step_per_tensor(theirs[:5], buffers, lr, 0.9, 1e-3)
+        lars_step_per_tensor(theirs[5:], buffers, lr, 0.9, 0.0)
+        for a, b in zip(ours, theirs):
+            if device == "cpu":
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours[3].cpu(), weights[3]) and ours[3] not in optimizer.state
+    assert not torch.equal(ours[6].cpu(), weights[6]) and not torch.equal(ours[2].cpu(), weights[2])  # both moved
+
+
 def test_learning_rate_schedule():
     lr = lambda step: common.lr_at(step, 5.0, warmup_steps=10, total_steps=100)  # noqa: E731
     assert lr(0) == pytest.approx(0.5) and lr(4) == pytest.approx(2.5) and lr(9) == pytest.approx(5.0)
@@ -473,7 +527,7 @@ def test_method_runs_and_resumes(module, terms, tmp_path):
     assert all(math.isfinite(r[k]) for r in records for k in terms)
     assert json.load(open(os.path.join(run_dir, "args.json")))["batch_size"] == 16
 
-    assert module.main(["--resume", path, "--max-steps", "5", "--log-every", "1"]) == run_dir
+    assert module.main(["--resume", path, "--max-steps", "5", "--log-every", "1", "--device", "cpu"]) == run_dir
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["step"] == 5
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5]
@@ -485,7 +539,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(module, tmp_path):
     names = ["loss", "loss_clean", "loss_adv"] + (["sir", "air"] if module is air else [])
     straight = module.main(TINY + ["--max-steps", "6", "--out-dir", str(tmp_path / "a"), "--workers", "2"])
     interrupted = module.main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path / "b")])
-    module.main(["--resume", os.path.join(interrupted, "checkpoint.pt"), "--max-steps", "6", "--log-every", "1"])
+    module.main(["--resume", os.path.join(interrupted, "checkpoint.pt"), "--max-steps", "6", "--log-every", "1",
+                 "--device", "cpu"])
     a, b = metrics(straight), metrics(interrupted)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
@@ -592,7 +647,7 @@ def test_imagefolder_training_end_to_end(tmp_path):
 # =============================================================================================
 
 QUICK = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--batch-size", "16",
-         "--test-batch-size", "16", "--workers", "0"]
+         "--test-batch-size", "16", "--workers", "0", "--device", "cpu"]
 KEYS = ["checkpoint", "dataset", "mode", "bn", "epochs", "clean_acc", "pgd20_acc", "autoattack_acc", "corruption_acc",
         "cka", "seconds"]
 
@@ -602,7 +657,7 @@ def pretrained(tmp_path_factory):
     """checkpoint.pt of a two-step, width-8 ACL run."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     run_dir = acl.main(["--dataset", "synthetic", "--width", "8", "--batch-size", "16", "--pgd-steps", "1",
-                        "--max-steps", "2", "--workers", "0", "--out-dir", str(tmp_path_factory.mktemp("acl"))])
+                        "--max-steps", "2", "--workers", "0", "--device", "cpu", "--out-dir", str(tmp_path_factory.mktemp("acl"))])
     for s, handler in saved.items():
         signal.signal(s, handler)
     return os.path.join(run_dir, "checkpoint.pt")
@@ -1057,7 +1112,7 @@ def recipe_files(tmp_path_factory):
     data = str(root / "data")
     write_tiny_cifar10(data, n=4)
     tiny = ["--dataset", "cifar10", "--data-dir", data, "--width", "8", "--batch-size", "4", "--pgd-steps", "1",
-            "--max-steps", "1", "--workers", "0"]
+            "--max-steps", "1", "--workers", "0", "--device", "cpu"]
     files = {"data": data}
     for name, module, extra in (("acl", acl, []), ("air", air, []), ("air_dynacl", air, ["--dynacl"]),
                                 ("a_infonce", a_infonce, [])):
@@ -1080,7 +1135,7 @@ def eval_with_spy(monkeypatch, checkpoint, *argv):
 
     monkeypatch.setattr(eval_linear, "fine_tune", spy)
     result = eval_linear.main([checkpoint, "--dataset", "cifar10", "--test-size", "4", "--pgd-steps", "1",
-                               "--workers", "0", *argv])
+                               "--workers", "0", "--device", "cpu", *argv])
     return result, used
 
 
@@ -1161,7 +1216,7 @@ def test_cluster_quality_on_a_hand_made_case():
 
 LPAFT_TINY = ["--dataset", "cifar10", "--post-process", "lpaft", "--lpaft-probe-epochs", "1", "--lpaft-epochs", "1",
               "--lpaft-batch-size", "10", "--train-pgd-steps", "1", "--pgd-steps", "1", "--workers", "0",
-              "--kmeans-restarts", "2"]
+              "--kmeans-restarts", "2", "--device", "cpu"]
 
 
 def test_post_process_end_to_end_then_every_mode(recipe_files, tmp_path):
@@ -1187,6 +1242,61 @@ def test_post_process_end_to_end_then_every_mode(recipe_files, tmp_path):
     assert [(r["batch_size"], r["lr"], r["recipe"]["method"]) for r in result["results"]] == [
         (512, 0.01, "dynacl-air++"), (512, 0.01, "dynacl-air++"), (128, 0.1, "dynacl-air++")]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def tensors_in(obj):
+    """Every tensor in obj, at any depth of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for item in items for t in tensors_in(item)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_every_file_a_run_writes_holds_only_cpu_tensors(device, recipe_files, tmp_path):
+    """A training checkpoint, postprocessed.pt and the fine-tuned models, written on `device`, load with
+    torch.load(weights_only=True) and no map_location with every tensor on the CPU, so that files written
+    on a GPU load on a machine without one (on the CPU this holds trivially; the GPU case is the check)."""
+    on = ["--device", device]
+    run_dir = acl.main(["--dataset", "cifar10", "--data-dir", recipe_files["data"], "--width", "8", "--batch-size", "4",
+                        "--pgd-steps", "1", "--max-steps", "1", "--workers", "0", "--out-dir", str(tmp_path), *on])
+    eval_linear.main([os.path.join(run_dir, "checkpoint.pt"), *LPAFT_TINY, "--data-dir", recipe_files["data"],
+                      "--mode", "all", "--epochs", "1", "--train-size", "12", "--test-size", "4",
+                      "--out", str(tmp_path / "eval.json"), *on])
+    written = sorted(os.path.relpath(os.path.join(folder, name), tmp_path)
+                     for folder, _, names in os.walk(tmp_path) for name in names if name.endswith(".pt"))
+    run = os.path.basename(run_dir)
+    assert written == [os.path.join(run, "checkpoint.pt"), os.path.join(run, "postprocessed.pt"),
+                       "eval_aff.pt", "eval_alf.pt", "eval_slf.pt"]
+    for path in written:
+        tensors = tensors_in(torch.load(tmp_path / path, weights_only=True))
+        assert tensors and {t.device.type for t in tensors} == {"cpu"}, path
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
+def test_save_checkpoint_moves_every_tensor_to_the_cpu_and_keeps_the_rest(device, tmp_path):
+    model = common.ResNet18(8).to(device)
+    optimizer = common.LARS(model.parameters(), lr=1.0)
+    model(torch.rand(2, 3, 32, 32, device=device)).sum().backward()
+    optimizer.step()
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "log": {"sum": torch.ones(3, device=device)},
+                  "pair": (torch.zeros(2, device=device), "text"), "list": [1, torch.arange(3, device=device)], "none": None}
+    common.save_checkpoint(str(tmp_path / "c.pt"), checkpoint)
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert {t.device.type for t in tensors_in(saved)} == {"cpu"}
+    assert type(saved["model"]) is type(checkpoint["model"]) and saved["model"]._metadata == checkpoint["model"]._metadata
+    assert list(saved["model"]) == list(checkpoint["model"])
+    assert all(torch.equal(saved["model"][k], v.cpu()) for k, v in checkpoint["model"].items())
+    state, before = saved["optimizer"]["state"], checkpoint["optimizer"]["state"]
+    assert list(state) == list(before) and state  # the parameters that had a gradient (the clean BN copies')
+    assert all(torch.equal(state[k]["momentum_buffer"], before[k]["momentum_buffer"].cpu()) for k in state)
+    assert saved["optimizer"]["param_groups"] == checkpoint["optimizer"]["param_groups"]
+    assert saved["pair"][1] == "text" and isinstance(saved["pair"], tuple) and saved["list"][0] == 1 and saved["none"] is None
+    assert torch.equal(saved["list"][1], torch.arange(3)) and torch.equal(saved["log"]["sum"], torch.ones(3))
+    if device == "cpu":  # CPU tensors are saved as they are: the file is what torch.save writes
+        with open(tmp_path / "plain.pt", "wb") as f:  # a file object, as save_checkpoint writes one
+            torch.save(checkpoint, f)
+        assert (tmp_path / "c.pt").read_bytes() == (tmp_path / "plain.pt").read_bytes()
 
 
 def test_sigterm_during_post_processing_leaves_no_file(recipe_files, tmp_path):
@@ -1316,10 +1426,10 @@ def test_resume_keeps_max_steps_log_windows_and_says_at_once_that_it_stops(tmp_p
     path = str(interrupted / "checkpoint.pt")
     assert torch.load(path, weights_only=True)["step"] == 3 and not os.path.exists(interrupted / "metrics.jsonl")
 
-    acl.main(["--resume", path])
+    acl.main(["--resume", path, "--device", "cpu"])
     assert torch.load(path, weights_only=True)["step"] == 5
     assert [r["step"] for r in metrics(interrupted)] == [4, 5]
-    acl.main(["--resume", path, "--max-steps", "6"])
+    acl.main(["--resume", path, "--max-steps", "6", "--device", "cpu"])
     drop_speed = lambda records: [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]  # noqa: E731
     assert [r["step"] for r in metrics(straight)] == [4, 6]
     assert drop_speed(metrics(interrupted)) == drop_speed(metrics(straight))
@@ -1487,7 +1597,7 @@ def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
     (stopped,) = (tmp_path / "signal").iterdir()  # rank 0 got no signal, yet saved step 2 with rank 1
     path = str(stopped / "checkpoint.pt")
     assert torch.load(path, weights_only=True)["step"] == 2 and [r["step"] for r in metrics(stopped)] == [1, 2]
-    air.main(["--resume", path, "--max-steps", "3"])  # a 2-process checkpoint resumes on 1
+    air.main(["--resume", path, "--max-steps", "3", "--device", "cpu"])  # a 2-process checkpoint resumes on 1
     assert torch.load(path, weights_only=True)["step"] == 3 and [r["step"] for r in metrics(stopped)] == [1, 2, 3]
     (failed,) = (tmp_path / "nan").iterdir()
     assert torch.load(failed / "checkpoint.pt", weights_only=True)["step"] == 1  # the last good one
@@ -1499,14 +1609,15 @@ def test_torchrun_resumes_a_one_process_run_stops_on_sigterm_and_resumes_on_one(
     run_dir = acl.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path)])
     path = os.path.join(run_dir, "checkpoint.pt")
     _, out, err = sigterm_when([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                os.path.join(HERE, "acl.py"), "--resume", path, "--max-steps", "1000"], "step 4/")
+                                os.path.join(HERE, "acl.py"), "--resume", path, "--max-steps", "1000", "--device", "cpu"],
+                               "step 4/")
     assert "received SIGTERM: stopping after this step" in out and "stopped by SIGTERM at step" in out, (out, err)
     assert "error:" not in err and os.path.join(HERE, "acl.py") not in err  # torchrun prints its own traceback
     assert os.listdir(tmp_path) == [os.path.basename(run_dir)]
     assert sorted(os.listdir(run_dir)) == ["args.json", "benchmark.json", "checkpoint.pt", "metrics.jsonl"]  # from the first run
     step = torch.load(path, weights_only=True)["step"]
     assert step >= 4 and f"stopped by SIGTERM at step {step}" in out
-    acl.main(["--resume", path, "--max-steps", str(step + 1)])
+    acl.main(["--resume", path, "--max-steps", str(step + 1), "--device", "cpu"])
     assert torch.load(path, weights_only=True)["step"] == step + 1
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, step + 2))
 
@@ -1765,7 +1876,7 @@ def test_digits_file_missing_is_one_sentence(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("module", [acl, air, a_infonce, supervised], ids=["acl", "air", "a_infonce", "supervised"])
 def test_every_script_accepts_digits(module, tmp_path):
     run_dir = module.main(["--dataset", "digits", "--width", "8", "--batch-size", "32", "--pgd-steps", "1",
-                           "--workers", "0", "--max-steps", "2", "--out-dir", str(tmp_path)])
+                           "--workers", "0", "--max-steps", "2", "--device", "cpu", "--out-dir", str(tmp_path)])
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert checkpoint["args"]["image_size"] == 16 and checkpoint["step"] == 2
     steps_per_epoch = 1198 // 32
@@ -1773,7 +1884,7 @@ def test_every_script_accepts_digits(module, tmp_path):
     out = tmp_path / "eval.json"
     result = eval_linear.main([os.path.join(run_dir, "checkpoint.pt"), "--dataset", "digits", "--epochs", "1",
                                "--train-size", "64", "--test-size", "64", "--pgd-steps", "1", "--workers", "0",
-                               "--out", str(out)])
+                               "--device", "cpu", "--out", str(out)])
     assert result["image_size"] == 16 and result["test_images"] == 64 and result["num_classes"] == 10
 
 
@@ -1784,14 +1895,14 @@ def test_pretraining_on_digits_beats_a_random_encoder(tmp_path):
     (chance: 10%); the test runs seed 0 and asserts a 10-point margin, below the smallest one seen (12)."""
     run_dir = acl.main(["--dataset", "digits", "--width", "16", "--batch-size", "64", "--epochs", "3",
                         "--warmup-epochs", "1", "--eps", "0", "--workers", "0", "--log-every", "18",
-                        "--max-steps", "54", "--out-dir", str(tmp_path)])
+                        "--max-steps", "54", "--device", "cpu", "--out-dir", str(tmp_path)])
     losses = [r["loss"] for r in metrics(run_dir)]
     assert losses[-1] < losses[0]
     torch.manual_seed(0)
     random_path = str(tmp_path / "random.pt")
     torch.save({"method": "acl", "args": {"image_size": 16}, "model": common.ResNet18(16).state_dict()}, random_path)
     probe = ["--dataset", "digits", "--workers", "0", "--batch-size", "128", "--lr", "0.1", "--eps", "0",
-             "--pgd-steps", "0"]
+             "--pgd-steps", "0", "--device", "cpu"]
     trained = eval_linear.main([os.path.join(run_dir, "checkpoint.pt"), *probe, "--out", str(tmp_path / "t.json")])
     untrained = eval_linear.main([random_path, *probe, "--out", str(tmp_path / "r.json")])
     assert trained["clean_acc"] > untrained["clean_acc"] + 0.10, (trained["clean_acc"], untrained["clean_acc"])
@@ -1966,7 +2077,7 @@ def test_recipe_paper_and_method_names_refused(kind, argv, fragment, recipe_file
         encoder = eval_linear.load_encoder(str(checkpoint))
         assert encoder.method == "supervised" and encoder.fine_tuned is None
     argv = [str(checkpoint), "--dataset", "cifar10", "--data-dir", recipe_files["data"], "--workers", "0",
-            "--out", str(tmp_path / "e.json"), *argv]
+            "--device", "cpu", "--out", str(tmp_path / "e.json"), *argv]
     status, err = in_process_error(eval_linear.main, argv, capsys)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: " + fragment), err
@@ -2208,7 +2319,7 @@ def test_supervised_step_resume_and_checkpoint_layout(tmp_path):
     straight = supervised.main(TINY + ["--max-steps", "4", "--out-dir", str(tmp_path / "a")])
     interrupted = supervised.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "b")])
     path = os.path.join(interrupted, "checkpoint.pt")
-    assert supervised.main(["--resume", path, "--max-steps", "4"]) == interrupted
+    assert supervised.main(["--resume", path, "--max-steps", "4", "--device", "cpu"]) == interrupted
     a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(path, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -2308,7 +2419,7 @@ def test_standard_supervised_checkpoint_is_evaluated_through_its_trained_clean_b
     st = supervised.main(TINY + ["--eps", "0", "--max-steps", "2", "--out-dir", str(tmp_path / "st")])
     at = supervised.main(TINY + ["--max-steps", "2", "--out-dir", str(tmp_path / "at")])
     quick = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "32", "--test-size", "16", "--pgd-steps", "1",
-             "--workers", "0", "--test-batch-size", "16"]
+             "--workers", "0", "--test-batch-size", "16", "--device", "cpu"]
     st_ckpt, at_ckpt = os.path.join(st, "checkpoint.pt"), os.path.join(at, "checkpoint.pt")
     assert eval_linear.main([st_ckpt, *quick, "--out", str(tmp_path / "a.json")])["bn"] == "clean"
     assert eval_linear.main([st_ckpt, *quick, "--bn", "adv", "--out", str(tmp_path / "b.json")])["bn"] == "adv"
@@ -2437,7 +2548,7 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
     files = run_files(run_dir)
     assert torch.load(path, weights_only=True)["step"] == 2
     capsys.readouterr()
-    data = ["--data-dir", str(tmp_path / "tree")]  # the data folder may move between runs: it is not the checkpoint's
+    data = ["--data-dir", str(tmp_path / "tree")]  # the data folder may move between runs: given again, it is used
     for argv in (["--resume", path, *data], ["--resume", path, *data, "--max-steps", "50"]):
         assert acl.main(argv) == run_dir
         assert capsys.readouterr().out == (f"nothing to do: {path} is at step 2, where this run stops (the end of its "
@@ -2445,6 +2556,24 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
     status, err = in_process_error(acl.main, ["--resume", path, *data, "--max-steps", "1"], capsys)
     assert_one_sentence(status, err, "is at step 2, already past step 1 (--max-steps 1)")
     assert run_files(run_dir) == files
+
+
+def test_resume_reads_the_data_folder_the_run_was_started_with(tmp_path, monkeypatch):
+    """--data-dir is the checkpoint's unless given again: resumed from a folder whose ./data holds nothing, the
+    run still reads its own data folder; a --data-dir given on resume is used instead (the data may move)."""
+    write_image_tree(str(tmp_path / "tree"), sizes=((40, 48), (32, 32), (64, 50), (36, 36)))  # 8 images
+    argv = TINY + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "tree"), "--batch-size", "4"]
+    run_dir = supervised.main(argv + ["--max-steps", "1", "--out-dir", str(tmp_path / "runs")])
+    path = os.path.join(run_dir, "checkpoint.pt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # --data-dir's default, ./data, is not there
+    assert supervised.main(["--resume", path, "--max-steps", "2", "--device", "cpu"]) == run_dir
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert json.load(open(os.path.join(run_dir, "args.json")))["data_dir"] == str(tmp_path / "tree")
+    shutil.move(str(tmp_path / "tree"), str(tmp_path / "moved"))
+    supervised.main(["--resume", path, "--max-steps", "3", "--data-dir", str(tmp_path / "moved"), "--device", "cpu"])
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert json.load(open(os.path.join(run_dir, "args.json")))["data_dir"] == str(tmp_path / "moved")
 
 
 @pytest.mark.parametrize("recorded, fragments", [
@@ -2483,7 +2612,7 @@ def test_resume_says_what_a_refused_file_is(recorded, fragments, pretrained, tmp
 
 def test_a_run_folder_stands_for_its_checkpoint(pretrained, tmp_path, capsys):
     run_dir = acl.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path / "runs")])
-    assert acl.main(["--resume", run_dir, "--max-steps", "2"]) == run_dir
+    assert acl.main(["--resume", run_dir, "--max-steps", "2", "--device", "cpu"]) == run_dir
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 2
     os.makedirs(tmp_path / "empty")
     status, err = in_process_error(acl.main, ["--resume", str(tmp_path / "empty")], capsys)
