@@ -546,7 +546,7 @@ def crop_params(g, n, height, width, scale, ratio=(3 / 4, 4 / 3)):
     if none does, the centre crop at the nearest allowed aspect ratio. Returns (i, j, h, w), float (n,)."""
     area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(*scale, generator=g)
     aspect = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
-    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # round half to even, as round()
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # half to even, as round()
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = ok.to(torch.uint8).argmax(1, keepdim=True)  # argmax gives the first maximal index
     if width / height < ratio[0]:
@@ -1298,6 +1298,7 @@ class Benchmark:
             images += len(batch[0])
             if n >= batches:
                 break
+        synchronize(self.device)  # --augment batched makes the batches on the device, asynchronously
         rate = images / (time.perf_counter() - start)
         self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, rate / max(1, workers)
 
