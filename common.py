@@ -672,7 +672,7 @@ class BatchedViews:
     def __init__(self, images, labels, sampler, size, seed, supervised=False):
         self.images, self.labels, self.batch_sampler = images, labels, sampler
         self.size, self.seed, self.supervised = size, seed, supervised
-        n, height = images.shape[0], images.shape[2]
+        height = images.shape[2]
         zero, whole = torch.zeros(1, device=images.device), torch.full((1,), float(height), device=images.device)
         self.to_size = resize_matrix(zero, whole, height, size)  # eval_transform's Resize(size) of a square image
         self.native = height == size
