@@ -550,6 +550,197 @@ class PretrainSampler(Sampler):
             yield [(i, self.epoch, self.strength) for i in batch]
 
 
+# --- Whole batches on the training device (--augment batched) -----------------------------------
+# The datasets held in memory go to the training device once, as uint8; each step's batch is cut from
+# them by the sampler's indices and augmented there as a whole, with one random parameter set per image
+# drawn as torchvision draws it (the same distributions as the PIL path above; README, "Augmentation").
+# The parameters come from a CPU generator keyed on (seed, epoch, batch) and are drawn for the global
+# batch, of which each process takes its slice: a resumed run and N processes see the views of one
+# uninterrupted process. Nothing here waits for the device (no .item(), no data-dependent branch).
+
+IN_MEMORY = ["cifar10", "cifar100", "stl10", "digits", "synthetic"]
+
+
+def crop_params(g, n, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params for n images at once: 10 tries of
+    area = H W U(scale), log(aspect) ~ U(log ratio), w = round(sqrt(area aspect)), h = round(sqrt(area / aspect));
+    the first try with 0 < w <= W and 0 < h <= H wins, with top i ~ U{0..H-h}, left j ~ U{0..W-w};
+    if none does, the centre crop at the nearest allowed aspect ratio. Returns (i, j, h, w), float (n,)."""
+    area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(*scale, generator=g)
+    aspect = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # half to even, as round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # argmax gives the first maximal index
+    if width / height < ratio[0]:
+        fallback_w, fallback_h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        fallback_w, fallback_h = round(height * ratio[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = ok.any(1)
+    w = torch.where(found, w.gather(1, first)[:, 0], float(fallback_w))
+    h = torch.where(found, h.gather(1, first)[:, 0], float(fallback_h))
+    u = torch.rand(2, n, dtype=torch.float64, generator=g)
+    i = torch.where(found, torch.minimum((u[0] * (height - h + 1)).floor(), height - h), (height - h) // 2)
+    j = torch.where(found, torch.minimum((u[1] * (width - w + 1)).floor(), width - w), (width - w) // 2)
+    return i.float(), j.float(), h.float(), w.float()
+
+
+def view_params(g, n, height, width, strength):
+    """The random parameters of pretrain_transform(size, s) for n images: crop (i, j, h, w), flip
+    (p 0.5), ColorJitter factors [brightness, contrast, saturation ~ U(max(0, 1 - 0.4 s), 1 + 0.4 s),
+    hue ~ U(-0.1 s, 0.1 s)] applied in a per-image random order with p 0.8 s, grayscale (p 0.2 s)."""
+    s = strength
+    params = dict(zip("ijhw", crop_params(g, n, height, width, (1 - 0.9 * s, 1.0))))
+    u = torch.rand(n, 7, dtype=torch.float64, generator=g)
+    low, high = torch.tensor([max(0, 1 - 0.4 * s)] * 3 + [-0.1 * s]), torch.tensor([1 + 0.4 * s] * 3 + [0.1 * s])
+    params.update(flip=u[:, 0] < 0.5, factors=(low + (high - low) * u[:, 1:5]).float(),
+                  order=torch.rand(n, 4, generator=g).argsort(1),  # a uniform random permutation per image
+                  jitter=u[:, 5] < 0.8 * s, gray=u[:, 6] < 0.2 * s)
+    return params
+
+
+def crop_flip_params(g, n, size, padding=4):
+    """RandomCrop(size, padding) + flip for n images: top, left ~ U{0..2 padding} in the padded image."""
+    corner = torch.randint(0, 2 * padding + 1, (2, n), generator=g)
+    return {"i": corner[0] - padding, "j": corner[1] - padding, "flip": torch.rand(n, generator=g) < 0.5}
+
+
+def cubic(t, a=-0.5):
+    """The bicubic kernel (Keys) with a = -0.5, PIL's and torch's antialiased bicubic."""
+    t = t.abs()
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+
+def resize_matrix(start, length, in_size, out_size):
+    """R (n, out_size, in_size): row r resamples the crop [start, start + length) of a line of in_size
+    pixels to out_size as torchvision's resize(BICUBIC, antialias=True) does (PIL's scheme): centre
+    c = (r + 1/2) L / out, weights cubic((x + 1/2 - c) / max(1, L / out)) over the crop's pixels x, normalised."""
+    scale = (length / out_size)[:, None, None]
+    center = (torch.arange(out_size, device=start.device)[None, :, None] + 0.5) * scale
+    x = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]  # in crop coordinates
+    w = cubic((x + 0.5 - center) / scale.clamp(min=1)) * ((x >= 0) & (x < length[:, None, None]))
+    return w / w.sum(2, keepdim=True)
+
+
+def shift_matrix(start, in_size, out_size):
+    """R (n, out_size, in_size) with R[r, x] = 1 where x = start + r: a crop, zero where it leaves the image
+    (RandomCrop's zero padding)."""
+    rows = torch.arange(out_size, device=start.device)[None, :, None] + start[:, None, None]
+    return (rows == torch.arange(in_size, device=start.device)).float()
+
+
+def resample(images, ry, rx, flip=None):
+    """out = Ry X Rx^T per image and channel, one batched matmul on uint8 images scaled to [0, 1], clamped
+    to [0, 1] as PIL's uint8 result is; hflip reverses the rows of Rx (the output columns)."""
+    if flip is not None:
+        rx = torch.where(flip[:, None, None], rx.flip(1), rx)
+    return (ry[:, None] @ (images.float() / 255) @ rx[:, None].transpose(-1, -2)).clamp(0, 1)
+
+
+def grayscale(x):
+    """torchvision's rgb_to_grayscale: L = 0.2989 R + 0.587 G + 0.114 B, shape (n, 1, H, W)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(x, other, f):
+    """torchvision's _blend: clamp(f x + (1 - f) other, 0, 1); f = 1 leaves x as it is."""
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def adjust_hue(x, f):
+    """torchvision's adjust_hue: RGB -> HSV (H in [0, 1)), H <- (H + f) mod 1, HSV -> RGB by
+    channel_k = V - V S clamp(min(m, 4 - m), 0, 1), m = (k + 6 H) mod 6, k = 5, 3, 1 for R, G, B."""
+    v, _ = x.max(1)
+    c = v - x.min(1)[0]  # chroma
+    s = c / torch.where(c == 0, 1, v)
+    r, g, b = ((v[:, None] - x) / torch.where(c == 0, 1, c)[:, None]).unbind(1)  # (V - R) / C, ...
+    red, green = v == x[:, 0], (v == x[:, 1]) & (v != x[:, 0])
+    h6 = torch.where(red, b - g, torch.where(green, 2 + r - b, 4 + g - r))  # 6 H, in [-1, 5)
+    h6 = torch.remainder(h6 + 6 * f[:, 0], 6)
+    k = torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None]
+    m = torch.remainder(k + h6[:, None], 6)
+    return v[:, None] - (v * s)[:, None] * torch.minimum(m, 4 - m).clamp(0, 1)
+
+
+def color_jitter(x, factors, order, jitter):
+    """RandomApply(ColorJitter, p) with torchvision's per-image random order: at each of the 4 positions
+    every image applies its own op (0 brightness: blend with 0; 1 contrast: with the mean of its
+    grayscale; 2 saturation: with its grayscale; 3 hue), the others pass through (factor 1 or not chosen)."""
+    for k in range(4):
+        op = torch.where(jitter, order[:, k], -1)[:, None, None, None]
+        f = factors.gather(1, order[:, k:k + 1])[:, :, None, None]
+        x = blend(x, 0, torch.where(op == 0, f, 1))
+        x = blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), torch.where(op == 1, f, 1))
+        x = blend(x, grayscale(x), torch.where(op == 2, f, 1))
+        x = torch.where(op == 3, adjust_hue(x, f), x)
+    return x
+
+
+def augment(images, p, size):
+    """pretrain_transform on a batch of uint8 images (n, 3, H, W) with parameters p (view_params):
+    RandomResizedCrop(bicubic) + flip as one resampling, ColorJitter, RandomGrayscale; float in [0, 1]."""
+    x = resample(images, resize_matrix(p["i"], p["h"], images.shape[2], size),
+                 resize_matrix(p["j"], p["w"], images.shape[3], size), p["flip"])
+    x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+    return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+
+
+class BatchedViews:
+    """The loader of --augment batched: iterating yields, per batch of the sampler, (x1, x2, x0, y) as
+    PretrainViews does (supervised=True: (x, y)), made on the device of `images` (uint8 (N, 3, H, W))."""
+
+    def __init__(self, images, labels, sampler, size, seed, supervised=False):
+        self.images, self.labels, self.batch_sampler = images, labels, sampler
+        self.size, self.seed, self.supervised = size, seed, supervised
+        height = images.shape[2]
+        zero, whole = torch.zeros(1, device=images.device), torch.full((1,), float(height), device=images.device)
+        self.to_size = resize_matrix(zero, whole, height, size)  # eval_transform's Resize(size) of a square image
+        self.native = height == size
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        sampler, device = self.batch_sampler, self.images.device
+        for batch, keys in enumerate(sampler, sampler.start):
+            index = torch.tensor([key[0] for key in keys]).to(device, non_blocking=True)
+            images, y = self.images[index], self.labels[index]
+            g = torch.Generator().manual_seed(_sample_seed(self.seed, sampler.epoch, batch))
+            first = sampler.rank * sampler.local  # this process's slice of the global batch's parameters
+
+            def mine(params):
+                return {k: v[first:first + len(keys)].to(device, non_blocking=True) for k, v in params.items()}
+
+            if self.supervised:
+                yield self.crop_flip(images, mine(crop_flip_params(g, sampler.batch_size, self.size))), y
+            else:
+                height, width = images.shape[2:]
+                p1, p2 = (mine(view_params(g, sampler.batch_size, height, width, sampler.strength)) for _ in range(2))
+                yield augment(images, p1, self.size), augment(images, p2, self.size), self.original(images), y
+
+    def original(self, images):
+        """x0: eval_transform(train=False), Resize(size) if the images are not that size."""
+        if self.native:
+            return images.float() / 255
+        return resample(images, *[self.to_size.expand(len(images), -1, -1)] * 2)
+
+    def crop_flip(self, images, p):
+        """eval_transform(train=True): Resize(size) if needed, RandomCrop(size, padding 4) + flip."""
+        ry, rx = (shift_matrix(p[k], self.size, self.size) @ self.to_size for k in "ij")
+        return resample(images, ry, rx, p["flip"])
+
+
+def in_memory(base, device):
+    """The images of an in-memory dataset as uint8 (N, 3, H, W) and its labels (N,), on `device`."""
+    images = torch.from_numpy(base.data)
+    if images.shape[-1] == 3:  # HWC (CIFAR, digits, synthetic); STL-10 is stored CHW
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(base.targets if hasattr(base, "targets") else base.labels))  # STL-10: labels
+    return images.contiguous().to(device), labels.long().to(device)
+
+
 def _worker_init(_):
     # Ctrl-C and a SIGTERM sent to the whole process group (scancel, kill -- -PGID) are the main
     # process's to handle: it checkpoints and stops the workers itself.
@@ -584,7 +775,13 @@ def default_workers():
 
 def pretrain_loader(args, device, supervised=False):
     """The pre-training dataset and its loader; returns (loader, sampler). supervised=True: the
-    labelled training split, one view per image (PretrainViews)."""
+    labelled training split, one view per image (PretrainViews). --augment batched (the default on CUDA
+    for the datasets held in memory): BatchedViews on `device`; pil: PretrainViews in loader workers."""
+    if args.augment is None:  # resolved once and saved with the run; a resumed run from before the flag used PIL
+        args.augment = "batched" if device.type == "cuda" and args.dataset in IN_MEMORY and not args.resume else "pil"
+    if args.augment == "batched" and args.dataset not in IN_MEMORY:
+        raise UserError(f"--augment batched needs a dataset held in memory ({', '.join(IN_MEMORY)}); --dataset "
+                        f"{args.dataset} is read from files one image at a time: use --augment pil")
     base = load_dataset(args.dataset, args.data_dir, "train" if supervised else "pretrain", args.seed,
                         args.image_size)
     if len(base) < args.batch_size:
@@ -592,8 +789,10 @@ def pretrain_loader(args, device, supervised=False):
                         "lower the batch size or add images")
     if supervised or args.supcon:  # labels are learnt from: one class would train at loss 0 and learn nothing
         check_classes(args.dataset, args.data_dir, getattr(base, "classes", None), "supervised.py" if supervised else "--supcon")
+    sampler = PretrainSampler(len(base), args.batch_size, args.seed, *rank_and_world())
+    if args.augment == "batched":
+        return BatchedViews(*in_memory(base, device), sampler, args.image_size, args.seed, supervised), sampler
     views = PretrainViews(base, args.image_size, NATIVE_SIZE[args.dataset], args.seed, supervised)
-    sampler = PretrainSampler(len(views), args.batch_size, args.seed, *rank_and_world())
     # The loader gets its own generator: creating an iterator then draws from it, not from the global
     # RNG that the attack uses, so a resumed run's attacks start from the same random numbers.
     loader = DataLoader(views, batch_sampler=sampler, num_workers=args.workers, generator=torch.Generator(),
@@ -743,6 +942,9 @@ def add_shared_flags(parser):
     a("--width", type=int, default=64, help="ResNet-18 base width (64 is the standard network; 8 for CPU tests)")
     a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts, init)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
+    a("--augment", default=None, choices=["batched", "pil"], help="make the views on the training device, whole batches at "
+      "once (batched; datasets held in memory), or per image with PIL in loader workers (pil); default: batched on "
+      "CUDA, pil on the CPU and for imagefolder")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process); min(8, CPU cores) unless given")
     a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
     a("--resume", default=None, help="checkpoint.pt of an earlier run of this method, or its run folder, to continue (in that folder)")
@@ -1234,6 +1436,7 @@ class Benchmark:
             images += len(batch[0])
             if n >= batches:
                 break
+        synchronize(self.device)  # --augment batched makes the batches on the device, asynchronously
         rate = images / (time.perf_counter() - start)
         self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, rate / max(1, workers)
 

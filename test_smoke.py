@@ -191,6 +191,154 @@ def test_augmentation_strengths():
     assert sum(not (torch.equal(v, x0) or torch.equal(v, x0.flip(-1))) for v in views) >= 8
 
 
+# --augment batched: each op against torchvision's functional op on float tensors, the parameter
+# distributions against torchvision's own draws, and the views against the PIL path's semantics.
+
+def batched_inputs(n=6, size=32, seed=0):
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return images, images.float() / 255
+
+
+@pytest.mark.parametrize("source, size", [(32, 32), (32, 16), (32, 48), (96, 32)])
+def test_batched_resampling_equals_torchvision_resized_crop_and_hflip(source, size):
+    """One matmul per view = per-image resized_crop(BICUBIC, antialias=True) then hflip, clamped to [0, 1]
+    as PIL's uint8 result is; within 1e-5 (float32 rounding; measured up to 6e-7)."""
+    from torchvision.transforms import InterpolationMode
+    import torchvision.transforms.functional as TF
+    images, x = batched_inputs(6, source)
+    p = common.view_params(torch.Generator().manual_seed(1), 6, source, source, 1.0)
+    p["i"][0], p["j"][0], p["h"][0], p["w"][0] = 0, 0, source, source  # the whole image
+    out = common.resample(images, common.resize_matrix(p["i"], p["h"], source, size),
+                          common.resize_matrix(p["j"], p["w"], source, size), p["flip"])
+    for k in range(6):
+        ref = TF.resized_crop(x[k], int(p["i"][k]), int(p["j"][k]), int(p["h"][k]), int(p["w"][k]), [size, size],
+                              InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+        ref = TF.hflip(ref) if p["flip"][k] else ref
+        assert (out[k] - ref).abs().max() <= 1e-5, k
+    assert p["flip"].any() and not p["flip"].all()
+
+
+def test_batched_color_ops_equal_torchvision_functional_ops():
+    """brightness, contrast, saturation, hue and grayscale at per-image factors, and ColorJitter's
+    per-image order: equal to torchvision's functional ops applied image by image (within 1e-5)."""
+    import torchvision.transforms.functional as TF
+    _, x = batched_inputs(8)
+    f = torch.tensor([0.6, 1.3, 0.9, 1.4, 0.0, 1.1, 1.0, 0.75])[:, None, None, None]
+    hue = torch.tensor([-0.1, 0.05, 0.0, 0.1, -0.03, 0.5, -0.5, 0.07])[:, None, None, None]
+    ours = {"brightness": common.blend(x, 0, f),
+            "contrast": common.blend(x, common.grayscale(x).mean((1, 2, 3), keepdim=True), f),
+            "saturation": common.blend(x, common.grayscale(x), f), "hue": common.adjust_hue(x, hue)}
+    for name, out in ours.items():
+        op, factors = getattr(TF, f"adjust_{name}"), hue if name == "hue" else f
+        ref = torch.stack([op(x[k], float(factors[k])) for k in range(8)])
+        assert (out - ref).abs().max() <= 1e-5, name
+    assert torch.equal(common.grayscale(x), TF.rgb_to_grayscale(x))
+    p = common.view_params(torch.Generator().manual_seed(2), 8, 32, 32, 1.0)
+    p["jitter"][0] = False  # one image that ColorJitter's RandomApply skips
+    out = common.color_jitter(x, p["factors"], p["order"], p["jitter"])
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for k in range(8):
+        ref = x[k]
+        for o in p["order"][k].tolist() if p["jitter"][k] else []:
+            ref = ops[o](ref, float(p["factors"][k, o]))
+        assert (out[k] - ref).abs().max() <= 1e-5, k
+    assert len({tuple(o) for o in p["order"].tolist()}) > 1
+
+
+def test_batched_eval_crop_and_resize_equal_torchvision():
+    """supervised.py's RandomCrop(size, padding 4) + flip, after Resize(size) when the images are not
+    that size, and x0 = Resize(size): equal to torchvision's pad, crop, hflip and resize."""
+    from torchvision.transforms import InterpolationMode
+    import torchvision.transforms.functional as TF
+    for source in (32, 96):
+        images, x = batched_inputs(6, source)
+        views = common.BatchedViews(images, torch.zeros(6), None, 32, 0)
+        p = common.crop_flip_params(torch.Generator().manual_seed(3), 6, 32)
+        out, x0 = views.crop_flip(images, p), views.original(images)
+        resized = x if source == 32 else TF.resize(x, [32, 32], InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+        assert (x0 - resized).abs().max() <= 1e-5
+        for k in range(6):
+            ref = TF.crop(TF.pad(resized[k], 4), int(p["i"][k]) + 4, int(p["j"][k]) + 4, 32, 32)
+            ref = TF.hflip(ref) if p["flip"][k] else ref
+            assert (out[k] - ref).abs().max() <= 1e-5, (source, k)
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic max_v |F_a(v) - F_b(v)| (exact with ties)."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    v = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, v, "right") / len(a) - np.searchsorted(b, v, "right") / len(b)).max()
+
+
+@pytest.mark.parametrize("strength, height, width", [(1.0, 32, 32), (0.5, 32, 32), (1.0, 20, 40)])
+def test_batched_parameter_distributions_equal_torchvision(strength, height, width):
+    """20,000 draws of view_params against 20,000 of torchvision's own get_params and coin flips, at
+    ACL's s = 1, at DynACL's s = 0.5 (epoch 501 of 1000) and on a wide image (the centre-crop fallback):
+    KS statistics of crop area, aspect, top and left and of the four jitter factors below the 0.1%
+    critical value 1.95 sqrt(2 / n); the rates of flip, jitter and grayscale within 4.5 standard
+    errors; the 24 orders' counts in a chi-square homogeneity test below its 0.1% value (49.7, 23 dof)."""
+    import torchvision.transforms as T
+    n, s = 20000, strength
+    ours = common.view_params(torch.Generator().manual_seed(0), n, height, width, s)
+    torch.manual_seed(1)
+    crop = T.RandomResizedCrop(32, scale=(1 - 0.9 * s, 1.0))
+    jitter = T.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)
+    image = torch.zeros(3, height, width)
+    theirs = np.array([crop.get_params(image, crop.scale, crop.ratio) for _ in range(n)], float)  # i, j, h, w
+    drawn = [jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for _ in range(n)]
+    their_factors = np.array([d[1:] for d in drawn], float)
+    their_orders = [tuple(d[0].tolist()) for d in drawn]
+    their_rates = (torch.rand(3, n) < torch.tensor([[0.5], [0.8 * s], [0.2 * s]])).double().mean(1)
+
+    i, j, h, w = (ours[k].double().numpy() for k in "ijhw")
+    critical = 1.95 * math.sqrt(2 / n)
+    for name, a, b in [("area", h * w, theirs[:, 2] * theirs[:, 3]), ("aspect", w / h, theirs[:, 3] / theirs[:, 2]),
+                       ("top", i, theirs[:, 0]), ("left", j, theirs[:, 1])]:
+        assert ks_statistic(a, b) < critical, name
+    for k, name in enumerate(["brightness", "contrast", "saturation", "hue"]):
+        assert ks_statistic(ours["factors"][:, k].numpy(), their_factors[:, k]) < critical, name
+    for name, p, q in zip(["flip", "jitter", "gray"], [ours[k].double().mean() for k in ("flip", "jitter", "gray")],
+                          their_rates):
+        assert abs(p - q) <= 4.5 * math.sqrt(max(q * (1 - q), 1 / n) * 2 / n), name
+    counts = np.zeros((2, 24))
+    index = {perm: k for k, perm in enumerate(sorted(set(their_orders)))}
+    for row, orders in enumerate([[tuple(o) for o in ours["order"].tolist()], their_orders]):
+        for o in orders:
+            counts[row, index[o]] += 1
+    expected = counts.sum(0, keepdims=True) * counts.sum(1, keepdims=True) / counts.sum()
+    assert ((counts - expected) ** 2 / expected).sum() < 49.7
+
+
+def test_batched_views_are_keyed_on_seed_epoch_and_batch():
+    """A loader started at batch 2 (resume) gives the views of batch 2 of a loader run from the start;
+    another epoch or seed gives others; the two views of one image differ; x0 and y are the images'."""
+    args, _ = acl.parse_args(TINY + ["--augment", "batched"])
+    loader, sampler = common.pretrain_loader(args, torch.device("cpu"))
+    sampler.set_epoch(3, 0.5)
+    straight = [b for _, b in zip(range(3), loader)]
+    sampler.set_epoch(3, 0.5, start=2)
+    resumed = next(iter(loader))
+    assert all(torch.equal(u, v) for u, v in zip(straight[2], resumed))
+    x1, x2, x0, y = straight[0]
+    assert not torch.equal(x1, x2) and x1.shape == x0.shape == (16, 3, 32, 32) and x1.dtype == torch.float32
+    order = torch.randperm(50000, generator=torch.Generator().manual_seed(0 * 1_000_003 + 3))[:16]  # seed 0, epoch 3
+    data = common.SyntheticImages(seed=0)
+    assert torch.equal(x0, torch.from_numpy(data.data[order.numpy()]).permute(0, 3, 1, 2).float() / 255)
+    assert y.tolist() == [data.targets[k] for k in order.tolist()]
+    sampler.set_epoch(4, 0.5)
+    assert not torch.equal(next(iter(loader))[0], x1)
+
+
+def test_augment_flag_default_and_imagefolder_refusal(tmp_path, capsys):
+    run_dir = acl.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path)])
+    assert json.load(open(os.path.join(run_dir, "args.json")))["augment"] == "pil"  # the CPU's default, saved
+    write_image_tree(str(tmp_path / "data"))
+    status, err = in_process_error(acl.main, ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--augment",
+                                              "batched", "--out-dir", str(tmp_path / "out")], capsys)
+    assert status == 2 and "--augment batched needs a dataset held in memory" in err and "use --augment pil" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dynacl_schedule():
     got = [common.dynacl_schedule(e, 1000, True) for e in (1, 50, 51, 100, 101, 951, 1000)]
     expected_s = [1.0, 1.0, 0.95, 0.95, 0.9, 0.05, 0.05]
@@ -534,11 +682,13 @@ def test_method_runs_and_resumes(module, terms, tmp_path):
     assert not any(name.endswith(".tmp") for name in os.listdir(run_dir))
 
 
-@pytest.mark.parametrize("module", [acl, air], ids=["acl", "air"])
-def test_interrupted_then_resumed_equals_uninterrupted(module, tmp_path):
+@pytest.mark.parametrize("module, augment", [(acl, "pil"), (air, "pil"), (air, "batched")],
+                         ids=["acl", "air", "air_batched"])
+def test_interrupted_then_resumed_equals_uninterrupted(module, augment, tmp_path):
     names = ["loss", "loss_clean", "loss_adv"] + (["sir", "air"] if module is air else [])
-    straight = module.main(TINY + ["--max-steps", "6", "--out-dir", str(tmp_path / "a"), "--workers", "2"])
-    interrupted = module.main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path / "b")])
+    straight = module.main(TINY + ["--max-steps", "6", "--out-dir", str(tmp_path / "a"), "--workers", "2",
+                                   "--augment", augment])
+    interrupted = module.main(TINY + ["--max-steps", "3", "--out-dir", str(tmp_path / "b"), "--augment", augment])
     module.main(["--resume", os.path.join(interrupted, "checkpoint.pt"), "--max-steps", "6", "--log-every", "1",
                  "--device", "cpu"])
     a, b = metrics(straight), metrics(interrupted)
@@ -1479,6 +1629,9 @@ def attack_inputs():
     return model, x1, x2
 
 
+LOADERS = [("pil", False), ("batched", False), ("batched", True)]  # (--augment, supervised.py's loader)
+
+
 def two_process_worker(rank, tmp):
     """One of two processes: each assertion compares with the one-process results in reference.pt."""
     import contextlib
@@ -1491,6 +1644,7 @@ def two_process_worker(rank, tmp):
     common.DualBN.forward = fixed_statistics_bn
     for module in (acl, air, a_infonce):
         module.main(STEP_ARGV + ["--out-dir", os.path.join(tmp, "two", module.METHOD)])
+    acl.main(STEP_ARGV + ["--augment", "batched", "--out-dir", os.path.join(tmp, "two", "acl_batched")])
     common.DualBN.forward = real_bn
     # every loss: value, and gradient with respect to each process's slice of the embeddings
     b = ref["z"][0].shape[0] // 2
@@ -1502,14 +1656,15 @@ def two_process_worker(rank, tmp):
         for g, whole in zip(grads, ref[name + "_grad"]):  # the gather's backward sums the 2 processes' gradients
             assert torch.allclose(g / 2, whole[rank * b:(rank + 1) * b], rtol=0, atol=1e-6), name
     # the two slices together are the one-process batch (first batch of epoch 1; epoch 2 resumed at batch 1)
-    args, _ = acl.parse_args(TINY)
-    loader, sampler = common.pretrain_loader(args, torch.device("cpu"))
-    for (epoch, strength, start), expected in zip([(1, 1.0, 0), (2, 0.5, 1)], ref["batches"]):
-        sampler.set_epoch(epoch, strength, start)
-        for x, whole in zip(next(iter(loader)), expected):
-            parts = [torch.empty_like(x) for _ in range(2)]
-            torch.distributed.all_gather(parts, x)
-            assert x.shape[0] == 8 and torch.equal(torch.cat(parts), whole)
+    for (augment, supervised), expected_batches in zip(LOADERS, ref["batches"]):
+        loader, sampler = common.pretrain_loader(acl.parse_args(TINY + ["--augment", augment])[0], torch.device("cpu"),
+                                                 supervised)
+        for (epoch, strength, start), expected in zip([(1, 1.0, 0), (2, 0.5, 1)], expected_batches):
+            sampler.set_epoch(epoch, strength, start)
+            for x, whole in zip(next(iter(loader)), expected):
+                parts = [torch.empty_like(x) for _ in range(2)]
+                torch.distributed.all_gather(parts, x)
+                assert x.shape[0] == 8 and torch.equal(torch.cat(parts), whole), (augment, supervised)
     # the attack on two slices is the one-process attack on the whole batch
     model, x1, x2 = attack_inputs()
     torch.manual_seed(2)
@@ -1572,11 +1727,13 @@ def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
         leaves = [t.clone().requires_grad_(True) for t in z]
         loss = loss_fn(leaves)
         reference[name], reference[name + "_grad"] = loss.detach(), list(torch.autograd.grad(loss, leaves, materialize_grads=True))
-    args, _ = acl.parse_args(TINY)
-    loader, sampler = common.pretrain_loader(args, torch.device("cpu"))
-    for epoch, strength, start in [(1, 1.0, 0), (2, 0.5, 1)]:
-        sampler.set_epoch(epoch, strength, start)
-        reference["batches"].append(list(next(iter(loader))))
+    for augment, supervised in LOADERS:
+        loader, sampler = common.pretrain_loader(acl.parse_args(TINY + ["--augment", augment])[0], torch.device("cpu"),
+                                                 supervised)
+        reference["batches"].append([])
+        for epoch, strength, start in [(1, 1.0, 0), (2, 0.5, 1)]:
+            sampler.set_epoch(epoch, strength, start)
+            reference["batches"][-1].append(list(next(iter(loader))))
     model, x1, x2 = attack_inputs()
     torch.manual_seed(2)
     reference["attack"] = common.contrastive_pgd(model, x1, x2, 8 / 255, 2 / 255, 3)
@@ -1584,14 +1741,16 @@ def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
     monkeypatch.setattr(common.DualBN, "forward", fixed_statistics_bn)
     for module in (acl, air, a_infonce):
         module.main(STEP_ARGV + ["--out-dir", str(tmp_path / "one" / module.METHOD)])
+    acl.main(STEP_ARGV + ["--augment", "batched", "--out-dir", str(tmp_path / "one" / "acl_batched")])
     monkeypatch.undo()
 
     spawn_two_processes(two_process_worker, tmp_path, monkeypatch)
 
-    for module in (acl, air, a_infonce):  # one step on 2 processes = one step on 1 (SGD: a wrong gradient scale shows)
-        (one,), (two,) = (list((tmp_path / n / module.METHOD).iterdir()) for n in ("one", "two"))
+    # one step on 2 processes = one step on 1 (SGD: a wrong gradient scale shows)
+    for name in ("acl", "air", "a_infonce", "acl_batched"):
+        (one,), (two,) = (list((tmp_path / n / name).iterdir()) for n in ("one", "two"))
         a, b = (torch.load(d / "checkpoint.pt", weights_only=True)["model"] for d in (one, two))
-        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), module.METHOD
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a), name
         assert metrics(two)[0]["loss"] == pytest.approx(metrics(one)[0]["loss"], rel=1e-6)
         assert sorted(os.listdir(two)) == ["args.json", "checkpoint.pt", "metrics.jsonl"]
     (stopped,) = (tmp_path / "signal").iterdir()  # rank 0 got no signal, yet saved step 2 with rank 1
@@ -1892,20 +2051,26 @@ def test_pretraining_on_digits_beats_a_random_encoder(tmp_path):
     """Real learning on real images: 54 steps (3 epochs) of standard contrastive pre-training (acl.py --eps 0,
     width 16) lift a linear probe (SLF, 25 epochs) well above the same probe on the same network at its
     initialisation. Measured here for seeds 0, 1, 2, 3: 57%, 56%, 45%, 57% against 38%, 29%, 32%, 35%
-    (chance: 10%); the test runs seed 0 and asserts a 10-point margin, below the smallest one seen (12)."""
-    run_dir = acl.main(["--dataset", "digits", "--width", "16", "--batch-size", "64", "--epochs", "3",
-                        "--warmup-epochs", "1", "--eps", "0", "--workers", "0", "--log-every", "18",
-                        "--max-steps", "54", "--device", "cpu", "--out-dir", str(tmp_path)])
+    (chance: 10%); the test runs seed 0 and asserts a 10-point margin, below the smallest one seen (12).
+    --augment batched learns as well: 51%, 51%, 46%, 54% for seeds 0-3 (PIL at seed 0 on that busier
+    1-thread run: 54%); asserted: the same 10-point margin, and at most 8 points below PIL (6.4 seen)."""
+    pretrain = ["--dataset", "digits", "--width", "16", "--batch-size", "64", "--epochs", "3", "--warmup-epochs", "1",
+                "--eps", "0", "--workers", "0", "--log-every", "18", "--max-steps", "54", "--device", "cpu"]
+    run_dir = acl.main(pretrain + ["--out-dir", str(tmp_path / "pil")])
     losses = [r["loss"] for r in metrics(run_dir)]
     assert losses[-1] < losses[0]
+    batched_dir = acl.main(pretrain + ["--augment", "batched", "--out-dir", str(tmp_path / "batched")])
     torch.manual_seed(0)
     random_path = str(tmp_path / "random.pt")
     torch.save({"method": "acl", "args": {"image_size": 16}, "model": common.ResNet18(16).state_dict()}, random_path)
     probe = ["--dataset", "digits", "--workers", "0", "--batch-size", "128", "--lr", "0.1", "--eps", "0",
              "--pgd-steps", "0", "--device", "cpu"]
     trained = eval_linear.main([os.path.join(run_dir, "checkpoint.pt"), *probe, "--out", str(tmp_path / "t.json")])
+    batched = eval_linear.main([os.path.join(batched_dir, "checkpoint.pt"), *probe, "--out", str(tmp_path / "b.json")])
     untrained = eval_linear.main([random_path, *probe, "--out", str(tmp_path / "r.json")])
     assert trained["clean_acc"] > untrained["clean_acc"] + 0.10, (trained["clean_acc"], untrained["clean_acc"])
+    assert batched["clean_acc"] > untrained["clean_acc"] + 0.10, (batched["clean_acc"], untrained["clean_acc"])
+    assert batched["clean_acc"] >= trained["clean_acc"] - 0.08, (batched["clean_acc"], trained["clean_acc"])
 
 
 # =============================================================================================
