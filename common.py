@@ -7,7 +7,9 @@ docstring states what it computes (with the equation where there is one); README
 methods and protocols.
 """
 import argparse
+import atexit
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import signal
 import sys
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -30,7 +33,9 @@ from torchvision import datasets
 
 
 class UserError(Exception):
-    """A problem with the user's input: reported as one sentence, exit status 2, no traceback."""
+    """A problem with the user's input: reported as one sentence, exit status 2 (a subclass's `status`), no
+    traceback."""
+    status = 2
 
 
 def fail(message, status=2, everywhere=False):
@@ -286,6 +291,7 @@ NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, 
 DEFAULT_IMAGE_SIZE = {"imagefolder": 32, "digits": 16}  # --image-size of the datasets without a native size
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "digits": 10, "synthetic": 10}
 DIGITS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
+DIGITS_SHA256 = "d577edce67e5aa5721ae9ac6507a964154781e521d15152b6107afb2d759c41b"  # README.md prints it too
 
 
 class _ExtractedCopy:
@@ -336,9 +342,7 @@ class DigitsImages(Dataset):
     so every later transform sees `size` px images as it sees CIFAR's 32 px ones. Labels are the digits."""
 
     def __init__(self, train=True, size=16):
-        if not os.path.isfile(DIGITS_FILE):
-            raise UserError(f"the built-in digits data file {DIGITS_FILE} is missing; copy digits.npz from the "
-                            "repository next to common.py")
+        check_digits_file()
         with np.load(DIGITS_FILE) as f:
             keep = f["train"] if train else ~f["train"]
             scans, self.targets = f["images"][keep], f["labels"][keep].tolist()
@@ -352,6 +356,24 @@ class DigitsImages(Dataset):
     def __getitem__(self, i):
         from PIL import Image
         return Image.fromarray(self.data[i]), self.targets[i]
+
+
+def check_digits_file():
+    """digits.npz must be the file this project ships, byte for byte (its SHA-256; 46 KB, read in
+    milliseconds): a missing, unreadable, cut or changed file ends with one sentence saying how to get
+    it back, never with numpy's or zipfile's traceback and never by training on other data."""
+    how = ("get it back with 'git checkout digits.npz' in the repository, or copy digits.npz from the repository "
+           "next to common.py")
+    if not os.path.isfile(DIGITS_FILE):
+        raise UserError(f"the built-in digits data file {DIGITS_FILE} is missing; {how}")
+    try:
+        with open(DIGITS_FILE, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise UserError(f"the built-in digits data file {DIGITS_FILE} cannot be read ({e.strerror}); {how}") from None
+    if digest != DIGITS_SHA256:
+        raise UserError(f"the built-in digits data file {DIGITS_FILE} is damaged or changed (SHA-256 {digest[:12]}..., "
+                        f"not {DIGITS_SHA256[:12]}...); {how}")
 
 
 def load_dataset(name, data_dir, split, seed=0, size=None):
@@ -528,11 +550,223 @@ class PretrainSampler(Sampler):
             yield [(i, self.epoch, self.strength) for i in batch]
 
 
+# --- Whole batches on the training device (--augment batched) -----------------------------------
+# The datasets held in memory go to the training device once, as uint8; each step's batch is cut from
+# them by the sampler's indices and augmented there as a whole, with one random parameter set per image
+# drawn as torchvision draws it (the same distributions as the PIL path above; README, "Augmentation").
+# The parameters come from a CPU generator keyed on (seed, epoch, batch) and are drawn for the global
+# batch, of which each process takes its slice: a resumed run and N processes see the views of one
+# uninterrupted process. Nothing here waits for the device (no .item(), no data-dependent branch).
+
+IN_MEMORY = ["cifar10", "cifar100", "stl10", "digits", "synthetic"]
+
+
+def crop_params(g, n, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params for n images at once: 10 tries of
+    area = H W U(scale), log(aspect) ~ U(log ratio), w = round(sqrt(area aspect)), h = round(sqrt(area / aspect));
+    the first try with 0 < w <= W and 0 < h <= H wins, with top i ~ U{0..H-h}, left j ~ U{0..W-w};
+    if none does, the centre crop at the nearest allowed aspect ratio. Returns (i, j, h, w), float (n,)."""
+    area = height * width * torch.empty(n, 10, dtype=torch.float64).uniform_(*scale, generator=g)
+    aspect = torch.empty(n, 10, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp()
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # half to even, as round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # argmax gives the first maximal index
+    if width / height < ratio[0]:
+        fallback_w, fallback_h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        fallback_w, fallback_h = round(height * ratio[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = ok.any(1)
+    w = torch.where(found, w.gather(1, first)[:, 0], float(fallback_w))
+    h = torch.where(found, h.gather(1, first)[:, 0], float(fallback_h))
+    u = torch.rand(2, n, dtype=torch.float64, generator=g)
+    i = torch.where(found, torch.minimum((u[0] * (height - h + 1)).floor(), height - h), (height - h) // 2)
+    j = torch.where(found, torch.minimum((u[1] * (width - w + 1)).floor(), width - w), (width - w) // 2)
+    return i.float(), j.float(), h.float(), w.float()
+
+
+def view_params(g, n, height, width, strength):
+    """The random parameters of pretrain_transform(size, s) for n images: crop (i, j, h, w), flip
+    (p 0.5), ColorJitter factors [brightness, contrast, saturation ~ U(max(0, 1 - 0.4 s), 1 + 0.4 s),
+    hue ~ U(-0.1 s, 0.1 s)] applied in a per-image random order with p 0.8 s, grayscale (p 0.2 s)."""
+    s = strength
+    params = dict(zip("ijhw", crop_params(g, n, height, width, (1 - 0.9 * s, 1.0))))
+    u = torch.rand(n, 7, dtype=torch.float64, generator=g)
+    low, high = torch.tensor([max(0, 1 - 0.4 * s)] * 3 + [-0.1 * s]), torch.tensor([1 + 0.4 * s] * 3 + [0.1 * s])
+    params.update(flip=u[:, 0] < 0.5, factors=(low + (high - low) * u[:, 1:5]).float(),
+                  order=torch.rand(n, 4, generator=g).argsort(1),  # a uniform random permutation per image
+                  jitter=u[:, 5] < 0.8 * s, gray=u[:, 6] < 0.2 * s)
+    return params
+
+
+def crop_flip_params(g, n, size, padding=4):
+    """RandomCrop(size, padding) + flip for n images: top, left ~ U{0..2 padding} in the padded image."""
+    corner = torch.randint(0, 2 * padding + 1, (2, n), generator=g)
+    return {"i": corner[0] - padding, "j": corner[1] - padding, "flip": torch.rand(n, generator=g) < 0.5}
+
+
+def cubic(t, a=-0.5):
+    """The bicubic kernel (Keys) with a = -0.5, PIL's and torch's antialiased bicubic."""
+    t = t.abs()
+    return torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                       torch.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+
+def resize_matrix(start, length, in_size, out_size):
+    """R (n, out_size, in_size): row r resamples the crop [start, start + length) of a line of in_size
+    pixels to out_size as torchvision's resize(BICUBIC, antialias=True) does (PIL's scheme): centre
+    c = (r + 1/2) L / out, weights cubic((x + 1/2 - c) / max(1, L / out)) over the crop's pixels x, normalised."""
+    scale = (length / out_size)[:, None, None]
+    center = (torch.arange(out_size, device=start.device)[None, :, None] + 0.5) * scale
+    x = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]  # in crop coordinates
+    w = cubic((x + 0.5 - center) / scale.clamp(min=1)) * ((x >= 0) & (x < length[:, None, None]))
+    return w / w.sum(2, keepdim=True)
+
+
+def shift_matrix(start, in_size, out_size):
+    """R (n, out_size, in_size) with R[r, x] = 1 where x = start + r: a crop, zero where it leaves the image
+    (RandomCrop's zero padding)."""
+    rows = torch.arange(out_size, device=start.device)[None, :, None] + start[:, None, None]
+    return (rows == torch.arange(in_size, device=start.device)).float()
+
+
+def resample(images, ry, rx, flip=None):
+    """out = Ry X Rx^T per image and channel, one batched matmul on uint8 images scaled to [0, 1], clamped
+    to [0, 1] as PIL's uint8 result is; hflip reverses the rows of Rx (the output columns)."""
+    if flip is not None:
+        rx = torch.where(flip[:, None, None], rx.flip(1), rx)
+    return (ry[:, None] @ (images.float() / 255) @ rx[:, None].transpose(-1, -2)).clamp(0, 1)
+
+
+def grayscale(x):
+    """torchvision's rgb_to_grayscale: L = 0.2989 R + 0.587 G + 0.114 B, shape (n, 1, H, W)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(x, other, f):
+    """torchvision's _blend: clamp(f x + (1 - f) other, 0, 1); f = 1 leaves x as it is."""
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def adjust_hue(x, f):
+    """torchvision's adjust_hue: RGB -> HSV (H in [0, 1)), H <- (H + f) mod 1, HSV -> RGB by
+    channel_k = V - V S clamp(min(m, 4 - m), 0, 1), m = (k + 6 H) mod 6, k = 5, 3, 1 for R, G, B."""
+    v, _ = x.max(1)
+    c = v - x.min(1)[0]  # chroma
+    s = c / torch.where(c == 0, 1, v)
+    r, g, b = ((v[:, None] - x) / torch.where(c == 0, 1, c)[:, None]).unbind(1)  # (V - R) / C, ...
+    red, green = v == x[:, 0], (v == x[:, 1]) & (v != x[:, 0])
+    h6 = torch.where(red, b - g, torch.where(green, 2 + r - b, 4 + g - r))  # 6 H, in [-1, 5)
+    h6 = torch.remainder(h6 + 6 * f[:, 0], 6)
+    k = torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None]
+    m = torch.remainder(k + h6[:, None], 6)
+    return v[:, None] - (v * s)[:, None] * torch.minimum(m, 4 - m).clamp(0, 1)
+
+
+def color_jitter(x, factors, order, jitter):
+    """RandomApply(ColorJitter, p) with torchvision's per-image random order: at each of the 4 positions
+    every image applies its own op (0 brightness: blend with 0; 1 contrast: with the mean of its
+    grayscale; 2 saturation: with its grayscale; 3 hue), the others pass through (factor 1 or not chosen)."""
+    for k in range(4):
+        op = torch.where(jitter, order[:, k], -1)[:, None, None, None]
+        f = factors.gather(1, order[:, k:k + 1])[:, :, None, None]
+        x = blend(x, 0, torch.where(op == 0, f, 1))
+        x = blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), torch.where(op == 1, f, 1))
+        x = blend(x, grayscale(x), torch.where(op == 2, f, 1))
+        x = torch.where(op == 3, adjust_hue(x, f), x)
+    return x
+
+
+def augment(images, p, size):
+    """pretrain_transform on a batch of uint8 images (n, 3, H, W) with parameters p (view_params):
+    RandomResizedCrop(bicubic) + flip as one resampling, ColorJitter, RandomGrayscale; float in [0, 1]."""
+    x = resample(images, resize_matrix(p["i"], p["h"], images.shape[2], size),
+                 resize_matrix(p["j"], p["w"], images.shape[3], size), p["flip"])
+    x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+    return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
+
+
+class BatchedViews:
+    """The loader of --augment batched: iterating yields, per batch of the sampler, (x1, x2, x0, y) as
+    PretrainViews does (supervised=True: (x, y)), made on the device of `images` (uint8 (N, 3, H, W))."""
+
+    def __init__(self, images, labels, sampler, size, seed, supervised=False):
+        self.images, self.labels, self.batch_sampler = images, labels, sampler
+        self.size, self.seed, self.supervised = size, seed, supervised
+        height = images.shape[2]
+        zero, whole = torch.zeros(1, device=images.device), torch.full((1,), float(height), device=images.device)
+        self.to_size = resize_matrix(zero, whole, height, size)  # eval_transform's Resize(size) of a square image
+        self.native = height == size
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        sampler, device = self.batch_sampler, self.images.device
+        for batch, keys in enumerate(sampler, sampler.start):
+            index = torch.tensor([key[0] for key in keys]).to(device, non_blocking=True)
+            images, y = self.images[index], self.labels[index]
+            g = torch.Generator().manual_seed(_sample_seed(self.seed, sampler.epoch, batch))
+            first = sampler.rank * sampler.local  # this process's slice of the global batch's parameters
+
+            def mine(params):
+                return {k: v[first:first + len(keys)].to(device, non_blocking=True) for k, v in params.items()}
+
+            if self.supervised:
+                yield self.crop_flip(images, mine(crop_flip_params(g, sampler.batch_size, self.size))), y
+            else:
+                height, width = images.shape[2:]
+                p1, p2 = (mine(view_params(g, sampler.batch_size, height, width, sampler.strength)) for _ in range(2))
+                yield augment(images, p1, self.size), augment(images, p2, self.size), self.original(images), y
+
+    def original(self, images):
+        """x0: eval_transform(train=False), Resize(size) if the images are not that size."""
+        if self.native:
+            return images.float() / 255
+        return resample(images, *[self.to_size.expand(len(images), -1, -1)] * 2)
+
+    def crop_flip(self, images, p):
+        """eval_transform(train=True): Resize(size) if needed, RandomCrop(size, padding 4) + flip."""
+        ry, rx = (shift_matrix(p[k], self.size, self.size) @ self.to_size for k in "ij")
+        return resample(images, ry, rx, p["flip"])
+
+
+def in_memory(base, device):
+    """The images of an in-memory dataset as uint8 (N, 3, H, W) and its labels (N,), on `device`."""
+    images = torch.from_numpy(base.data)
+    if images.shape[-1] == 3:  # HWC (CIFAR, digits, synthetic); STL-10 is stored CHW
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(base.targets if hasattr(base, "targets") else base.labels))  # STL-10: labels
+    return images.contiguous().to(device), labels.long().to(device)
+
+
 def _worker_init(_):
     # Ctrl-C and a SIGTERM sent to the whole process group (scancel, kill -- -PGID) are the main
     # process's to handle: it checkpoints and stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# Loaders whose worker processes are still running when the interpreter exits. At exit, multiprocessing ends
+# daemonic children with SIGTERM and then joins them (torch relies on that for persistent workers), but ours
+# ignore SIGTERM (above), so a loader still alive at exit would make the program hang there for ever. A loader
+# can outlive main() through no fault of its own: matplotlib's mathtext parser (log-axis tick labels) keeps
+# exceptions whose tracebacks hold main()'s frame in reference cycles, which the garbage collector frees only
+# after the exit hooks. This hook, registered after torch's and multiprocessing's and therefore run before
+# them, ends those workers as dropping the loader's iterator does (torch has no public call for it).
+_LOADERS = weakref.WeakSet()
+
+
+@atexit.register
+def _end_loader_workers():
+    for loader in list(_LOADERS):
+        loader._iterator = None
+
+
+def _tracked(loader):
+    _LOADERS.add(loader)
+    return loader
 
 
 def default_workers():
@@ -541,20 +775,39 @@ def default_workers():
 
 def pretrain_loader(args, device, supervised=False):
     """The pre-training dataset and its loader; returns (loader, sampler). supervised=True: the
-    labelled training split, one view per image (PretrainViews)."""
+    labelled training split, one view per image (PretrainViews). --augment batched (the default on CUDA
+    for the datasets held in memory): BatchedViews on `device`; pil: PretrainViews in loader workers."""
+    if args.augment is None:  # resolved once and saved with the run; a resumed run from before the flag used PIL
+        args.augment = "batched" if device.type == "cuda" and args.dataset in IN_MEMORY and not args.resume else "pil"
+    if args.augment == "batched" and args.dataset not in IN_MEMORY:
+        raise UserError(f"--augment batched needs a dataset held in memory ({', '.join(IN_MEMORY)}); --dataset "
+                        f"{args.dataset} is read from files one image at a time: use --augment pil")
     base = load_dataset(args.dataset, args.data_dir, "train" if supervised else "pretrain", args.seed,
                         args.image_size)
     if len(base) < args.batch_size:
         raise UserError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}; "
                         "lower the batch size or add images")
+    if supervised or args.supcon:  # labels are learnt from: one class would train at loss 0 and learn nothing
+        check_classes(args.dataset, args.data_dir, getattr(base, "classes", None), "supervised.py" if supervised else "--supcon")
+    sampler = PretrainSampler(len(base), args.batch_size, args.seed, *rank_and_world())
+    if args.augment == "batched":
+        return BatchedViews(*in_memory(base, device), sampler, args.image_size, args.seed, supervised), sampler
     views = PretrainViews(base, args.image_size, NATIVE_SIZE[args.dataset], args.seed, supervised)
-    sampler = PretrainSampler(len(views), args.batch_size, args.seed, *rank_and_world())
     # The loader gets its own generator: creating an iterator then draws from it, not from the global
     # RNG that the attack uses, so a resumed run's attacks start from the same random numbers.
     loader = DataLoader(views, batch_sampler=sampler, num_workers=args.workers, generator=torch.Generator(),
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                         worker_init_fn=_worker_init, prefetch_factor=4 if args.workers > 0 else None)
-    return loader, sampler
+    return _tracked(loader), sampler
+
+
+def check_classes(name, data_dir, classes, user):
+    """A dataset whose labels are used (`user`: supervised.py, --supcon, evaluation) needs at least two
+    classes, or training reaches loss 0 and accuracy 100% having learnt nothing. Only an ImageFolder
+    can have fewer (the others have 10 or 100): its one class folder is refused."""
+    if name == "imagefolder" and len(classes) < 2:
+        raise UserError(f"{os.path.join(data_dir, 'train')} holds one class ({classes[0]}), but {user} learns from "
+                        "labels and needs at least two; add a subfolder of images for every other class")
 
 
 class LabelledImages(Dataset):
@@ -581,9 +834,9 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
     images = LabelledImages(load_dataset(dataset, data_dir, split, seed, size),
                             eval_transform(size, NATIVE_SIZE[dataset], train), subset, labels)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
-                      num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, worker_init_fn=_worker_init)
+    return _tracked(DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
+                               num_workers=workers, pin_memory=device.type == "cuda",
+                               persistent_workers=workers > 0, worker_init_fn=_worker_init))
 
 
 # =============================================================================================
@@ -592,7 +845,11 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
 
 class LARS(torch.optim.Optimizer):
     """LARS as in ACL: local_lr = eta ||w|| / (||g|| + wd ||w||) (1 when either norm < 1e-15),
-    buf = m buf + lr local_lr (g + wd w), w -= buf, for every parameter tensor. No host sync."""
+    buf = m buf + lr local_lr (g + wd w), w -= buf, for every parameter tensor. Each operation is one
+    torch._foreach_* call (or one op on the stacked norms) over all tensors of a group, in place of a
+    Python loop over the tensors; no host sync. On the CPU every value comes from the same float
+    operations in the same order as that loop (bit for bit, tested); torch._foreach_norm on CUDA
+    sums in another order, so there the two agree to float rounding."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
@@ -601,20 +858,23 @@ class LARS(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, m, wd, eta = group["lr"], group["momentum"], group["weight_decay"], group["eta"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                trust = eta * w_norm / (g_norm + wd * w_norm)
-                local_lr = torch.where((w_norm < 1e-15) | (g_norm < 1e-15), torch.ones_like(trust), trust)
-                update = (g + wd * p) * (lr * local_lr)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(m).add_(update)
-                p.sub_(buf)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            w_norm, g_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(grads))
+            trust = eta * w_norm / (g_norm + wd * w_norm)
+            local_lr = torch.where((w_norm < 1e-15) | (g_norm < 1e-15), torch.ones_like(trust), trust)
+            update = torch._foreach_mul(params, wd)  # wd w, then g + wd w: two roundings, as written
+            torch._foreach_add_(update, grads)
+            torch._foreach_mul_(update, (lr * local_lr).unbind())
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, update)
+            torch._foreach_sub_(params, bufs)
 
 
 def make_optimizer(name, params, lr, weight_decay):
@@ -682,6 +942,9 @@ def add_shared_flags(parser):
     a("--width", type=int, default=64, help="ResNet-18 base width (64 is the standard network; 8 for CPU tests)")
     a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts, init)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
+    a("--augment", default=None, choices=["batched", "pil"], help="make the views on the training device, whole batches at "
+      "once (batched; datasets held in memory), or per image with PIL in loader workers (pil); default: batched on "
+      "CUDA, pil on the CPU and for imagefolder")
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process); min(8, CPU cores) unless given")
     a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
     a("--resume", default=None, help="checkpoint.pt of an earlier run of this method, or its run folder, to continue (in that folder)")
@@ -696,9 +959,10 @@ def add_shared_flags(parser):
 # Arguments that may change when a run is resumed; every other one belongs to the run.
 RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
              "benchmark", "out_dir", "data_dir"}
-# Of those, the run's length and cadence are the checkpoint's unless given again: a resumed run ends
-# where the interrupted one would have, and logs and saves at the same steps.
-KEPT_ON_RESUME = {"max_steps", "log_every", "save_every"}
+# Of those, the run's length, cadence and data folder are the checkpoint's unless given again: a resumed
+# run ends where the interrupted one would have, logs and saves at the same steps, and reads its data
+# where it did (not from --data-dir's default).
+KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir"}
 
 
 def given_flags(parser, argv):
@@ -709,16 +973,36 @@ def given_flags(parser, argv):
     return {k for k, v in vars(namespace).items() if v is not unset}
 
 
+def check_finite(args):
+    """Every number given as a float flag (or a list of them) must be finite: NaN passes every range check
+    written as `x < 0` and inf every lower bound, and either would fail hours later or train on nothing.
+    Called right after parsing, in every script, before the range checks."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
+
+
+def check_attack_flags(eps, alpha, steps, steps_flag="--pgd-steps"):
+    """The attack's radius and step, in /255 units: eps in [0, 255] (255 is the whole pixel range), alpha >= 0,
+    and alpha > 0 when the attack takes steps (alpha 0 would leave it at its random start and call that PGD)."""
+    if not 0 <= eps <= 255:
+        raise UserError(f"--eps must be in [0, 255] (got {eps:g}); it is in /255 units, e.g. --eps 8")
+    if alpha < 0:
+        raise UserError(f"--pgd-alpha must be >= 0 (got {alpha:g})")
+    if alpha == 0 and eps > 0 and steps > 0:
+        raise UserError(f"--pgd-alpha 0 would leave the PGD attack (eps {eps:g}/255, {steps} steps) at its random "
+                        f"start; give a positive step in /255 units, e.g. --pgd-alpha 2, or {steps_flag} 0 for the "
+                        "random start alone")
+
+
 def check_shared_args(args, method):
     if args.batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (got {args.batch_size}): contrastive losses need other images as "
                         "negatives, and batch norm needs more than one image")
-    if args.eps < 0:
-        raise UserError(f"--eps must be >= 0 (got {args.eps}); it is in /255 units, e.g. --eps 8")
     if args.pgd_steps < 0:
         raise UserError(f"--pgd-steps must be >= 0 (got {args.pgd_steps})")
-    if args.pgd_alpha < 0:
-        raise UserError(f"--pgd-alpha must be >= 0 (got {args.pgd_alpha})")
+    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     for name in ("epochs", "width", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
@@ -746,6 +1030,7 @@ def parse_and_resume(parser, argv, method):
     """Parse the command line; with --resume, load the checkpoint and take the run's arguments from
     it. A flag written on the command line that contradicts the checkpoint is refused."""
     args = parser.parse_args(argv)
+    check_finite(args)
     checkpoint = None
     if args.resume:
         args.resume = checkpoint_file(args.resume)
@@ -887,6 +1172,44 @@ def run_dir_for(args, method, checkpoint_path=None):
     return path
 
 
+# The files of a training run's folder (Run) and those --post-process writes next to its checkpoint: a
+# report (eval_linear.py, representations.py) never takes one of these names.
+RUN_FILES = ("checkpoint.pt", "args.json", "metrics.jsonl", "benchmark.json", "postprocessed.pt", "postprocessed.json")
+
+
+def _same_file(a, b):
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))  # also a hard link
+
+
+def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
+    """Refuse, before any work and in one sentence, outputs that would lose a file. `paths`: what a command
+    will write (with report=True the first is the JSON report given to `flag`, which must end in .json,
+    then the files written beside it: fine-tuned models, figures); `inputs`: the files the run reads.
+    No path may be an input, or a folder, or (report=True) take a name of RUN_FILES, and each one's
+    folder must be writable or possible to make (the report's folder is made when the results are
+    written, as the training scripts make --out-dir). Used by eval_linear.py and representations.py."""
+    what = f"{flag} {paths[0]}" if report else flag
+    remedy = remedy or f"choose another {flag}"
+    if report and not paths[0].endswith(".json"):
+        raise UserError(f"{what} is not a .json file name; {flag} names the JSON report (the fine-tuned models and "
+                        "figures are written beside it), e.g. eval.json")
+    for path in paths:
+        beside = not (report and path == paths[0])
+        if report and os.path.basename(path) in RUN_FILES:
+            raise UserError(f"{what} {f'would write {path}, which has' if beside else 'has'} the name of a training "
+                            f"run's file ({', '.join(RUN_FILES)}); {remedy}")
+        if any(_same_file(path, other) for other in inputs):
+            raise UserError(f"{what} {f'would overwrite {path}, which' if beside else 'is a file that'} this run reads; "
+                            f"{remedy}")
+        missing = _first_missing_folder(os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(missing) if missing else os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            why = ("it is a folder" if os.path.isdir(path) else
+                   f"{folder} is not a folder" if not os.path.isdir(folder) else f"{folder} is not writable")
+            raise UserError(f"cannot write {path}: {why}; {remedy}")
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode):
     """Write `path` atomically: a temporary file, flushed to disk, then renamed over `path`. On any
@@ -909,10 +1232,27 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
+def to_cpu(obj):
+    """`obj` with every tensor in it (in dicts, lists and tuples, at any depth) on the CPU; the containers
+    keep their type and attributes (a state dict's _metadata). CPU tensors are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "__dict__"):  # an OrderedDict's attributes; a plain dict has none
+            moved.__dict__.update(obj.__dict__)
+        return moved
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path, checkpoint):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
+    """Every .pt file the project writes goes through here: its tensors on the CPU (to_cpu), so that a
+    file written on a GPU loads on any machine without map_location; written atomically (a temporary
+    file, flushed to disk, then renamed over the old one)."""
     with atomic_file(path, "wb") as f:
-        torch.save(checkpoint, f)
+        torch.save(to_cpu(checkpoint), f)
 
 
 def load_checkpoint(path):
@@ -1096,6 +1436,7 @@ class Benchmark:
             images += len(batch[0])
             if n >= batches:
                 break
+        synchronize(self.device)  # --augment batched makes the batches on the device, asynchronously
         rate = images / (time.perf_counter() - start)
         self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, rate / max(1, workers)
 
@@ -1145,11 +1486,11 @@ class Benchmark:
 
 
 def main_guard(main):
-    """Run main(); a UserError becomes one sentence on stderr and exit status 2 (no traceback)."""
+    """Run main(); a UserError becomes one sentence on stderr and its exit status (no traceback)."""
     try:
         main()
     except UserError as e:
-        fail(str(e))
+        fail(str(e), e.status)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1257,17 +1598,36 @@ def parallel(model, compile, device, find_unused=False):
 # Run bookkeeping: one object per training run, one call per step
 # =============================================================================================
 
-def cut_metrics(path, step, log_every):
-    """On resume, keep the records up to the checkpoint's step, less one there that closed a partial
-    window (a --max-steps stop): the resumed run writes those again, so metrics.jsonl reads as if
-    the run was never interrupted (also after a crash past the last checkpoint)."""
+def metrics_to_keep(path, step, log_every):
+    """On resume, the records of metrics.jsonl to keep (None without the file): those up to the
+    checkpoint's step, less one there that closed a partial window (a --max-steps stop). The resumed
+    run writes those again, so metrics.jsonl reads as if the run was never interrupted (also after a
+    crash past the last checkpoint). A last line cut by a crash (no newline) is dropped; any other line
+    that is not a record is refused in one sentence naming it, before the resumed run writes anything."""
     if not os.path.exists(path):
-        return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.endswith("\n")]  # a line cut by a crash is dropped
-    kept = [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
+        return None
+    records = []
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break  # the last line, cut by a crash
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not UTF-8 or not JSON
+                    record = None
+                if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                    raise UserError(f"{path} line {number} is not a metrics record (one JSON object with its 'step' "
+                                    "per line); repair or delete that line and resume again (nothing was changed)")
+                records.append(record)
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); make it readable and resume again") from None
+    return [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
+
+
+def write_metrics(path, records):
     with atomic_file(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 class Run:
@@ -1286,21 +1646,25 @@ class Run:
         total_steps = args.epochs * self.steps_per_epoch
         self.stop_step = min(total_steps, args.max_steps or total_steps)
         self.step, log_state = 0, None
-        self.dir = self._run_dir(world)
+        self.dir = self._on_rank0(world, lambda: run_dir_for(args, method, args.resume))  # the same on every process
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        metrics_path, kept = os.path.join(self.dir, "metrics.jsonl"), None
         self.log = self.bench = None
         if checkpoint:
             self.step, log_state = checkpoint["step"], checkpoint.get("log")
             self.nothing_to_do = self._check_resume_point(total_steps)
             if self.nothing_to_do:  # nothing is loaded or written: the run folder stays as it is
                 return
+            # read (and checked) before the first write: a damaged file leaves the run folder as it is
+            kept = self._on_rank0(world, lambda: metrics_to_keep(metrics_path, self.step, checkpoint["args"]["log_every"]))
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             set_rng_state(checkpoint["rng"])
         if self.rank == 0:
             write_json(os.path.join(self.dir, "args.json"), vars(args))
+            if kept is not None:
+                write_metrics(metrics_path, kept)
             if checkpoint:
-                cut_metrics(os.path.join(self.dir, "metrics.jsonl"), self.step, checkpoint["args"]["log_every"])
                 print(f"resumed {args.resume} at step {self.step}", flush=True)
             processes = f", {world} processes" if world > 1 else ""
             print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
@@ -1331,12 +1695,13 @@ class Run:
             print(f"nothing to do: {args.resume} is at step {step}, where this run stops ({where}); {more}", flush=True)
         return step == stop
 
-    def _run_dir(self, world):
-        """Rank 0 names and makes the folder; the other processes learn its name, or rank 0's error."""
+    def _on_rank0(self, world, compute):
+        """compute() on rank 0 alone (it names and makes the run folder, reads metrics.jsonl); the other
+        processes learn its result, or its error, so that every process stops together."""
         shared = [None, None]
         if self.rank == 0:
             try:
-                shared[0] = run_dir_for(self.args, self.method, self.args.resume)
+                shared[0] = compute()
             except UserError as e:
                 shared[1] = str(e)
         if world > 1:

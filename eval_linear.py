@@ -31,6 +31,7 @@ probe on them, then TRADES on the whole encoder; it writes postprocessed.pt next
 import argparse
 import copy
 import importlib.util
+import math
 import os
 import re
 import signal
@@ -43,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast,
+                    check_attack_flags, check_classes, check_finite, check_outputs,
                     checkpoint_file, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard,
                     pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
@@ -210,8 +212,10 @@ def parse_args(argv=None):
     a("--bn", default=None, choices=["adv", "clean"], help="BN copy of the encoder for SLF/ALF and for evaluating AFF "
       "(default: the recipe's: adv, except clean for DynACL-AIR++ with --recipe paper; clean in SLF/ALF for "
       "supervised.py --eps 0, whose adversarial BN is never trained)")
-    a("--dataset", default="cifar10", choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only")
-    a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
+    a("--dataset", default=None, choices=DATASETS, help="fine-tuning and test data; 'synthetic' is for tests only "
+      "(default: the checkpoint's, else cifar10; another dataset is a transfer evaluation)")
+    a("--data-dir", default=None, help="where datasets are read from (and downloaded to on first use) (default: the "
+      "checkpoint's for its own dataset, else ./data)")
     a("--image-size", type=int, default=None, help="input size in px (default: the checkpoint's, else 32 / 96 for the CIFAR / ImageNet stem)")
     a("--epochs", type=int, default=None, help="fine-tuning epochs (default: the recipe's; uniform: 25 for every mode)")
     a("--batch-size", type=int, default=None, help="training batch (default: the recipe's; uniform: SLF/ALF 512, AFF 128)")
@@ -261,6 +265,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    check_finite(args)
     args.checkpoint = checkpoint_file(args.checkpoint)
     for name in ("epochs", "batch_size", "test_batch_size", "train_size", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -268,6 +273,8 @@ def check_args(args):
     for name in ("eps", "pgd_alpha", "pgd_steps", "train_pgd_steps", "weight_decay", "trades_beta", "workers"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
+    check_attack_flags(args.eps, args.pgd_alpha, args.train_pgd_steps, "--train-pgd-steps")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be positive (got {args.lr})")
     if not 0 <= args.momentum < 1:
@@ -292,13 +299,32 @@ def check_args(args):
         args.mode = "slf"
 
 
-def dataset_classes(dataset, data_dir):
+def resolve_data(args, run_args):
+    """--dataset and --data-dir default to the pre-training run's (this project's checkpoints record them), so a
+    model pre-trained on an ImageFolder is evaluated on that folder; a released checkpoint records none: CIFAR-10
+    in ./data. Another --dataset than the checkpoint's is a transfer evaluation (--data-dir default ./data).
+    Returns how the header line names the data and where it came from."""
+    recorded = (run_args or {}).get("dataset")
+    given = args.dataset is not None
+    args.dataset = args.dataset or recorded or "cifar10"
+    if args.data_dir is None:
+        args.data_dir = (run_args.get("data_dir") if args.dataset == recorded else None) or "./data"
+    where = "" if args.dataset in ("digits", "synthetic") else f" in {args.data_dir}"
+    if recorded is None:
+        return args.dataset + where + ("" if given else " (the default: the checkpoint records no dataset)")
+    if args.dataset != recorded:
+        return f"{args.dataset}{where} (transfer: pre-trained on {recorded})"
+    return f"{args.dataset}{where} (the checkpoint's{'' if given else ', as --dataset was not given'})"
+
+
+def dataset_classes(dataset, data_dir, use="evaluation"):
     """The number of classes of a dataset; an ImageFolder's class folders, the same in train/ and test/."""
     if dataset != "imagefolder":
         return NUM_CLASSES[dataset]
     classes = load_dataset("imagefolder", data_dir, "train").classes
     if load_dataset("imagefolder", data_dir, "test").classes != classes:
         raise UserError(f"{data_dir}/train and {data_dir}/test have different class folders; make them the same")
+    check_classes(dataset, data_dir, classes, use)
     return len(classes)
 
 
@@ -484,6 +510,19 @@ def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
     return [path for path in paths if os.path.realpath(path) not in keep]
 
 
+def check_output_files(args, out):
+    """Before any work: the JSON `out` and each mode's fine-tuned model overwrite no input of the run and no file
+    of a training run (common.check_outputs); nor do --post-process's files."""
+    if args.mode:  # --post-process alone writes no JSON
+        modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
+        check_outputs([out] + [fine_tuned_path(out, mode) for mode in modes], [args.checkpoint])
+    if args.post_process:
+        folder = os.path.dirname(os.path.abspath(args.checkpoint))
+        check_outputs([os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")],
+                      [args.checkpoint], "--post-process", report=False,
+                      remedy="post-process a copy of the checkpoint in another folder")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning
 # ---------------------------------------------------------------------------------------------
@@ -510,11 +549,27 @@ def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
     return x_adv.detach()
 
 
+def say_if_one_step(loader, flag):
+    """One line when the training split fits in one batch. Unlike pre-training, which drops an incomplete batch
+    and so refuses a batch larger than the dataset, fine-tuning keeps it: such a run is valid, but each epoch is a
+    single step on the whole split, which a reader of the numbers should know."""
+    if len(loader) == 1:
+        print(f"note: the {len(loader.dataset)} training images fit in one batch of {loader.batch_size}: one step an "
+              f"epoch (lower {flag})", flush=True)
+
+
+class Diverged(UserError):
+    """Fine-tuning (a mode, a probe, post-processing) whose loss or weights became NaN or infinite: one sentence
+    and exit status 1, as pre-training's non-finite loss; its model is not kept."""
+    status = 1
+
+
 def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
     """Train `model` (a Classifier) by `mode` for settings['epochs']; the last epoch is kept (no
     selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns.
     Optional settings (post-processing): 'weight_decay' (else --weight-decay), 'natural_bn' ('adv': AFF
-    sends the natural images through the adversarial BN too) and 'label' (of the progress lines)."""
+    sends the natural images through the adversarial BN too) and 'label' (of the progress lines and messages).
+    A loss or weight (or BN statistic) that is NaN or infinite at the end of an epoch raises Diverged."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     frozen = mode in ("slf", "alf")
     natural_adv, label = settings.get("natural_bn") == "adv", settings.get("label", mode)
@@ -556,8 +611,14 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
         scheduler.step()
         synchronize(device)
         seconds = time.perf_counter() - start
-        print(f"{label} epoch {epoch}/{settings['epochs']} | loss {loss_sum.item() / seen:.4f} | train acc "
+        loss = loss_sum.item() / seen
+        print(f"{label} epoch {epoch}/{settings['epochs']} | loss {loss:.4f} | train acc "
               f"{100 * correct.item() / seen:.2f}% | lr {lr:.4g} | {seen / seconds:.0f} img/s", flush=True)
+        weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in model.state_dict().values()]).all())
+        if not (math.isfinite(loss) and weights_finite):
+            weights = "" if weights_finite else ", and weights became non-finite"
+            raise Diverged(f"fine-tuning ({label}) diverged in epoch {epoch}/{settings['epochs']}: mean loss {loss:.4g}"
+                           f"{weights}; lower the learning rate (it was {settings['lr']:g})")
     model.eval()
     return seen / seconds
 
@@ -861,6 +922,7 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
 
         loader = eval_loader(args.dataset, args.data_dir, "pretrain", image_size, args.lpaft_batch_size, args.workers,
                              device, args.seed, subset=args.train_size, labels=pseudo.tolist(), train=True)
+        say_if_one_step(loader, "--lpaft-batch-size")
         probe = dict(label="lpaft probe", epochs=args.lpaft_probe_epochs, lr=args.lpaft_probe_lr, milestones=[],
                      weight_decay=args.lpaft_weight_decay)
         aft = dict(label="lpaft trades", epochs=args.lpaft_epochs, lr=args.lpaft_lr, milestones=args.lpaft_milestones,
@@ -900,8 +962,6 @@ def main(argv=None):
                         "run 'pip install torchattacks' or drop --autoattack")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -909,12 +969,10 @@ def main(argv=None):
     if pretrained.fine_tuned:  # its classifier would be thrown away and the encoder fine-tuned a second time
         raise UserError(f"{args.checkpoint} is a model fine-tuned by eval_linear.py ({pretrained.method}); map it with "
                         "representations.py, or evaluate the checkpoint it was fine-tuned from")
-    if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
-        raise UserError(f"cannot write {out}; choose another --out")
-    for mode in ["slf", "alf", "aff"] if args.mode == "all" else [args.mode] if args.mode else []:
-        if os.path.realpath(fine_tuned_path(out, mode)) == os.path.realpath(args.checkpoint):
-            raise UserError(f"--out {out} would overwrite {fine_tuned_path(out, mode)}, which this run reads; "
-                            "choose another --out")
+    data = resolve_data(args, pretrained.run_args)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
+    check_output_files(args, out)
     image_size = args.image_size or pretrained.image_size
     num_classes = dataset_classes(args.dataset, args.data_dir)
     if corruptions and corruptions[0].max() >= num_classes:
@@ -935,11 +993,11 @@ def main(argv=None):
                               device, args.seed, subset=args.test_size)
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     print(f"{args.checkpoint}: {method or 'method not recorded'}, width {pretrained.width}, {pretrained.stem} stem; "
-          f"{args.dataset} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
+          f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
 
     modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
-    results, fine_tuned = [], []
+    results, fine_tuned, stopped = [], [], None
     for mode in modes:
         mode_start = time.perf_counter()
         settings = mode_settings(args, mode, method, image_size)
@@ -951,7 +1009,12 @@ def main(argv=None):
         model.encoder.adv = settings["bn"] == "adv"
         train_loader = eval_loader(args.dataset, args.data_dir, "train", image_size, settings["batch_size"], args.workers,
                                    device, args.seed, subset=args.train_size)
-        images_per_s = fine_tune(model, mode, train_loader, settings, args, device, amp, memory_format)
+        say_if_one_step(train_loader, "--batch-size")
+        try:
+            images_per_s = fine_tune(model, mode, train_loader, settings, args, device, amp, memory_format)
+        except Diverged as e:  # the modes finished before it are kept (below); its model is not
+            stopped = e
+            break
 
         clean, robust = correct_per_image(model, test_loader, device, eps, alpha, args.pgd_steps, amp, memory_format)
         entry = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": mode, **settings,
@@ -977,12 +1040,15 @@ def main(argv=None):
         run_args = dict(pretrained.run_args or {}, image_size=image_size)
         fine_tuned.append(fine_tuned_checkpoint(model, derived_method(method, f"+{mode}"), run_args, entry))
 
-    result = results[0] if len(results) == 1 else {
+    if stopped and not results:
+        raise stopped
+    result = results[0] if args.mode != "all" else {
         "checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset, "mode": "all", "bn": results[0]["bn"],
-        "results": results, "seconds": time.perf_counter() - start}
+        "results": results, "error": stopped and str(stopped), "seconds": time.perf_counter() - start}
     print_table(results)
-    written = [fine_tuned_path(out, mode) for mode in modes] + [out]
+    written = [fine_tuned_path(out, mode) for mode in modes[:len(results)]] + [out]
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as the training scripts make --out-dir
         for path, checkpoint in zip(written, fine_tuned):
             save_checkpoint(path, checkpoint)
         write_json(out, result)
@@ -993,6 +1059,9 @@ def main(argv=None):
     # An earlier fine-tuned model of this JSON's name is left (it has its own record, may have cost hours), and said
     for path in earlier_outputs(out, written + [args.checkpoint]):
         print(f"left {path}: a model fine-tuned by an earlier run, not described by {os.path.basename(out)}", flush=True)
+    if stopped:
+        raise Diverged(f"{stopped}; {' and '.join(modes[:len(results)])}, finished before it, "
+                       f"{'is' if len(results) == 1 else 'are'} in {out}")
     return result
 
 

@@ -28,6 +28,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -35,11 +36,11 @@ import torch
 import torch.nn as nn
 
 from common import (DATASETS, BasicBlock, DefaultsHelpFormatter, DualBN, UserError, atomic_file,
-                    autocast, checkpoint_file, default_workers, eval_loader, main_guard, pgd_attack,
+                    autocast, check_attack_flags, check_finite, check_outputs, checkpoint_file, default_workers, eval_loader, main_guard, pgd_attack,
                     pick_device, write_json)
 from eval_linear import (MODE_DEFAULTS, Classifier, _gram, correct_per_image, dataset_classes, earlier_outputs, fine_tune,
                          fine_tuned_model, load_encoder, only_clean_bn_trained, print_values, print_wrapped,
-                         representation_similarity)
+                         representation_similarity, resolve_data, say_if_one_step)
 
 SLF = MODE_DEFAULTS["slf"]  # the fitted classifiers' and the probes' settings (eval_linear.py's SLF)
 
@@ -51,9 +52,10 @@ def parse_args(argv=None):
       "checkpoints or their run folders; the first gives the rows of the cross-model maps")
     a("--bn", default=None, choices=["adv", "clean"], help="BN copy of every pre-training checkpoint's encoder (a kept "
       "model uses its own; default: adv, clean for supervised.py --eps 0, whose adversarial BN is never trained)")
-    a("--dataset", default="cifar10", choices=DATASETS, help="test images (and the training images of fitted "
-      "classifiers and probes); 'synthetic' is for tests only")
-    a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
+    a("--dataset", default=None, choices=DATASETS, help="test images (and the training images of fitted classifiers "
+      "and probes); 'synthetic' is for tests only (default: the first model's, else cifar10)")
+    a("--data-dir", default=None, help="where datasets are read from (and downloaded to on first use) (default: the "
+      "first model's for its own dataset, else ./data)")
     a("--image-size", type=int, default=None, help="input size in px (default: the first model's)")
     a("--eps", type=float, default=8, help="L-inf radius of the attack, in /255 units")
     a("--pgd-alpha", type=float, default=2, help="step size of the PGD attack, in /255 units")
@@ -96,6 +98,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    check_finite(args)
     args.models = [checkpoint_file(path) for path in args.models]
     for name in ("epochs", "batch_size", "test_batch_size", "probe_epochs", "train_size", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -103,6 +106,7 @@ def check_args(args):
     for name in ("eps", "pgd_alpha", "pgd_steps", "weight_decay", "workers"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     if not args.lr > 0:
         raise UserError(f"--lr must be positive (got {args.lr})")
     if not 0 <= args.momentum < 1:
@@ -117,8 +121,9 @@ def check_args(args):
     if args.test_batch_size < 4:
         raise UserError(f"--test-batch-size must be at least 4 (got {args.test_batch_size}): the unbiased CKA "
                         "estimator needs n > 3 images per batch")
-    if args.cka_eps is not None and min(args.cka_eps) < 0:
-        raise UserError(f"--cka-eps must be >= 0 (got {' '.join(f'{e:g}' for e in args.cka_eps)})")
+    if args.cka_eps is not None and not 0 <= min(args.cka_eps) <= max(args.cka_eps) <= 255:
+        raise UserError(f"--cka-eps must be in [0, 255] (got {' '.join(f'{e:g}' for e in args.cka_eps)}); it is in "
+                        "/255 units, e.g. --cka-eps 2 8")
     if args.labels is not None and len(args.labels) != len(args.models):
         raise UserError(f"--labels takes one label per model, {len(args.models)} here, but {len(args.labels)} were given")
 
@@ -233,8 +238,10 @@ def fit_settings(args, epochs):
 
 
 def train_loader(args, image_size, batch_size, device):
-    return eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size, args.workers, device, args.seed,
-                       subset=args.train_size)
+    loader = eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size, args.workers, device, args.seed,
+                         subset=args.train_size)
+    say_if_one_step(loader, "--batch-size")
+    return loader
 
 
 def attacked_model(path, encoder, label, args, num_classes, image_size, device, amp, memory_format):
@@ -498,11 +505,6 @@ def main(argv=None):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs the matplotlib package, which is not installed; run 'pip install matplotlib' "
                         "or drop --plot (the numbers are in the JSON either way)")
-    out = args.out or f"{os.path.splitext(args.models[0])[0]}_representations_{args.dataset}.json"
-    if os.path.realpath(out) in {os.path.realpath(path) for path in args.models}:
-        raise UserError(f"--out {out} is one of the models this run reads; choose another --out")
-    if not os.access(os.path.dirname(os.path.abspath(out)) or ".", os.W_OK):
-        raise UserError(f"cannot write {out}; choose another --out")
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -514,6 +516,15 @@ def main(argv=None):
                             "models made for the same image size")
         if not encoder.fine_tuned and args.bn is None and only_clean_bn_trained(encoder, "slf"):
             encoder.adv = False
+    # --dataset and --data-dir default to the first model's (a kept model's: the data it was fine-tuned on)
+    recorded = dict(first.run_args or {}, **({"dataset": first.fine_tuned["record"]["dataset"]}
+                                             if first.fine_tuned and first.fine_tuned["record"].get("dataset") else {}))
+    data = resolve_data(args, recorded)
+    out = args.out or f"{os.path.splitext(args.models[0])[0]}_representations_{args.dataset}.json"
+    # the JSON and any figure of its name overwrite no model read and no training run's file (common.check_outputs)
+    figure = re.compile(re.escape(os.path.splitext(os.path.abspath(out))[0]) + FIGURE_SUFFIX)
+    check_outputs([out] + [path for path in args.models if args.plot and figure.fullmatch(os.path.abspath(path))],
+                  args.models)
     image_size = args.image_size or first.image_size
     num_classes = dataset_classes(args.dataset, args.data_dir)
     for path, encoder in zip(args.models, encoders):
@@ -526,7 +537,7 @@ def main(argv=None):
         labels = [f"{name} ({i + 1})" if labels.count(name) > 1 else name for i, name in enumerate(labels)]
     test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
                               device, args.seed, subset=args.test_size)
-    print(f"{len(args.models)} models on {args.dataset} at {image_size} px, {num_classes} classes, "
+    print(f"{len(args.models)} models on {data} at {image_size} px, {num_classes} classes, "
           f"{len(test_loader.dataset)} test images ({device.type}{', bf16' if amp else ''})", flush=True)
 
     models, records = [], []
@@ -561,6 +572,7 @@ def main(argv=None):
 
     print_analysis(result)
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # as eval_linear.py makes --out's folder
         write_json(out, result)
         print(f"\nwrote {out}", flush=True)
         figures = plot_analysis(result, out) if args.plot else []
