@@ -983,6 +983,28 @@ def check_finite(args):
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
 
 
+def check_ranges(args, at_least_1=(), non_negative=(), positive=()):
+    """One sentence for the first of the named flags out of its range; a flag left at None is not checked."""
+    rules = ((at_least_1, lambda v: v >= 1, "must be at least 1"), (non_negative, lambda v: v >= 0, "must be >= 0"),
+             (positive, lambda v: v > 0, "must be positive"))
+    for names, in_range, rule in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not in_range(value):
+                raise UserError(f"--{name.replace('_', '-')} {rule} (got {value})")
+
+
+def check_fit_flags(args):
+    """The SGD fits of eval_linear.py and representations.py: momentum in [0, 1), lr milestones increasing epoch
+    numbers >= 1, an image size of at least 8 px (milestones and image size left at None are not checked)."""
+    if not 0 <= args.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1) (got {args.momentum})")
+    if args.milestones is not None and (min(args.milestones) < 1 or sorted(set(args.milestones)) != args.milestones):
+        raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
+    if args.image_size is not None and args.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
+
+
 def check_attack_flags(eps, alpha, steps, steps_flag="--pgd-steps"):
     """The attack's radius and step, in /255 units: eps in [0, 255] (255 is the whole pixel range), alpha >= 0,
     and alpha > 0 when the attack takes steps (alpha 0 would leave it at its random start and call that PGD)."""

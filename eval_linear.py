@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast,
-                    check_attack_flags, check_classes, check_finite, check_outputs,
+                    check_attack_flags, check_classes, check_finite, check_fit_flags, check_ranges, check_outputs,
                     checkpoint_file, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard,
                     pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize, write_json)
 
@@ -116,12 +116,8 @@ def paper_settings(method, mode, dataset, image_size):
     check_recipe(method)
     milestones, bn, cells = PAPER_RECIPES[(method, mode)]
     cell = cells[RECIPE_SIZES.index(recipe_size(dataset, image_size))] or UNSET_CELL
-    settings = dict(epochs=25, batch_size=cell[0], lr=cell[1], milestones=milestones, bn=bn)
-    if len(cell) > 2:
-        settings["epochs"] = cell[2]
-    if len(cell) > 3:
-        settings["milestones"] = cell[3]
-    return settings
+    batch_size, lr, epochs, milestones = cell + (25, milestones)[len(cell) - 2:]  # a short cell keeps the defaults
+    return dict(epochs=epochs, batch_size=batch_size, lr=lr, milestones=milestones, bn=bn)
 
 
 # Method names. Every name this program records, reads back with --method and shows in figures is
@@ -267,32 +263,15 @@ def parse_args(argv=None):
 def check_args(args):
     check_finite(args)
     args.checkpoint = checkpoint_file(args.checkpoint)
-    for name in ("epochs", "batch_size", "test_batch_size", "train_size", "test_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ("eps", "pgd_alpha", "pgd_steps", "train_pgd_steps", "weight_decay", "trades_beta", "workers"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    check_ranges(args, at_least_1=["epochs", "batch_size", "test_batch_size", "train_size", "test_size",
+                                   "lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size", "kmeans_restarts"],
+                 non_negative=["eps", "pgd_alpha", "pgd_steps", "train_pgd_steps", "weight_decay", "trades_beta",
+                               "workers", "lpaft_weight_decay"], positive=["lr", "lpaft_probe_lr", "lpaft_lr"])
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     check_attack_flags(args.eps, args.pgd_alpha, args.train_pgd_steps, "--train-pgd-steps")
-    if args.lr is not None and not args.lr > 0:
-        raise UserError(f"--lr must be positive (got {args.lr})")
-    if not 0 <= args.momentum < 1:
-        raise UserError(f"--momentum must be in [0, 1) (got {args.momentum})")
-    if args.milestones is not None and (min(args.milestones) < 1 or sorted(set(args.milestones)) != args.milestones):
-        raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
-    if args.image_size is not None and args.image_size < 8:
-        raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
+    check_fit_flags(args)
     if args.cka_samples < 2:
         raise UserError(f"--cka-samples must be at least 2 (got {args.cka_samples}): CKA compares images with each other")
-    for name in ("lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size", "kmeans_restarts"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ("lpaft_probe_lr", "lpaft_lr"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if args.lpaft_weight_decay < 0:
-        raise UserError(f"--lpaft-weight-decay must be >= 0 (got {args.lpaft_weight_decay})")
     if args.method is not None and not METHOD_NAME.fullmatch(args.method):
         raise UserError(f"--method {args.method} is not a method name; write {METHOD_GRAMMAR} (e.g. dynacl-air++)")
     if args.mode is None and not args.post_process:
@@ -463,18 +442,6 @@ class Classifier(nn.Module):
 
     def forward(self, x, adv=None):
         return self.fc(self.encoder(x, adv))
-
-
-def fine_tuned_model(encoder):
-    """The model a fine-tuned file holds, as it was evaluated: its encoder through the BN copy its classifier was
-    trained with, and that classifier."""
-    part = encoder.fine_tuned
-    model = Classifier(encoder, part["num_classes"])
-    model.encoder.adv = part["bn"] == "adv"
-    with torch.no_grad():
-        model.fc.weight.copy_(part["weight"])
-        model.fc.bias.copy_(part["bias"])
-    return model
 
 
 def fine_tuned_checkpoint(model, method, run_args, entry):
@@ -650,22 +617,11 @@ def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memor
     return torch.cat(clean).cpu(), torch.cat(robust).cpu()
 
 
-class _Logits(nn.Module):
-    """fp32 logits of the evaluated route, as torchattacks expects an nn.Module."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x).float()
-
-
 def autoattack_correct(model, loader, num_classes, eps, device, seed):
     """Per-image robustness under AutoAttack (standard, L-inf), again counted only on clean-correct images."""
     import torchattacks
 
-    net = _Logits(model).eval()
+    net = model.eval()  # fp32 logits of the evaluated route: no autocast here
     attack = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)
     robust = []
     for x, y in loader:

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, BasicBlock, DefaultsHelpFormatter, DualBN, UserError, atomic_file,
-                    autocast, check_attack_flags, check_finite, check_outputs, checkpoint_file, default_workers, eval_loader, main_guard, pgd_attack,
-                    pick_device, write_json)
+from common import (DATASETS, BasicBlock, DefaultsHelpFormatter, DualBN, UserError, atomic_file, autocast,
+                    check_attack_flags, check_finite, check_fit_flags, check_outputs, check_ranges, checkpoint_file,
+                    default_workers, eval_loader, main_guard, pgd_attack, pick_device, write_json)
 from eval_linear import (MODE_DEFAULTS, Classifier, _gram, correct_per_image, dataset_classes, earlier_outputs, fine_tune,
-                         fine_tuned_model, load_encoder, only_clean_bn_trained, print_values, print_wrapped,
+                         load_encoder, only_clean_bn_trained, print_values, print_wrapped,
                          representation_similarity, resolve_data, say_if_one_step)
 
 SLF = MODE_DEFAULTS["slf"]  # the fitted classifiers' and the probes' settings (eval_linear.py's SLF)
@@ -100,21 +100,10 @@ def parse_args(argv=None):
 def check_args(args):
     check_finite(args)
     args.models = [checkpoint_file(path) for path in args.models]
-    for name in ("epochs", "batch_size", "test_batch_size", "probe_epochs", "train_size", "test_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
-    for name in ("eps", "pgd_alpha", "pgd_steps", "weight_decay", "workers"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    check_ranges(args, at_least_1=["epochs", "batch_size", "test_batch_size", "probe_epochs", "train_size", "test_size"],
+                 non_negative=["eps", "pgd_alpha", "pgd_steps", "weight_decay", "workers"], positive=["lr"])
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive (got {args.lr})")
-    if not 0 <= args.momentum < 1:
-        raise UserError(f"--momentum must be in [0, 1) (got {args.momentum})")
-    if min(args.milestones) < 1 or sorted(set(args.milestones)) != args.milestones:
-        raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
-    if args.image_size is not None and args.image_size < 8:
-        raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
+    check_fit_flags(args)
     if args.cka_samples < 4:
         raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): the unbiased CKA estimator "
                         "needs n > 3 images")
@@ -229,6 +218,18 @@ def model_label(method, run_args, path, mode=None):
     if eps is None:
         return name
     return f"{name}, eps {eps:g}/255" if eps else f"{name}, eps 0"
+
+
+def fine_tuned_model(encoder):
+    """The model a fine-tuned file holds, as it was evaluated: its encoder through the BN copy its classifier was
+    trained with, and that classifier."""
+    part = encoder.fine_tuned
+    model = Classifier(encoder, part["num_classes"])
+    model.encoder.adv = part["bn"] == "adv"
+    with torch.no_grad():
+        model.fc.weight.copy_(part["weight"])
+        model.fc.bias.copy_(part["bias"])
+    return model
 
 
 def fit_settings(args, epochs):

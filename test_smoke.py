@@ -2175,7 +2175,7 @@ def test_fine_tuned_file_round_trips(fine_tuned_aff, pretrained):
     # read back: the same model, through the BN copy it was evaluated with; the same accuracy as the JSON's
     encoder = eval_linear.load_encoder(path, bn="clean")
     assert encoder.method == "acl+aff" and encoder.fine_tuned["bn"] == "adv"
-    reread = eval_linear.fine_tuned_model(encoder)
+    reread = representations.fine_tuned_model(encoder)
     assert reread.encoder.adv
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
