@@ -181,9 +181,8 @@ def check_recipe(method):
 
 def recipe_record(args, method, mode, settings):
     """The settings a mode runs with, printed in one line and kept in the JSON under 'recipe'."""
-    given = [name for name in settings if getattr(args, name) is not None]
     recipe = {"name": args.recipe, "method": method, "mode": mode, **settings, "momentum": args.momentum,
-              "weight_decay": args.weight_decay, "from_flags": given}
+              "weight_decay": args.weight_decay, "from_flags": [n for n in settings if getattr(args, n) is not None]}
     print_wrapped([f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in recipe.items()],
                   first="recipe ", sep=" | ", indent="       ")
     return recipe
@@ -296,14 +295,14 @@ def resolve_data(args, run_args):
     return f"{args.dataset}{where} (the checkpoint's{'' if given else ', as --dataset was not given'})"
 
 
-def dataset_classes(dataset, data_dir, use="evaluation"):
+def dataset_classes(dataset, data_dir):
     """The number of classes of a dataset; an ImageFolder's class folders, the same in train/ and test/."""
     if dataset != "imagefolder":
         return NUM_CLASSES[dataset]
     classes = load_dataset("imagefolder", data_dir, "train").classes
     if load_dataset("imagefolder", data_dir, "test").classes != classes:
         raise UserError(f"{data_dir}/train and {data_dir}/test have different class folders; make them the same")
-    check_classes(dataset, data_dir, classes, use)
+    check_classes(dataset, data_dir, classes, "evaluation")
     return len(classes)
 
 
@@ -321,9 +320,7 @@ def mode_settings(args, mode, method=None, image_size=None):
         settings = dict(MODE_DEFAULTS[mode])
     else:
         settings = paper_settings(method, mode, args.dataset, image_size)
-    for name in settings:
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
+    settings.update({name: getattr(args, name) for name in settings if getattr(args, name) is not None})
     return settings
 
 
@@ -338,7 +335,6 @@ class Encoder(nn.Module):
     def __init__(self, model, bn="adv"):
         super().__init__()
         self.model, self.adv = model, bn == "adv"
-        self.feature_dim = model.feature_dim
 
     def forward(self, x, adv=None):
         return self.model.features(x, self.adv if adv is None else adv)
@@ -360,35 +356,17 @@ def _state_dict_of(checkpoint, path):
         raise UserError(f"{path} is not a pre-training checkpoint: expected this project's checkpoint (key 'model'), "
                         "a dict with 'state_dict', or a bare state dict of tensors")
     # DataParallel prefixes every key with 'module.'. The projection head 'fc.*' is not evaluated, nor is a
-    # classifier 'classifier.*' (supervised.py's; a fine-tuned file's is read by _fine_tuned_part).
+    # classifier 'classifier.*' (supervised.py's; a fine-tuned file's is read by representations.kept_part).
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     return state, run_args if isinstance(run_args, dict) else None
-
-
-def _fine_tuned_part(checkpoint, path, feature_dim):
-    """What a fine-tuned file (fine_tuned_checkpoint) adds to the backbone: {'weight', 'bias', 'bn',
-    'num_classes', 'record'}, checked; None for a pre-training checkpoint (it has no 'fine_tune' record)."""
-    if not (isinstance(checkpoint, dict) and "fine_tune" in checkpoint):
-        return None
-    state = checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else {}
-    weight, bias = state.get("classifier.weight"), state.get("classifier.bias")
-    num_classes = checkpoint.get("num_classes")
-    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and isinstance(num_classes, int)
-            and weight.shape == (num_classes, feature_dim) and bias.shape == (num_classes,)
-            and torch.isfinite(weight).all() and torch.isfinite(bias).all()
-            and checkpoint.get("bn") in ("adv", "clean") and isinstance(checkpoint["fine_tune"], dict)):
-        raise UserError(f"{path} is a fine-tuned file whose classifier, BN copy or record is missing or damaged; "
-                        "fine-tune its pre-training checkpoint again")
-    return {"weight": weight, "bias": bias, "bn": checkpoint["bn"], "num_classes": num_classes,
-            "record": checkpoint["fine_tune"]}
 
 
 def _listed(keys, most=3):
     return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
-def load_encoder(path, bn="adv", device="cpu"):
+def load_encoder(path, bn="adv"):
     """The encoder of a checkpoint in eval mode, with the BN copy `bn` ('adv' or 'clean'). Width and stem
     come from conv1.weight ([width, 3, k, k]; k = 3: CIFAR stem, k = 7: ImageNet stem). Any missing,
     unexpected or mis-shaped key is refused: a partly loaded encoder would be evaluated silently."""
@@ -421,12 +399,11 @@ def load_encoder(path, bn="adv", device="cpu"):
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         raise UserError(f"{path} contains NaN or infinite weights; use an earlier checkpoint")
     model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
-    encoder = Encoder(model, bn).to(device).eval()
+    encoder = Encoder(model, bn).eval()
     encoder.width, encoder.stem, encoder.run_args = width, stem, run_args
     encoder.method = recorded_method(checkpoint)
-    encoder.fine_tuned = _fine_tuned_part(checkpoint, path, model.feature_dim)
-    size = run_args.get("image_size") if run_args else None
-    encoder.image_size = size or (32 if stem == "cifar" else 96)
+    encoder.fine_tuned = checkpoint if "fine_tune" in checkpoint else None  # a kept model, as read (unchecked)
+    encoder.image_size = (run_args or {}).get("image_size") or (32 if stem == "cifar" else 96)
     return encoder
 
 
@@ -436,7 +413,7 @@ class Classifier(nn.Module):
     def __init__(self, encoder, num_classes):
         super().__init__()
         self.encoder = encoder
-        self.fc = nn.Linear(encoder.feature_dim, num_classes)
+        self.fc = nn.Linear(encoder.model.feature_dim, num_classes)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
@@ -453,9 +430,8 @@ def fine_tuned_checkpoint(model, method, run_args, entry):
     state = {k: v.detach().cpu().clone() for k, v in model.encoder.model.state_dict().items()}
     state.update({"classifier.weight": model.fc.weight.detach().cpu().clone(),
                   "classifier.bias": model.fc.bias.detach().cpu().clone()})
-    record = {k: v for k, v in entry.items() if k != "cka"}
     return {"method": method, "args": run_args, "model": state, "bn": entry["bn"], "num_classes": entry["num_classes"],
-            "fine_tune": record}
+            "fine_tune": {k: v for k, v in entry.items() if k != "cka"}}
 
 
 FINE_TUNED_SUFFIX = r"_(?:slf|alf|aff)\.pt"  # the names this program writes beside <stem>.json (fine_tuned_path's)
@@ -620,7 +596,6 @@ def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memor
 def autoattack_correct(model, loader, num_classes, eps, device, seed):
     """Per-image robustness under AutoAttack (standard, L-inf), again counted only on clean-correct images."""
     import torchattacks
-
     net = model.eval()  # fp32 logits of the evaluated route: no autocast here
     attack = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)
     robust = []

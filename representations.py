@@ -220,9 +220,28 @@ def model_label(method, run_args, path, mode=None):
     return f"{name}, eps {eps:g}/255" if eps else f"{name}, eps 0"
 
 
+def kept_part(checkpoint, path, feature_dim):
+    """What a kept model (eval_linear.fine_tuned_checkpoint; load_encoder leaves it as read in encoder.fine_tuned)
+    adds to its backbone: {'weight', 'bias', 'bn', 'num_classes', 'record'}, checked; None for a pre-training
+    checkpoint."""
+    if checkpoint is None:
+        return None
+    state = checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else {}
+    weight, bias = state.get("classifier.weight"), state.get("classifier.bias")
+    num_classes = checkpoint.get("num_classes")
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor) and isinstance(num_classes, int)
+            and weight.shape == (num_classes, feature_dim) and bias.shape == (num_classes,)
+            and torch.isfinite(weight).all() and torch.isfinite(bias).all()
+            and checkpoint.get("bn") in ("adv", "clean") and isinstance(checkpoint["fine_tune"], dict)):
+        raise UserError(f"{path} is a fine-tuned file whose classifier, BN copy or record is missing or damaged; "
+                        "fine-tune its pre-training checkpoint again")
+    return {"weight": weight, "bias": bias, "bn": checkpoint["bn"], "num_classes": num_classes,
+            "record": checkpoint["fine_tune"]}
+
+
 def fine_tuned_model(encoder):
     """The model a fine-tuned file holds, as it was evaluated: its encoder through the BN copy its classifier was
-    trained with, and that classifier."""
+    trained with, and that classifier (encoder.fine_tuned: kept_part's)."""
     part = encoder.fine_tuned
     model = Classifier(encoder, part["num_classes"])
     model.encoder.adv = part["bn"] == "adv"
@@ -512,6 +531,7 @@ def main(argv=None):
     encoders = [load_encoder(path, args.bn or "adv") for path in args.models]
     first = encoders[0]
     for path, encoder in zip(args.models, encoders):
+        encoder.fine_tuned = kept_part(encoder.fine_tuned, path, encoder.model.feature_dim)
         if encoder.stem != first.stem:  # the same input images for every model: the stems must agree
             raise UserError(f"{path} has the {encoder.stem} stem but {args.models[0]} the {first.stem} stem; compare "
                             "models made for the same image size")

@@ -2174,6 +2174,7 @@ def test_fine_tuned_file_round_trips(fine_tuned_aff, pretrained):
         "aff", 1, 0.1, result["clean_acc"], result["pgd20_acc"])
     # read back: the same model, through the BN copy it was evaluated with; the same accuracy as the JSON's
     encoder = eval_linear.load_encoder(path, bn="clean")
+    encoder.fine_tuned = representations.kept_part(encoder.fine_tuned, path, encoder.model.feature_dim)
     assert encoder.method == "acl+aff" and encoder.fine_tuned["bn"] == "adv"
     reread = representations.fine_tuned_model(encoder)
     assert reread.encoder.adv
@@ -2242,6 +2243,10 @@ def test_fine_tuned_file_refused_where_it_cannot_be_used(fine_tuned_aff, pretrai
     status, err = in_process_error(representations.main, [pretrained, str(tmp_path / "damaged.pt"), *QUICK,
                                                           "--out", str(tmp_path / "x.json")], capsys)
     assert status == 2 and "whose classifier, BN copy or record is missing or damaged" in err
+    # eval_linear.py recognises any kept model by its record, damaged or not, and refuses it with its own sentence
+    status, err = in_process_error(eval_linear.main, [str(tmp_path / "damaged.pt"), *QUICK,
+                                                      "--out", str(tmp_path / "x.json")], capsys)
+    assert status == 2 and err.strip().startswith(f"error: {tmp_path / 'damaged.pt'} is a model fine-tuned by")
     assert sorted(os.listdir(tmp_path)) == ["damaged.pt", "ft_slf.pt"] and "epoch" not in capsys.readouterr().out
 
 
