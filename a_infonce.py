@@ -24,9 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, ResNet18, Run, add_shared_flags, autocast, contrastive_pgd, dynacl_schedule, gather,
-                    init_distributed, lr_at, main_guard, make_optimizer, parallel, parse_and_resume,
+from common import (ResNet18, autocast, contrastive_pgd, dynacl_schedule, gather, lr_at, make_optimizer,
                     pretrain_loader, stem_for)
+from machinery import Run, add_shared_flags, init_distributed, main_guard, parallel, parse_and_resume
 
 METHOD = "a_infonce"
 
@@ -41,15 +41,6 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=1.0, help="hard-negative concentration beta")
     parser.add_argument("--tau-plus", type=float, default=0.1, help="hard-negative class prior tau+ in [0, 1)")
     return parse_and_resume(parser, argv, METHOD)
-
-
-def check_args(args):
-    if not 0 <= args.clean_grad_share <= 1:
-        raise UserError(f"--clean-grad-share must be in [0, 1] (got {args.clean_grad_share})")
-    if not 0 <= args.tau_plus < 1:
-        raise UserError(f"--tau-plus must be in [0, 1) (got {args.tau_plus})")
-    if args.ip_weight < 0:
-        raise UserError(f"--ip-weight must be >= 0 (got {args.ip_weight})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +93,6 @@ def a_infonce_loss(z1, z2, z1_adv, z2_adv, temperature=0.5, ip=True, hn=True, ip
 
 def main(argv=None):
     args, checkpoint = parse_args(argv)
-    check_args(args)
     device = init_distributed(args)  # under torchrun: join the process group; this process's GPU
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -20,9 +20,9 @@ import argparse
 
 import torch
 
-from common import (ResNet18, Run, add_shared_flags, autocast, contrastive_pgd, dynacl_schedule, gather,
-                    init_distributed, lr_at, main_guard, make_optimizer, nt_xent, parallel, parse_and_resume,
+from common import (ResNet18, autocast, contrastive_pgd, dynacl_schedule, gather, lr_at, make_optimizer, nt_xent,
                     pretrain_loader, stem_for)
+from machinery import Run, add_shared_flags, init_distributed, main_guard, parallel, parse_and_resume
 
 METHOD = "acl"
 
@@ -31,10 +31,6 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shared_flags(parser)
     return parse_and_resume(parser, argv, METHOD)
-
-
-def check_args(args):
-    """ACL has no flags of its own; the shared ones are checked in common.parse_and_resume."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +51,6 @@ def acl_loss(z1, z2, z1_adv, z2_adv, omega=0.0, temperature=0.5, labels=None):
 
 def main(argv=None):
     args, checkpoint = parse_args(argv)
-    check_args(args)
     device = init_distributed(args)  # under torchrun: join the process group; this process's GPU
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

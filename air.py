@@ -16,9 +16,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, ResNet18, Run, add_shared_flags, autocast, contrastive_pgd, dynacl_schedule, gather,
-                    init_distributed, lr_at, main_guard, make_optimizer, nt_xent, parallel, parse_and_resume,
+from common import (ResNet18, autocast, contrastive_pgd, dynacl_schedule, gather, lr_at, make_optimizer, nt_xent,
                     pretrain_loader, stem_for)
+from machinery import Run, add_shared_flags, init_distributed, main_guard, parallel, parse_and_resume
 
 METHOD = "air"
 
@@ -30,12 +30,6 @@ def parse_args(argv=None):
     parser.add_argument("--lambda2", type=float, default=0.5, help="weight of AIR, the adversarial invariant regulariser")
     parser.add_argument("--official-ir", action="store_true", help="compute SIR/AIR as the released code does, not as the paper's KL (README)")
     return parse_and_resume(parser, argv, METHOD)
-
-
-def check_args(args):
-    for name in ("lambda1", "lambda2"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +70,6 @@ def air_loss(z1, z2, z0, z1_adv, z2_adv, omega=0.0, temperature=0.5, lambda1=0.5
 
 def main(argv=None):
     args, checkpoint = parse_args(argv)
-    check_args(args)
     device = init_distributed(args)  # under torchrun: join the process group; this process's GPU
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -43,11 +43,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast,
-                    check_attack_flags, check_classes, check_data_dir_is_read, check_finite, check_fit_flags,
-                    check_ranges, check_outputs, check_replaced, check_weights, checkpoint_file, default_workers,
-                    eval_loader, fail, load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device,
-                    save_checkpoint, step_and_project, synchronize, write_json)
+from common import (DATASETS, NUM_CLASSES, ResNet18, STAGE_NAMES, UserError, autocast, check_classes, eval_loader,
+                    load_dataset, pgd_attack, step_and_project)
+from machinery import (DefaultsHelpFormatter, check_attack_flags, check_data_dir_is_read, check_finite, check_fit_flags,
+                       check_outputs, check_ranges, check_replaced, check_weights, checkpoint_file, default_workers,
+                       fail, load_checkpoint, main_guard, pick_device, save_checkpoint, synchronize, write_json)
 
 # The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -267,10 +267,7 @@ def parse_args(argv=None):
 def check_args(args):
     check_finite(args)
     args.checkpoint = checkpoint_file(args.checkpoint)
-    check_ranges(args, at_least_1=["epochs", "batch_size", "test_batch_size", "train_size", "test_size",
-                                   "lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size", "kmeans_restarts"],
-                 non_negative=["eps", "pgd_alpha", "pgd_steps", "train_pgd_steps", "weight_decay", "trades_beta",
-                               "workers", "lpaft_weight_decay"], positive=["lr", "lpaft_probe_lr", "lpaft_lr"])
+    check_ranges(args)
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     check_attack_flags(args.eps, args.pgd_alpha, args.train_pgd_steps, "--train-pgd-steps")
     check_fit_flags(args)
@@ -383,7 +380,7 @@ def load_encoder(path, bn="adv"):
                         "it is not an ACL/DynACL/AIR pre-training checkpoint")
     width, stem = conv1.shape[0], "cifar" if conv1.shape[2] == 3 else "imagenet"
     model = ResNet18(width, stem, head=False)
-    # Our departure from strictness: num_batches_tracked may be missing (common.check_weights)
+    # Our departure from strictness: num_batches_tracked may be missing (machinery.check_weights)
     check_weights(state, model.state_dict(), path, f"a dual-BN ResNet-18 of width {width} with the {stem} stem",
                   "it is not an ACL/DynACL/AIR pre-training checkpoint")
     model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
@@ -443,8 +440,8 @@ def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
 
 def check_output_files(args, out):
     """Before any work: the JSON `out` and each mode's fine-tuned model overwrite no input of the run and no file
-    of a training run (common.check_outputs), and replace only this program's files from the same checkpoint
-    (common.check_replaced); nor do --post-process's files overwrite an input."""
+    of a training run (machinery.check_outputs), and replace only this program's files from the same checkpoint
+    (machinery.check_replaced); nor do --post-process's files overwrite an input."""
     if args.mode:  # --post-process alone writes no JSON
         modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
         check_outputs([out] + [fine_tuned_path(out, mode) for mode in modes], [args.checkpoint])
@@ -801,7 +798,7 @@ def cluster_quality(labels, clusters):
 
 
 def _stop_post_processing(signum, frame):
-    # SystemExit unwinds through common.atomic_file, which removes a half-written temporary file
+    # SystemExit unwinds through machinery.atomic_file, which removes a half-written temporary file
     fail("post-processing was stopped by SIGTERM; no partial file was left", status=128 + signum)
 
 

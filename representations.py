@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common import (DATASETS, BasicBlock, DefaultsHelpFormatter, DualBN, UserError, atomic_file, autocast,
-                    check_attack_flags, check_finite, check_fit_flags, check_outputs, check_ranges, check_replaced,
-                    checkpoint_file, default_workers, eval_loader, given_flags, main_guard, pgd_attack, pick_device,
-                    write_json)
+from common import BasicBlock, DATASETS, DualBN, UserError, autocast, eval_loader, pgd_attack
+from machinery import (DefaultsHelpFormatter, atomic_file, check_attack_flags, check_finite, check_fit_flags,
+                       check_outputs, check_ranges, check_replaced, checkpoint_file, default_workers, given_flags,
+                       main_guard, pick_device, write_json)
 from eval_linear import (MODE_DEFAULTS, Classifier, _gram, correct_per_image, dataset_classes, fine_tune, load_encoder,
                          only_clean_bn_trained, print_values, print_wrapped, representation_similarity, resolve_data,
                          say_if_one_step)
@@ -123,8 +123,7 @@ def check_flags_used(args, fitted):
 def check_args(args):
     check_finite(args)
     args.models = [checkpoint_file(path) for path in args.models]
-    check_ranges(args, at_least_1=["epochs", "batch_size", "test_batch_size", "probe_epochs", "train_size", "test_size"],
-                 non_negative=["eps", "pgd_alpha", "pgd_steps", "weight_decay", "workers"], positive=["lr"])
+    check_ranges(args)
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     check_fit_flags(args)
     if args.cka_samples < 4:
@@ -588,8 +587,8 @@ def main(argv=None):
                                              if first.fine_tuned and first.fine_tuned["record"].get("dataset") else {}))
     data = resolve_data(args, recorded)
     out = args.out or f"{os.path.splitext(args.models[0])[0]}_representations_{args.dataset}.json"
-    # the JSON and any figure of its name overwrite no model read and no training run's file (common.check_outputs),
-    # and the JSON replaces only this program's report on the same first model (common.check_replaced)
+    # the JSON and any figure of its name overwrite no model read and no training run's file (machinery.check_outputs),
+    # and the JSON replaces only this program's report on the same first model (machinery.check_replaced)
     figure = re.compile(re.escape(os.path.splitext(os.path.abspath(out))[0]) + FIGURE_SUFFIX)
     check_outputs([out] + [path for path in args.models if args.plot and figure.fullmatch(os.path.abspath(path))],
                   args.models)

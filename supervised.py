@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, UserError, ResNet18, Run, add_shared_flags, attack_mode, autocast, gather,
-                    given_flags, init_distributed, lr_at, main_guard, make_optimizer, parallel, parse_and_resume,
-                    pgd_attack, pretrain_loader, stem_for)
+from common import (NUM_CLASSES, ResNet18, attack_mode, autocast, gather, lr_at, make_optimizer, pgd_attack,
+                    pretrain_loader, stem_for)
+from machinery import Run, add_shared_flags, init_distributed, main_guard, parallel, parse_and_resume
 
 METHOD = "supervised"
 
@@ -41,17 +41,7 @@ def parse_args(argv=None):
     add_shared_flags(parser)
     parser.set_defaults(epochs=100, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4, warmup_epochs=0,
                         pgd_steps=10)  # the usual CIFAR PGD-AT settings (module docstring)
-    if "temperature" in given_flags(parser, argv):  # a shared flag (common.add_shared_flags) of the contrastive losses
-        raise UserError("--temperature is the contrastive losses' temperature, which supervised.py (cross-entropy) does "
-                        "not have; drop --temperature")
     return parse_and_resume(parser, argv, METHOD)
-
-
-def check_args(args):
-    """--supcon is refused in common.parse_and_resume, with the other shared flags' checks."""
-    if args.dynacl:
-        raise UserError("--dynacl changes the contrastive augmentation and loss weights, which supervised.py does not "
-                        "have; drop --dynacl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +89,6 @@ def supervised_loss(logits, logits_adv, y):
 
 def main(argv=None):
     args, checkpoint = parse_args(argv)
-    check_args(args)
     device = init_distributed(args)  # under torchrun: join the process group; this process's GPU
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -1,4 +1,4 @@
-"""Tests for common.py, the method files, supervised.py, eval_linear.py and representations.py, all on the CPU.
+"""Tests for common.py, machinery.py, the method files, eval_linear.py and representations.py, all on the CPU.
 
     python -m pytest -q test_smoke.py
 
@@ -33,6 +33,7 @@ import acl
 import air
 import common
 import eval_linear
+import machinery
 import representations
 import supervised
 
@@ -72,7 +73,7 @@ def assert_clean_error(result, *fragments, status=2):
 def in_process_error(main, argv, capsys):
     """Run a script's main through main_guard in this process; return (exit status, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        common.main_guard(lambda: main(argv))
+        machinery.main_guard(lambda: main(argv))
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -1169,7 +1170,7 @@ def test_corruptions_reader_and_accuracy(tmp_path):
                                          ("--milestones", "5 3"), ("--cka-samples", "1"), ("--train-size", "0")])
 def test_bad_flag_values_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit) as info:
-        common.main_guard(lambda: eval_linear.main(["x.pt", flag, *value.split()]))
+        machinery.main_guard(lambda: eval_linear.main(["x.pt", flag, *value.split()]))
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("error: ") and flag in err
 
@@ -1177,7 +1178,7 @@ def test_bad_flag_values_are_refused(flag, value, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("torchattacks") is not None, reason="torchattacks is installed")
 def test_autoattack_without_torchattacks_is_refused_before_training(pretrained, capsys):
     with pytest.raises(SystemExit) as info:
-        common.main_guard(lambda: eval_linear.main([pretrained, *QUICK, "--autoattack"]))
+        machinery.main_guard(lambda: eval_linear.main([pretrained, *QUICK, "--autoattack"]))
     captured = capsys.readouterr()
     assert info.value.code == 2 and "torchattacks" in captured.err and "Traceback" not in captured.err
     assert "epoch" not in captured.out  # refused before any fine-tuning
@@ -1200,7 +1201,7 @@ def test_help_shows_every_default(module, capsys):
     out = capsys.readouterr().out
     blocks = re.split(r"\n  (?=-)", out.split("options:", 1)[1])  # one block per option, wrapped lines joined
     helps = {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks if b.strip()}
-    expected = {"--seed": 0, "--workers": common.default_workers(), "--eps": 8}
+    expected = {"--seed": 0, "--workers": machinery.default_workers(), "--eps": 8}
     if module is eval_linear:
         expected.update({"--mode": "slf", "--pgd-steps": 20, "--cka-samples": 1000})
     elif module is representations:  # SLF's settings for fitted classifiers and probes
@@ -1225,6 +1226,34 @@ def test_the_project_cites_no_file_it_does_not_ship():
     for name in files:
         text = open(os.path.join(HERE, name), encoding="utf-8").read()
         assert not re.search(r"\b" + "SP" + "EC" + r"\b|" + "shared" + " folder", text), name  # split: not a citation itself
+
+
+def test_a_method_trains_and_is_evaluated_from_the_files_the_readme_names_alone(tmp_path):
+    """README: to train in another project copy a method file, common.py and machinery.py (digits.npz for
+    --dataset digits), to evaluate also eval_linear.py. Just those files, in an empty folder: two training steps
+    and an evaluation of their checkpoint, as a user runs them."""
+    readme = " ".join(open(os.path.join(HERE, "README.md"), encoding="utf-8").read().split())
+    assert ("copy one method file, `common.py` and `machinery.py` (and `digits.npz` for `--dataset digits`); to "
+            "evaluate what it trained, copy `eval_linear.py` too") in readme
+    files = ["acl.py", "common.py", "machinery.py", "digits.npz", "eval_linear.py"]
+    for name in files:
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = lambda *argv: subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300,  # noqa: E731
+                                       cwd=tmp_path, env=env)
+    trained = run("acl.py", "--dataset", "digits", "--width", "8", "--batch-size", "16", "--pgd-steps", "1",
+                  "--max-steps", "2", "--workers", "0", "--device", "cpu", "--out-dir", "runs")
+    assert trained.returncode == 0 and trained.stderr == "", trained.stderr
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    checkpoint = tmp_path / "runs" / run_dir / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    evaluated = run("eval_linear.py", str(checkpoint), "--epochs", "1", "--train-size", "64", "--test-size", "32",
+                    "--batch-size", "16", "--test-batch-size", "16", "--pgd-steps", "1", "--workers", "0",
+                    "--device", "cpu", "--out", "eval.json")
+    assert evaluated.returncode == 0 and evaluated.stderr == "", evaluated.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["dataset"] == "digits" and 0 <= report["clean_acc"] <= 1
+    assert sorted(set(os.listdir(tmp_path)) - {"__pycache__"}) == sorted(files + ["eval.json", "eval_slf.pt", "runs"])
 
 
 def test_accuracies_on_screen_are_percent_and_fractions_in_the_json(pretrained, tmp_path, capsys):
@@ -1437,7 +1466,7 @@ def test_save_checkpoint_moves_every_tensor_to_the_cpu_and_keeps_the_rest(device
     optimizer.step()
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "log": {"sum": torch.ones(3, device=device)},
                   "pair": (torch.zeros(2, device=device), "text"), "list": [1, torch.arange(3, device=device)], "none": None}
-    common.save_checkpoint(str(tmp_path / "c.pt"), checkpoint)
+    machinery.save_checkpoint(str(tmp_path / "c.pt"), checkpoint)
     saved = torch.load(tmp_path / "c.pt", weights_only=True)
     assert {t.device.type for t in tensors_in(saved)} == {"cpu"}
     assert type(saved["model"]) is type(checkpoint["model"]) and saved["model"]._metadata == checkpoint["model"]._metadata
@@ -1468,15 +1497,15 @@ def test_sigterm_during_post_processing_leaves_no_file(recipe_files, tmp_path):
 
 def test_atomic_file_leaves_no_temporary_file_when_interrupted(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    common.save_checkpoint(path, {"step": 1})
+    machinery.save_checkpoint(path, {"step": 1})
 
     def interrupted_save(obj, f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.torch, "save", interrupted_save)
+    monkeypatch.setattr(machinery.torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(path, {"step": 2})
+        machinery.save_checkpoint(path, {"step": 2})
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
@@ -2723,7 +2752,7 @@ def fake_proc_stat(*readings):
 ], ids=["idle", "one-busy", "three-quarters", "almost-idle", "all-busy", "capped", "affinity"])
 def test_cpu_threads_follow_the_idle_cores(after, allowed, default, threads):
     before = {0: (100, 200), 1: (100, 200)}
-    got, idle = common.idle_threads({}, fake_proc_stat(before, after), allowed, default, interval=0)
+    got, idle = machinery.idle_threads({}, fake_proc_stat(before, after), allowed, default, interval=0)
     expected_idle = sum((after[c][0] - before[c][0]) / (after[c][1] - before[c][1]) for c in allowed)
     assert got == threads and idle == pytest.approx(expected_idle)
 
@@ -2732,21 +2761,21 @@ def test_cpu_threads_respect_omp_num_threads_and_unreadable_stats(monkeypatch, c
     def never():
         raise AssertionError("/proc/stat read although OMP_NUM_THREADS was set")
 
-    assert common.idle_threads({"OMP_NUM_THREADS": "3"}, never, {0, 1}, 2, interval=0) == (None, None)
+    assert machinery.idle_threads({"OMP_NUM_THREADS": "3"}, never, {0, 1}, 2, interval=0) == (None, None)
 
     def unreadable():
         raise OSError("no /proc here")
 
-    assert common.idle_threads({}, unreadable, {0, 1}, 2, interval=0) == (None, None)
+    assert machinery.idle_threads({}, unreadable, {0, 1}, 2, interval=0) == (None, None)
     # pick_device, which every script passes, sets the threads and says why in one line
     busy = fake_proc_stat({0: (100, 200), 1: (100, 200)}, {0: (120, 220), 1: (100, 220)})
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(common, "read_proc_stat", busy)
-    monkeypatch.setattr(common, "TORCH_THREADS", 2)
+    monkeypatch.setattr(machinery, "read_proc_stat", busy)
+    monkeypatch.setattr(machinery, "TORCH_THREADS", 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     threads = torch.get_num_threads()
     try:
-        assert common.pick_device("cpu").type == "cpu" and torch.get_num_threads() == 1
+        assert machinery.pick_device("cpu").type == "cpu" and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -3174,7 +3203,7 @@ def test_one_class_is_refused_where_labels_are_used(pretrained, tmp_path, capsys
 
 def test_eval_with_loader_workers_and_plot_exits(pretrained, tmp_path):
     """Workers ignore SIGTERM, and --plot's mathtext keeps main()'s frame (and its loaders) in reference cycles
-    until after the exit hooks: without common._end_loader_workers the process never exits."""
+    until after the exit hooks: without machinery._end_loader_workers the process never exits."""
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed")
     out = tmp_path / "e.json"

@@ -1,0 +1,1039 @@
+"""The run machinery around the science of common.py, shared by the six scripts: flags and their checks,
+resume and atomic checkpoints, the run folder and output guards, signals, the non-finite watch, logging,
+the benchmark, the CPU thread choice, torchrun set-up and `parallel`, and `main_guard`, which turns a
+UserError into one sentence. A reader of a method file may trust it and skip it; common.py never imports it.
+"""
+import argparse
+import atexit
+import contextlib
+import gc
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from common import (DATASETS, DEFAULT_IMAGE_SIZE, NATIVE_SIZE, UserError, _first_missing_folder,
+                    rank_and_world)
+
+# PyTorch 2.14 deprecates DDP's broadcast_buffers and torch.distributed.nn.functional.all_gather; both
+# work as documented, and their replacements are private or missing in the older versions we support.
+warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+
+
+def fail(message, status=2, everywhere=False):
+    """One sentence on stderr, then exit. everywhere=True: every torchrun process fails here together
+    and they wait for each other, so none exits (and has torchrun stop the rest) before it is said."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun: one message per node, not one per process
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if everywhere:
+        barrier()
+    sys.exit(status)
+
+
+# Loader workers ignore SIGTERM (common._worker_init), with which multiprocessing ends them at exit, so a loader
+# alive at exit would hang the program there. One can outlive main(): matplotlib's mathtext (log-axis labels)
+# keeps main()'s frame in reference cycles freed after the exit hooks. This hook, registered after torch's and
+# multiprocessing's and so run before them, drops every live loader's iterator, which ends its workers.
+@atexit.register
+def _end_loader_workers():
+    for loader in [obj for obj in gc.get_objects() if issubclass(type(obj), DataLoader)]:
+        loader._iterator = None
+
+
+# =============================================================================================
+# Flags and their checks, resume
+# =============================================================================================
+
+def default_workers():
+    return min(8, os.cpu_count() or 1)
+
+
+def check_data_dir_is_read(dataset):
+    """--data-dir given with a dataset that reads no folder can only be a mistake: refused in one sentence."""
+    if dataset in ("digits", "synthetic"):
+        where = "built in (digits.npz next to common.py)" if dataset == "digits" else "generated, for tests"
+        raise UserError(f"--data-dir is not read with --dataset {dataset}, whose images are {where}; drop --data-dir "
+                        "or choose the dataset that folder holds")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows every default that is a value ("(default: 512)"); None and off switches show none."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def add_shared_flags(parser):
+    """The flags every training script takes, in one order with one wording, so that a diff of two
+    method files shows only what one method changes."""
+    parser.formatter_class = DefaultsHelpFormatter
+    a = parser.add_argument
+    a("--dataset", default="cifar10", choices=DATASETS, help="pre-training data; 'synthetic' is for tests and benchmarks only")
+    a("--data-dir", default="./data", help="where datasets are read from (and downloaded to on first use)")
+    a("--image-size", type=int, default=None, help="input size in px (default: the dataset's own; imagefolder 32, digits 16)")
+    a("--epochs", type=int, default=1000, help="number of pre-training epochs")
+    a("--batch-size", type=int, default=512, help="images per step (each gives two views in the contrastive methods)")
+    a("--lr", type=float, default=5.0, help="peak learning rate after warm-up (ACL: 5.0 with LARS at batch 512)")
+    a("--optimizer", default="lars", choices=["lars", "sgd"], help="LARS as in ACL, or SGD with momentum 0.9")
+    a("--weight-decay", type=float, default=1e-6, help="weight decay")
+    a("--warmup-epochs", type=int, default=10, help="epochs of linear learning-rate warm-up before the cosine decay")
+    a("--temperature", type=float, default=0.5, help="temperature t of the contrastive losses")
+    a("--eps", type=float, default=8, help="L-inf radius of the pre-training attack, in /255 units")
+    a("--pgd-steps", type=int, default=5, help="steps of the pre-training PGD attack")
+    a("--pgd-alpha", type=float, default=2, help="step size of the pre-training PGD attack, in /255 units")
+    a("--dynacl", action="store_true", help="DynACL: augmentation strength lowered every 50 epochs and, in acl.py and air.py, the "
+      "clean/adversarial loss weights moved with it (A-InfoNCE has one loss: strength only)")
+    a("--supcon", action="store_true", help="supervised contrastive (SupCon): images of one class are each other's positives, "
+      "applies to acl.py and air.py: both NT-Xent terms and the attack; needs a labelled dataset")
+    a("--width", type=int, default=64, help="ResNet-18 base width (64 is the standard network; 8 for CPU tests)")
+    a("--seed", type=int, default=0, help="random seed (data order, augmentation, attack starts, init)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train; auto picks CUDA when available")
+    a("--augment", default=None, choices=["batched", "pil"], help="make the views on the training device, whole batches at "
+      "once (batched; datasets held in memory), or per image with PIL in loader workers (pil); default: batched on "
+      "CUDA, pil on the CPU and for imagefolder")
+    a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process); min(8, CPU cores) unless given")
+    a("--out-dir", default="runs", help="folder that receives the run folder <method>_<dataset>_<seed>_<time>/")
+    a("--resume", default=None, help="checkpoint.pt of an earlier run of this method, or its run folder, to continue (in that folder)")
+    a("--max-steps", type=int, default=None, help="stop after this global step (tests, benchmarks); resume can raise it")
+    a("--log-every", type=int, default=50, help="steps between progress lines and metrics.jsonl records")
+    a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at epoch ends, stops and signals)")
+    a("--no-amp", action="store_true", help="CUDA: train in fp32 instead of bf16 autocast (the CPU always uses fp32)")
+    a("--compile", action="store_true", help="torch.compile the network (experimental: tried on the CPU only so far)")
+    a("--benchmark", action="store_true", help="with --max-steps: also time the data loader alone and print a summary")
+
+
+# Arguments that may change when a run is resumed; every other one belongs to the run. (--out-dir only names
+# the folder the run is in: a resumed run continues in its own folder, see parse_and_resume.)
+RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
+             "benchmark", "out_dir", "data_dir"}
+# Of those, the run's length, cadence and data folder are the checkpoint's unless given again: a resumed
+# run ends where the interrupted one would have, logs and saves at the same steps, and reads its data
+# where it did (not from --data-dir's default).
+KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir"}
+# What a run from before a flag existed ran with, where that is not the flag's default (None for --augment:
+# resolved when a run starts, and a checkpoint from before the flag resumes with PIL, pretrain_loader).
+BEFORE_THE_FLAG = {"augment": "pil"}
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags that were written on the command line (not defaulted)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not unset}
+
+
+def check_finite(args):
+    """Every float flag (or list of them) must be finite: NaN passes every range check and inf every lower bound,
+    and either would fail hours later or train on nothing. Every script, before the ranges."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
+
+
+# The range of every number flag of the six scripts, as the sentence that refuses a value outside it (the
+# value fills {}); check_ranges applies the entries of the flags a script has. A flag left at None (a
+# --max-steps or --image-size not given) is not checked.
+AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1 (got {})")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0 (got {})")
+POSITIVE = (lambda v: v > 0, "must be positive (got {})")
+RANGES = {
+    **dict.fromkeys(["epochs", "width", "log_every", "max_steps", "batch_size", "test_batch_size", "train_size",
+                     "test_size", "probe_epochs", "lpaft_probe_epochs", "lpaft_epochs", "lpaft_batch_size",
+                     "kmeans_restarts"], AT_LEAST_1),
+    **dict.fromkeys(["pgd_steps", "train_pgd_steps", "weight_decay", "warmup_epochs", "workers", "save_every",
+                     "trades_beta", "lpaft_weight_decay", "lambda1", "lambda2", "ip_weight"], NON_NEGATIVE),
+    **dict.fromkeys(["lr", "temperature", "lpaft_probe_lr", "lpaft_lr"], POSITIVE),
+    "eps": (lambda v: 0 <= v <= 255, "must be in [0, 255] (got {:g}); it is in /255 units, e.g. --eps 8"),
+    "pgd_alpha": (lambda v: v >= 0, "must be >= 0 (got {:g})"),
+    "clean_grad_share": (lambda v: 0 <= v <= 1, "must be in [0, 1] (got {})"),
+    "tau_plus": (lambda v: 0 <= v < 1, "must be in [0, 1) (got {})"),
+    "momentum": (lambda v: 0 <= v < 1, "must be in [0, 1) (got {})"),
+    "image_size": (lambda v: v >= 8, "must be at least 8 (got {})"),
+}
+# A training batch also holds each image's negatives.
+TRAINING_RANGES = {**RANGES, "batch_size": (lambda v: v >= 2, "must be at least 2 (got {}): contrastive losses need "
+                                            "other images as negatives, and batch norm needs more than one image")}
+
+
+def check_ranges(args, ranges=RANGES):
+    """One sentence for the first flag of `args` out of its range in `ranges`."""
+    for name, (in_range, sentence) in ranges.items():
+        value = getattr(args, name, None)
+        if value is not None and not in_range(value):
+            raise UserError(f"--{name.replace('_', '-')} " + sentence.format(value))
+
+
+def check_fit_flags(args):
+    """The SGD fits of eval_linear.py and representations.py: lr milestones increasing epoch numbers >= 1."""
+    if args.milestones is not None and (min(args.milestones) < 1 or sorted(set(args.milestones)) != args.milestones):
+        raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
+
+
+def check_attack_flags(eps, alpha, steps, steps_flag="--pgd-steps"):
+    """alpha > 0 when the attack takes steps (alpha 0 would leave it at its random start and call that PGD); the
+    ranges of eps (in /255 units, 255 is the whole pixel range) and alpha are RANGES'."""
+    if alpha == 0 and eps > 0 and steps > 0:
+        raise UserError(f"--pgd-alpha 0 would leave the PGD attack (eps {eps:g}/255, {steps} steps) at its random "
+                        f"start; give a positive step in /255 units, e.g. --pgd-alpha 2, or {steps_flag} 0 for the "
+                        "random start alone")
+
+
+# The shared flags that a method does not have (SupCon replaces NT-Xent: a_infonce.py and supervised.py have none).
+NOT_IN = {
+    "supcon": ({"a_infonce", "supervised"}, "--supcon applies to acl.py and air.py (their NT-Xent terms and attack), "
+               "not to {}.py; drop --supcon"),
+    "temperature": ({"supervised"}, "--temperature is the contrastive losses' temperature, which {}.py "
+                    "(cross-entropy) does not have; drop --temperature"),
+    "dynacl": ({"supervised"}, "--dynacl changes the contrastive augmentation and loss weights, which {}.py does not "
+               "have; drop --dynacl"),
+}
+
+
+def _shown(value):
+    """A flag's value as it is written on a command line: 8.0 and 8 both as 8."""
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+def parse_and_resume(parser, argv, method):
+    """Parse and check the command line; with --resume, load and check the checkpoint and take the run's arguments
+    from it, refusing a given flag that contradicts it and an --out-dir other than the run's own folder."""
+    args, given, checkpoint = parser.parse_args(argv), given_flags(parser, argv), None
+    for name in sorted(given & NOT_IN.keys()):
+        if method in NOT_IN[name][0]:
+            raise UserError(NOT_IN[name][1].format(method))
+    check_finite(args)
+    if args.resume:
+        args.resume = checkpoint_file(args.resume)
+        checkpoint = load_checkpoint(args.resume)
+        check_resumable(checkpoint, args.resume, method)
+        saved = checkpoint["args"]
+        for name in sorted(given - RESUMABLE):
+            # a flag newer than the run: it ran with its default, or with what BEFORE_THE_FLAG says
+            trained = saved.get(name, BEFORE_THE_FLAG.get(name, parser.get_default(name)))
+            if trained != getattr(args, name):
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{args.resume} was trained with {flag} {_shown(trained)}, but {flag} "
+                                f"{_shown(getattr(args, name))} was given; drop the flag to resume, or start a new run")
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        if "out_dir" in given and not _same_file(os.path.dirname(run_dir), args.out_dir):
+            raise UserError(f"--out-dir {args.out_dir} cannot move a resumed run: it continues in its own folder "
+                            f"{run_dir}; drop --out-dir (or copy the run folder into {args.out_dir} and resume the copy)")
+        for name, value in saved.items():
+            if hasattr(args, name) and (name not in RESUMABLE or (name in KEPT_ON_RESUME and name not in given)):
+                setattr(args, name, value)
+    if "data_dir" in given:
+        check_data_dir_is_read(args.dataset)
+    if args.image_size is None:
+        args.image_size = NATIVE_SIZE[args.dataset] or DEFAULT_IMAGE_SIZE[args.dataset]
+    check_ranges(args, TRAINING_RANGES)
+    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
+    if args.supcon and args.dataset == "stl10":
+        raise UserError("--supcon needs labels, but --dataset stl10 pre-trains on STL-10's unlabelled images; "
+                        "use a labelled dataset (cifar10, cifar100, imagefolder, digits) or drop --supcon")
+    return args, checkpoint
+
+
+# The training script of each method a checkpoint can record. eval_linear.py writes files whose
+# method has a '+': '<method>++' (--post-process) and '<method>+<mode>' (a fine-tuned model).
+SCRIPTS = {"acl": "acl.py", "air": "air.py", "a_infonce": "a_infonce.py", "supervised": "supervised.py"}
+
+
+def check_resumable(checkpoint, path, method):
+    """Only a checkpoint of this script's runs, whole (check_entries), resumes; any other file is refused in one
+    sentence saying what it is and what to do with it."""
+    recorded = checkpoint.get("method") if isinstance(checkpoint, dict) else None
+    if recorded == method:
+        return check_entries(checkpoint, path)
+    if recorded in SCRIPTS:
+        raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
+                        f"with {SCRIPTS[recorded]}, or start a new run")
+    written = isinstance(checkpoint, dict) and ("fine_tune" in checkpoint or "post_process" in checkpoint)
+    if written or (isinstance(recorded, str) and "+" in recorded):  # also one made from a released file (method None)
+        post_processed = "post_process" in checkpoint if written else recorded.endswith("++")
+        what = ("an encoder post-processed by eval_linear.py --post-process" if post_processed
+                else "a model fine-tuned by eval_linear.py")
+        raise UserError(f"{path} is {what} (method {recorded!r}), not a training run's checkpoint: it cannot be "
+                        "resumed, only evaluated with eval_linear.py")
+    recorded = "records no method" if recorded is None else f"records the method {recorded!r}"
+    raise UserError(f"{path} is not a checkpoint of this project's training scripts (it {recorded}; a released "
+                    "checkpoint, for example): it cannot be resumed, only evaluated with eval_linear.py")
+
+
+# What a resume reads from a training checkpoint (make_checkpoint), and what each entry must be. The weights and
+# the optimiser's state are checked against the network in Run (check_weights, check_optimizer_state).
+RESUMED_ENTRIES = {
+    "args": (lambda v: isinstance(v, dict), "a dict of the run's arguments"),
+    "model": (lambda v: isinstance(v, dict), "a state dict of the network"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list), "a state dict of the optimiser"),
+    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("cpu"), torch.Tensor) and v["cpu"].dtype == torch.uint8
+            and v["cpu"].shape == torch.get_rng_state().shape, "the random generator's state"),
+    "step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number of steps >= 0"),
+    "log": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("count"), int)
+                                    and (v.get("sum") is None or isinstance(v["sum"], torch.Tensor))),
+            "the open log window's sums"),
+}
+
+
+def check_entries(checkpoint, path):
+    """Every entry of RESUMED_ENTRIES is there ('log' may be absent: older checkpoints) and of its kind."""
+    for key, (fits, what) in RESUMED_ENTRIES.items():
+        if key not in checkpoint and key != "log":
+            raise UserError(f"{path} is damaged: it has no {key!r} ({what}), so it cannot be resumed; resume an intact "
+                            "copy of the checkpoint, or start a new run")
+        if not fits(checkpoint.get(key)):
+            got = f" (got {checkpoint[key]!r})" if key == "step" else ""
+            raise UserError(f"{path} is damaged: its {key!r} is not {what}{got}, so it cannot be resumed; resume an "
+                            "intact copy of the checkpoint, or start a new run")
+
+
+def checkpoint_file(path):
+    """The checkpoint a path names: a run folder stands for its checkpoint.pt (--resume, eval_linear.py)."""
+    if not os.path.isdir(path):
+        return path
+    if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        raise UserError(f"{path} is a folder without a checkpoint.pt; give a run folder that has one, or the "
+                        "checkpoint file itself")
+    return os.path.join(path, "checkpoint.pt")
+
+
+# =============================================================================================
+# Device and CPU threads
+# =============================================================================================
+
+def pick_device(name):
+    """The device; on the GPU the cuDNN and TF32 settings, on the CPU as many threads as there are idle cores."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
+    device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # only matters with --no-amp
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        use_idle_cores()
+    return device
+
+
+# OpenMP threads that wait for each other spin: beside another CPU-heavy process a run on one thread per core
+# slows down by far more than its lost share of the CPU (README, Speed: 3x to 100x). So the scripts use as many
+# threads as there are idle cores when they start.
+TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before any change
+
+
+def read_proc_stat():
+    """{CPU index: (idle ticks, all ticks)} since boot, from Linux's /proc/stat (idle includes iowait)."""
+    ticks = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+                ticks[int(name[3:])] = (idle + iowait, user + nice + system + idle + iowait + irq + softirq + steal)
+    return ticks
+
+
+def idle_threads(environ=None, read_stat=None, allowed=None, default=None, interval=0.2):
+    """(threads, idle cores) to use now: the idle shares of the cores this process may run on, from two readings of
+    /proc/stat `interval` s apart, threads = max(1, round(idle)) <= PyTorch's default. (None, None), PyTorch's
+    choice, under OMP_NUM_THREADS (the user's or torchrun's) or where either cannot be read (not Linux)."""
+    environ = os.environ if environ is None else environ
+    if "OMP_NUM_THREADS" in environ:
+        return None, None
+    read_stat, default = read_stat or read_proc_stat, default or TORCH_THREADS
+    try:
+        allowed = os.sched_getaffinity(0) if allowed is None else allowed
+        before = read_stat()
+        time.sleep(interval)
+        after = read_stat()
+    except (AttributeError, OSError, ValueError):
+        return None, None
+    idle = 0.0
+    for cpu in allowed:
+        if cpu in before and cpu in after:
+            ticks = after[cpu][1] - before[cpu][1]
+            idle += (after[cpu][0] - before[cpu][0]) / ticks if ticks > 0 else 1.0  # no tick counted: idle
+    return min(default, max(1, round(idle))), idle
+
+
+def use_idle_cores():
+    """torch.set_num_threads(idle_threads()), saying so in one line when it is fewer than the default."""
+    threads, idle = idle_threads()
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    if threads is not None and threads < TORCH_THREADS:
+        print(f"CPU: {threads} thread{'s' * (threads > 1)}, not {TORCH_THREADS}: {idle:.1f} of "
+              f"{len(os.sched_getaffinity(0))} cores are idle (other processes use the rest); "
+              "set OMP_NUM_THREADS to choose", flush=True)
+
+
+def run_dir_for(args, method, checkpoint_path=None):
+    """A resumed run's own folder; a new one gets <method>_<dataset>_<seed>_<time>/."""
+    if checkpoint_path:
+        return os.path.dirname(os.path.abspath(checkpoint_path))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out_dir, f"{method}_{args.dataset}_{args.seed}_{stamp}")
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join(args.out_dir, f"{method}_{args.dataset}_{args.seed}_{stamp}-{suffix}")
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {path} ({e.strerror}); choose another --out-dir") from None
+    return path
+
+
+# =============================================================================================
+# Output guards of eval_linear.py and representations.py
+# =============================================================================================
+# A training run's files and those --post-process writes beside its checkpoint: never a report's name.
+RUN_FILES = ("checkpoint.pt", "args.json", "metrics.jsonl", "benchmark.json", "postprocessed.pt", "postprocessed.json")
+
+
+def _same_file(a, b):
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))  # also a hard link
+
+
+def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
+    """Refuse before any work, in one sentence, an output that would lose a file. `paths`: what will be written
+    (report=True: first the .json report given to `flag`, then the models and figures beside it); `inputs`: the
+    files read. No path may be an input, a folder or (report=True) a name of RUN_FILES, and each one's folder
+    must be writable or possible to make."""
+    what = f"{flag} {paths[0]}" if report else flag
+    remedy = remedy or f"choose another {flag}"
+    if report and not paths[0].endswith(".json"):
+        raise UserError(f"{what} is not a .json file name; {flag} names the JSON report (the fine-tuned models and "
+                        "figures are written beside it), e.g. eval.json")
+    for path in paths:
+        beside = not (report and path == paths[0])
+        if report and os.path.basename(path) in RUN_FILES:
+            raise UserError(f"{what} {f'would write {path}, which has' if beside else 'has'} the name of a training "
+                            f"run's file ({', '.join(RUN_FILES)}); {remedy}")
+        if any(_same_file(path, other) for other in inputs):
+            raise UserError(f"{what} {f'would overwrite {path}, which' if beside else 'is a file that'} this run reads; "
+                            f"{remedy}")
+        missing = _first_missing_folder(os.path.dirname(os.path.abspath(path)))
+        folder = os.path.dirname(missing) if missing else os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            why = ("it is a folder" if os.path.isdir(path) else
+                   f"{folder} is not a folder" if not os.path.isdir(folder) else f"{folder} is not writable")
+            raise UserError(f"cannot write {path}: {why}; {remedy}")
+
+
+def earlier_output(path):
+    """(script, input, where it was written, record) of a file at `path`: ('eval_linear.py', checkpoint, a kept
+    model's path, record) for its report or a model it kept, ('representations.py', first model, its --out,
+    report) for its report; Nones for any other file (another program's, or a damaged one)."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                record = json.load(f)
+        else:
+            record = load_checkpoint(path)
+            record = record.get("fine_tune") if isinstance(record, dict) else None
+    except (OSError, ValueError, UserError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("checkpoint"), str) and "mode" in record:
+        entry = (record.get("results") or [record])[0]  # --mode all: the first mode's entry names its model
+        written_at = entry.get("fine_tuned") if isinstance(entry, dict) else None
+        return "eval_linear.py", record["checkpoint"], written_at, record
+    first = record.get("model") if isinstance(record, dict) else None
+    if isinstance(first, dict) and isinstance(first.get("checkpoint"), str) and "cka" in record:
+        return "representations.py", first["checkpoint"], record.get("out"), record
+    return None, None, None, None
+
+
+def check_replaced(path, script, source, out):
+    """An existing `path` that `script` would write for its report `out` is replaced only when it is `script`'s
+    output from the same input `source` (by path, or relative to the file when its folder was moved); any
+    other file is refused in one sentence naming whose it is. Returns the replaced file's record."""
+    if not os.path.exists(path):
+        return None
+    owner, recorded, written_at, record = earlier_output(path)
+    what = ("a model fine-tuned by eval_linear.py from" if owner and not path.endswith(".json") else
+            f"{owner}'s report on" if owner else "")
+    if owner is None:
+        raise UserError(f"--out {out} would replace {path}, which is not a file of {script} (another program's, or a "
+                        "damaged one); choose another --out")
+    if owner != script:
+        raise UserError(f"--out {out} would replace {path}, {what} {recorded}; {script} does not replace {owner}'s "
+                        "files: choose another --out")
+    moved = isinstance(written_at, str) and os.path.relpath(recorded, os.path.dirname(written_at)) == \
+        os.path.relpath(os.path.abspath(source), os.path.dirname(os.path.abspath(path)))
+    if not (moved or _same_file(recorded, source)):
+        raise UserError(f"--out {out} would replace {path}, {what} {recorded}, not {source}; an --out replaces only "
+                        "what an earlier run wrote from the same input: choose another --out")
+    return record
+
+
+# =============================================================================================
+# Checkpoints: atomic files, checks of what a resume or an evaluation loads, random state
+# =============================================================================================
+
+@contextlib.contextmanager
+def atomic_file(path, mode):
+    """Write `path` atomically: a temporary file, flushed to disk, renamed over `path`; removed on any failure."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def to_cpu(obj):
+    """`obj` with every tensor in its dicts, lists and tuples on the CPU; containers keep type and attributes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = type(obj)((k, to_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "__dict__"):  # an OrderedDict's attributes; a plain dict has none
+            moved.__dict__.update(obj.__dict__)
+        return moved
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(path, checkpoint):
+    """Every .pt file the project writes: its tensors on the CPU (it loads anywhere), written atomically."""
+    with atomic_file(path, "wb") as f:
+        torch.save(to_cpu(checkpoint), f)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) on the CPU; unreadable files end with one clear sentence."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before it refuses the file
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch "
+                        "checkpoint; use another file") from None
+
+
+def _listed(keys, most=3):
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def check_weights(state, expected, path, network, remedy, optional=("num_batches_tracked",)):
+    """Refuse in one sentence weights `state` that do not fit `expected` (the state dict of `network`): a missing
+    key, an unexpected one (`remedy` says what to do), another shape or not a tensor, a NaN or infinite value.
+    Keys ending in `optional` may be missing: num_batches_tracked, a BN counter that old checkpoints lack."""
+    missing = [k for k in expected if k not in state and not k.endswith(optional)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {list(getattr(state[k], 'shape', [type(state[k]).__name__]))} (expected {list(v.shape)})"
+                  for k, v in expected.items()
+                  if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} weights of {network} ({_listed(missing)}); use a complete "
+                        "checkpoint")
+    if unexpected:
+        raise UserError(f"{path} has {len(unexpected)} keys that {network} does not have ({_listed(unexpected)}); "
+                        f"{remedy}")
+    if mismatched:
+        raise UserError(f"{path} has weights whose shapes do not fit {network}: {_listed(mismatched)}")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise UserError(f"{path} contains NaN or infinite weights; use an earlier checkpoint")
+
+
+def check_optimizer_state(state, optimizer, path):
+    """A checkpoint's optimiser state fits `optimizer` (groups, parameters, each buffer's shape) and is finite."""
+    groups, params = optimizer.param_groups, [p for group in optimizer.param_groups for p in group["params"]]
+    fits = len(state["param_groups"]) == len(groups) and all(
+        isinstance(saved, dict) and len(saved.get("params", ())) == len(group["params"])
+        for saved, group in zip(state["param_groups"], groups))
+    fits = fits and all(isinstance(i, int) and 0 <= i < len(params) and isinstance(entry, dict)
+                        for i, entry in state["state"].items())
+    buffers = [(params[i], v) for i, entry in state["state"].items() for v in entry.values()] if fits else []
+    fits = fits and all(not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape == p.shape for p, v in buffers)
+    if not fits:
+        raise UserError(f"{path} is damaged: its optimiser state does not fit the network of its arguments, so it cannot "
+                        "be resumed; resume an intact copy of the checkpoint, or start a new run")
+    if not all(torch.isfinite(v).all() for _, v in buffers if isinstance(v, torch.Tensor) and v.is_floating_point()):
+        raise UserError(f"{path} contains NaN or infinite optimiser state; use an earlier checkpoint")
+
+
+def rng_state():
+    """The CPU generator's state and the current GPU's (every torchrun process draws the same numbers)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    """Restore the random state. Without a CUDA state (saved on the CPU; older files hold a list of every GPU's,
+    used only with as many GPUs) the CUDA generator keeps its seed: the run continues, not bit for bit."""
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if torch.cuda.is_available() and isinstance(cuda, torch.Tensor):
+        torch.cuda.set_rng_state(cuda)
+    elif torch.cuda.is_available() and cuda is not None and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def make_checkpoint(method, args, model, optimizer, epoch, step, log=None):
+    """Plain types and tensors only (torch.load(weights_only=True) reads it); `log`: the open log window's sums."""
+    return {"method": method, "args": dict(vars(args)), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng_state(), "log": log}
+
+
+# =============================================================================================
+# Signals, the non-finite watch, the log, the benchmark
+# =============================================================================================
+
+class StopSignal:
+    """Ctrl-C and SIGTERM set a flag (said at once where `announce`); the loop checkpoints after this step and
+    exits. `restore()` puts back the handlers found, so a run started in-process leaves them as they were."""
+
+    def __init__(self, announce=True):
+        self.received, self.announce = None, announce
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        if self.announce:
+            try:
+                print(f"received {self.received}: stopping after this step and saving a checkpoint", flush=True)
+            except RuntimeError:  # it came while this process was printing (reentrant call): the flag is set
+                pass
+
+    def agreed(self):
+        """The signal any process received (the highest number), or None: under torchrun one all-reduce of a CPU
+        integer per step over gloo (no GPU sync), so every process stops after this step; agreeing only on log
+        steps could answer past torchrun's 30 s grace before it kills the workers."""
+        if rank_and_world()[1] == 1:
+            return self.received
+        code = torch.tensor([signal.Signals[self.received].value if self.received else 0])
+        dist.all_reduce(code, dist.ReduceOp.MAX, group=_CPU_GROUP)
+        return signal.Signals(int(code)).name if int(code) else None
+
+
+class NonFiniteWatch:
+    """The first step whose loss terms were not finite, kept on the device (no sync per step); `check()`."""
+
+    def __init__(self, device):
+        self.step = torch.tensor(-1, device=device)
+        self.terms = None
+
+    def update(self, step, terms):
+        self.last_step = step
+        first = (self.step < 0) & ~torch.isfinite(terms).all()
+        self.step = torch.where(first, step, self.step)
+        self.terms = terms.detach() if self.terms is None else torch.where(first, terms.detach(), self.terms)
+
+    def check(self, names, checkpoint_path, model):
+        """Stop if a loss or the weights became non-finite; under torchrun all processes agree and stop here."""
+        weights_finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        step, own_step, weights_bad = int(self.step), int(self.step), not bool(weights_finite)
+        if rank_and_world()[1] > 1:
+            never = 2**62
+            flags = torch.tensor([step if step >= 0 else never, -int(weights_bad)])
+            dist.all_reduce(flags, dist.ReduceOp.MIN, group=_CPU_GROUP)
+            step, weights_bad = (int(flags[0]) if int(flags[0]) < never else -1), int(flags[1]) < 0
+        if step < 0 and weights_bad:
+            fail(f"the network's weights became non-finite by step {self.last_step} although the loss stayed finite; "
+                 f"training stopped and the last good checkpoint is {checkpoint_path}; lower --lr", status=1, everywhere=True)
+        if step >= 0:
+            values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist())) if own_step == step else "on another process"
+            kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint was written yet"
+            fail(f"the loss became non-finite at step {step} ({values}); training stopped and {kept}; "
+                 "lower --lr or check the data", status=1, everywhere=True)
+
+
+class RunLog:
+    """Progress lines and metrics.jsonl. A window closes at each multiple of --log-every (a --max-steps stop leaves
+    it open); `state()`, its sums, goes into the checkpoint, so a resumed run averages the same steps."""
+
+    def __init__(self, run_dir, total_steps, start_step, batch_size, device, log_every=1, state=None):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.total_steps, self.batch_size, self.device, self.log_every = total_steps, batch_size, device, log_every
+        self.sum, self.count = (None, 0) if state is None else (state["sum"], state["count"])
+        if self.sum is not None:
+            self.sum = self.sum.to(device)
+        self.last_time, self.last_step = time.perf_counter(), start_step
+
+    def state(self):
+        return {"sum": self.sum, "count": self.count}
+
+    def accumulate(self, terms):
+        self.sum = terms.detach().clone() if self.sum is None else self.sum + terms.detach()
+        self.count += 1
+
+    def write(self, step, epoch, epochs, lr, names):
+        if self.count == 0:
+            return None
+        means = (self.sum / self.count).tolist()  # the one host-device sync of a log step
+        now = time.perf_counter()
+        images_per_s = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
+        eta = (self.total_steps - step) * self.batch_size / max(images_per_s, 1e-9)
+        record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, means)), "images_per_s": images_per_s}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        losses = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+        print(f"epoch {epoch}/{epochs} step {step}/{self.total_steps} | {losses} | lr {lr:.4g} | "
+              f"{images_per_s:.0f} img/s | eta {format_seconds(eta)}", flush=True)
+        if step % self.log_every == 0:
+            self.sum, self.count = None, 0
+        self.last_time, self.last_step = now, step
+        return record
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _GlobalOnly(contextlib.nullcontext):
+    """In place of FlopCounterMode's module tracker: every operation counts towards the total ('Global')."""
+    parents = {"Global"}
+
+
+class Benchmark:
+    """Steady-state throughput of a --max-steps run: timed from the end of a warm-up to the last step,
+    with the peak GPU memory and, with --benchmark, the rate of the data loader alone and the FLOPs of
+    one training step, so that the run shows whether the device or the data pipeline is the limit."""
+
+    def __init__(self, device, batch_size, warmup_steps):
+        self.device, self.batch_size, self.warmup_steps = device, batch_size, warmup_steps
+        self.steps_done, self.start, self.start_steps = 0, None, 0
+        self.loader_images_per_s = self.loader_images_per_s_per_worker = None
+        self.flop_counter = self.flops_per_image = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def time_loader(self, loader, sampler, batches, workers, world=1):
+        """This process's loader alone over `batches` batches; its rate times the processes (they load
+        side by side), comparable with the training images/s, and per loading process (worker)."""
+        sampler.set_epoch(1)
+        start, images = time.perf_counter(), 0
+        for n, batch in enumerate(loader, 1):
+            images += len(batch[0])
+            if n >= batches:
+                break
+        synchronize(self.device)  # --augment batched makes the batches on the device, asynchronously
+        rate = images / (time.perf_counter() - start)
+        self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, rate / max(1, workers)
+
+    def count_flops(self, images):
+        """Count the floating-point operations of everything until the next step() with PyTorch's
+        FlopCounterMode (matrix products and convolutions, forward and backward: the attack's
+        forwards and input gradients, the training forwards, the backward), per image of the
+        `images` this process trains on in a step. The counted step is a warm-up step: untimed."""
+        from torch.utils.flop_counter import FlopCounterMode
+        self.flop_counter, self.flop_images = FlopCounterMode(display=False), images
+        # Totals only: the counter's per-module attribution registers backward hooks that fail under the
+        # attack's torch.autograd.grad on a leaf input (pytorch/pytorch#131753); the totals are the same.
+        self.flop_counter.mod_tracker = _GlobalOnly()
+        self.flop_counter.__enter__()
+
+    def step(self):
+        self.steps_done += 1
+        if self.flop_counter:
+            self.flop_counter.__exit__(None, None, None)
+            self.flops_per_image = self.flop_counter.get_total_flops() / self.flop_images
+            self.flop_counter = None
+        if self.steps_done == self.warmup_steps:
+            synchronize(self.device)
+            self.start, self.start_steps = time.perf_counter(), self.steps_done
+
+    def summary(self, run_dir, method):
+        synchronize(self.device)
+        timed = self.steps_done - self.start_steps
+        if self.start is None or timed < 1:
+            return None
+        images_per_s = timed * self.batch_size / (time.perf_counter() - self.start)
+        flops = self.flops_per_image
+        result = {"method": method, "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+                  "timed_steps": timed, "batch_size": self.batch_size, "images_per_s": images_per_s,
+                  "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
+                  "loader_images_per_s": self.loader_images_per_s,
+                  "loader_images_per_s_per_worker": self.loader_images_per_s_per_worker,
+                  "flops_per_image": flops, "tflops_per_s": flops * images_per_s / 1e12 if flops else None}
+        write_json(os.path.join(run_dir, "benchmark.json"), result)
+        compute = f", {flops / 1e9:.3g} GFLOP per image, {result['tflops_per_s']:.3g} TFLOP/s" if flops else ""
+        memory = f", peak GPU memory {result['peak_gpu_memory_gib']:.2f} GiB" if result["peak_gpu_memory_gib"] else ""
+        loader = (f", data loader alone {self.loader_images_per_s:.0f} img/s "
+                  f"({self.loader_images_per_s_per_worker:.0f} per worker)" if self.loader_images_per_s else "")
+        print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.start_steps} warm-up steps on "
+              f"{result['device']}{compute}{memory}{loader}", flush=True)
+        return result
+
+
+def main_guard(main):
+    """Run main(); a UserError becomes one sentence on stderr and its exit status (no traceback)."""
+    try:
+        main()
+    except UserError as e:
+        fail(str(e), e.status)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# =============================================================================================
+# Several processes (torchrun): process group, DDP (the slices and the gather are common.py's)
+# =============================================================================================
+
+_CPU_GROUP = None  # a gloo group for small CPU collectives; None = the default group (gloo already)
+
+
+def barrier():
+    """Wait for every torchrun process (over gloo: no GPU sync); nothing without torchrun."""
+    if rank_and_world()[1] > 1:
+        dist.barrier(group=_CPU_GROUP)
+
+
+def init_distributed(args):
+    """This process's device. Under torchrun (WORLD_SIZE set) also join its process group (NCCL on the GPU
+    LOCAL_RANK, gloo on the CPU), once the global --batch-size divides and each process has a GPU."""
+    global _CPU_GROUP
+    if "WORLD_SIZE" not in os.environ:
+        return pick_device(args.device)
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the {world} processes; "
+                        f"use a multiple of {world}")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if cuda and torch.cuda.device_count() < local_world:
+        raise UserError(f"{local_world} processes on this node need one GPU each, but PyTorch sees "
+                        f"{torch.cuda.device_count()}; start fewer processes (--nproc-per-node) or use --device cpu")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    pick_device(device.type)  # the cuDNN and TF32 settings
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except Exception as e:  # a missing or unreachable rendezvous: say so in one sentence
+            raise UserError(f"could not start the process group of {world} processes ({str(e).splitlines()[0]}); "
+                            "start the script with torchrun and check its --rdzv-endpoint (or MASTER_ADDR and "
+                            "MASTER_PORT)") from None
+    _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return device
+
+
+def parallel(model, compile, device, find_unused=False):
+    """(net, train_net): `net`, the model (torch.compile'd with --compile), for the attack; `train_net` for the
+    training forwards: under torchrun DDP over net, with every BN a SyncBatchNorm on CUDA, so batch statistics are
+    the global batch's (on the CPU each process normalises its slice). broadcast_buffers=False: DDP would copy
+    rank 0's buffers in place between the forwards that share one backward; with SyncBatchNorm the running
+    statistics agree anyway (on the CPU rank 0's are saved). find_unused: supervised.py --eps 0 leaves the
+    adversarial BN copies without gradient."""
+    world = rank_and_world()[1]
+    if world > 1 and device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place, same parameters
+    net = torch.compile(model, dynamic=False) if compile else model
+    if world == 1:
+        return net, net
+    device_ids = [device.index] if device.type == "cuda" else None
+    return net, nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False,
+                                                    find_unused_parameters=find_unused)
+
+
+# =============================================================================================
+# Run bookkeeping: one object per training run, one call per step
+# =============================================================================================
+
+def check_writable(run_dir):
+    """A resumed run's folder must be writable, or the resume is refused before anything is done."""
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot resume in {run_dir}: the run folder is not writable (a read-only file system, or "
+                        "no permission); make it writable, or copy the run folder somewhere writable and resume the copy")
+
+
+def metrics_to_keep(path, step, log_every):
+    """On resume, the records of metrics.jsonl up to the checkpoint's step (less one there that closed a partial
+    window), so the file reads as if the run was never interrupted; None without the file. A last line cut by a
+    crash is dropped; any other line that is not a record is refused in one sentence naming it."""
+    if not os.path.exists(path):
+        return None
+    records = []
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break  # the last line, cut by a crash
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not UTF-8 or not JSON
+                    record = None
+                if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                    raise UserError(f"{path} line {number} is not a metrics record (one JSON object with its 'step' "
+                                    "per line); repair or delete that line and resume again (nothing was changed)")
+                records.append(record)
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}); make it readable and resume again") from None
+    return [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
+
+
+def write_metrics(path, records):
+    with atomic_file(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+class Run:
+    """Everything a training loop does besides training, made once, then `end_of_step()` once per step: resume,
+    the run folder and args.json, the log, the non-finite watch, checkpoints (epoch ends, --save-every, the last
+    step, Ctrl-C/SIGTERM) and the benchmark. Under torchrun rank 0 alone writes; all stop at the same step."""
+
+    def __init__(self, method, args, checkpoint, model, optimizer, loader, device, amp):
+        self.method, self.args, self.model, self.optimizer = method, args, model, optimizer
+        self.nothing_to_do = False
+        self.rank, world = rank_and_world()
+        self.steps_per_epoch = loader.batch_sampler.batches_per_epoch
+        total_steps = args.epochs * self.steps_per_epoch
+        self.stop_step = min(total_steps, args.max_steps or total_steps)
+        self.step, log_state = 0, None
+        self.dir = self._on_rank0(world, lambda: run_dir_for(args, method, args.resume))  # the same on every process
+        self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
+        metrics_path, kept = os.path.join(self.dir, "metrics.jsonl"), None
+        self.log = self.bench = None
+        if checkpoint:  # every check comes before the first write: a refused resume leaves the run folder as it is
+            network = f"the {method}.py network of width {args.width} with the {model.stem} stem that its arguments " \
+                      "describe"
+            check_weights(checkpoint["model"], model.state_dict(), args.resume, network, "resume an intact copy of the "
+                          "checkpoint, or start a new run", optional=())
+            check_optimizer_state(checkpoint["optimizer"], optimizer, args.resume)
+            self.step, log_state = checkpoint["step"], checkpoint.get("log")
+            self.nothing_to_do = self._check_resume_point(total_steps)
+            if self.nothing_to_do:  # nothing is loaded or written: the run folder stays as it is
+                return
+            self._on_rank0(world, lambda: check_writable(self.dir))
+            log_every = checkpoint["args"].get("log_every", args.log_every)
+            kept = self._on_rank0(world, lambda: metrics_to_keep(metrics_path, self.step, log_every))
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            set_rng_state(checkpoint["rng"])
+        if self.rank == 0:
+            write_json(os.path.join(self.dir, "args.json"), vars(args))
+            if kept is not None:
+                write_metrics(metrics_path, kept)
+            if checkpoint:
+                print(f"resumed {args.resume} at step {self.step}", flush=True)
+            processes = f", {world} processes" if world > 1 else ""
+            print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
+                  f"{self.stop_step - self.step} steps to step {self.stop_step} of {total_steps}, "
+                  f"{self.steps_per_epoch} per epoch; writing {self.dir}", flush=True)
+            self.log = RunLog(self.dir, self.stop_step, self.step, args.batch_size, device, args.log_every, log_state)
+            if args.max_steps:  # images/s count the global batch: the processes step together
+                self.bench = Benchmark(device, args.batch_size, min(10, max(1, (self.stop_step - self.step) // 5)))
+        self.watch = NonFiniteWatch(device)
+        self.stop = StopSignal(announce=self.rank == 0)
+        if self.bench and args.benchmark:
+            self.bench.time_loader(loader, loader.batch_sampler, min(50, self.steps_per_epoch), args.workers, world)
+            if not args.compile:  # FlopCounterMode counts eager operations: not a compiled graph's
+                self.bench.count_flops(args.batch_size // world)
+
+    def _check_resume_point(self, total_steps):
+        """True when a resumed run stops at its checkpoint's step (said in one line); a stop below it is refused."""
+        step, stop, args = self.step, self.stop_step, self.args
+        if stop == total_steps:
+            where, more = f"the end of its --epochs {args.epochs}", "start a new run to train longer"
+        else:
+            where, more = f"--max-steps {stop}", f"give a --max-steps above {step} to train further"
+        if step > stop:
+            raise UserError(f"{args.resume} is at step {step}, already past step {stop} ({where}); {more}")
+        if step == stop and self.rank == 0:
+            print(f"nothing to do: {args.resume} is at step {step}, where this run stops ({where}); {more}", flush=True)
+        return step == stop
+
+    def _on_rank0(self, world, compute):
+        """compute() on rank 0 alone; every process gets its result, or its error, so all stop together."""
+        shared = [None, None]
+        if self.rank == 0:
+            try:
+                shared[0] = compute()
+            except UserError as e:
+                shared[1] = str(e)
+        if world > 1:
+            dist.broadcast_object_list(shared, src=0, group=_CPU_GROUP)
+        if shared[1]:
+            raise UserError(shared[1])
+        return shared[0]
+
+    def end_of_step(self, step, epoch, lr, loss, terms):
+        """After each optimiser step: watch, log, checkpoint, stop signal. True at the run's last step."""
+        try:
+            return self._end_of_step(step, epoch, lr, loss, terms)
+        except BaseException:  # a stop (a signal, a non-finite loss) ends the run: the signal handlers go back
+            self.stop.restore()
+            raise
+
+    def _end_of_step(self, step, epoch, lr, loss, terms):
+        self.step, args = step, self.args
+        names, values = ["loss", *terms], torch.stack([loss, *terms.values()]).detach()
+        self.watch.update(step, values)
+        if self.log:
+            self.log.accumulate(values)
+        if self.bench:
+            self.bench.step()
+        last, received = step == self.stop_step, self.stop.agreed()
+        log_step = step % args.log_every == 0 or last
+        save_step = step % self.steps_per_epoch == 0 or last or received or (args.save_every and step % args.save_every == 0)
+        if log_step or save_step:
+            self.watch.check(names, self.checkpoint_path, self.model)
+        if log_step and self.log:
+            self.log.write(step, epoch, args.epochs, lr, names)
+        if save_step and self.rank == 0:
+            save_checkpoint(self.checkpoint_path, make_checkpoint(self.method, args, self.model, self.optimizer,
+                                                                  epoch, step, self.log.state()))
+        if received:
+            barrier()  # rank 0's checkpoint is complete before any process exits and torchrun stops the rest
+            if self.rank == 0:
+                print(f"stopped by {received} at step {step}: saved {self.checkpoint_path}; continue with "
+                      f"--resume {self.checkpoint_path}", flush=True)
+            raise SystemExit(128 + signal.Signals[received].value)
+        return last
+
+    def finish(self):
+        """The benchmark summary and the closing line; returns the run folder."""
+        if self.nothing_to_do:
+            return self.dir
+        self.stop.restore()
+        if self.bench:
+            self.bench.summary(self.dir, self.method)
+        if self.rank == 0:
+            print(f"done: step {self.step}, checkpoint {self.checkpoint_path}", flush=True)
+        barrier()
+        return self.dir
