@@ -3476,6 +3476,52 @@ def test_batched_views_on_cuda_wait_for_nothing_and_copy_once(source, size, supe
         assert ours.device.type == "cuda" and torch.equal(ours.elem, theirs)
 
 
+@pytest.mark.parametrize("source, size", [(32, 32), (96, 32)], ids=["cifar_32", "stl10_to_32"])
+@pytest.mark.parametrize("supervised", [False, True], ids=["pretrain", "supervised"])
+def test_a_batch_of_batched_views_is_torchvision_image_by_image(source, size, supervised):
+    """Rank 1 of 2, epoch 2, strength 0.75: every view of the batch equals torchvision's functional ops on that
+    image (float, within 1e-5) at the parameters drawn for the global batch (view_params twice, or
+    crop_flip_params, from the generator keyed on seed, epoch and batch) in this process's rows: whatever
+    carries the parameters to the device (indices, crops, flips, factors, orders, coins) must keep them
+    with their image."""
+    from torchvision.transforms import InterpolationMode
+    import torchvision.transforms.functional as TF
+    base = in_memory_stand_in(source)
+    sampler = common.PretrainSampler(20, 8, seed=3, rank=1, world=2)
+    sampler.set_epoch(2, 0.75)
+    batch = next(iter(common.BatchedViews(*common.in_memory(base, torch.device("cpu")), sampler, size, 3, supervised)))
+    index = [key[0] for key in next(iter(sampler))]
+    images = torch.from_numpy(base.data if source == 96 else base.data.transpose(0, 3, 1, 2))[index].float() / 255
+    g = torch.Generator().manual_seed(common._sample_seed(3, 2, 0))
+    rows = slice(4, 8)  # rank 1's half of the global batch of 8
+    bicubic = InterpolationMode.BICUBIC
+    resized = images if source == size else TF.resize(images, [size, size], bicubic, antialias=True).clamp(0, 1)
+    if supervised:
+        p = {k: v[rows] for k, v in common.crop_flip_params(g, 8, size).items()}
+        refs = [[TF.crop(TF.pad(resized[k], 4), int(p["i"][k]) + 4, int(p["j"][k]) + 4, size, size) for k in range(4)]]
+        refs[0] = [TF.hflip(r) if p["flip"][k] else r for k, r in enumerate(refs[0])]
+        views = batch[:1]
+    else:
+        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        refs = []
+        for _ in range(2):
+            p = {k: v[rows] for k, v in common.view_params(g, 8, source, source, 0.75).items()}
+            view = []
+            for k in range(4):
+                x = TF.resized_crop(images[k], *(int(p[c][k]) for c in "ijhw"), [size, size], bicubic, antialias=True)
+                x = TF.hflip(x.clamp(0, 1)) if p["flip"][k] else x.clamp(0, 1)
+                for o in p["order"][k].tolist() if p["jitter"][k] else []:
+                    x = ops[o](x, float(p["factors"][k, o]))
+                view.append(TF.rgb_to_grayscale(x, 3) if p["gray"][k] else x)
+            refs.append(view)
+        assert any(p["jitter"]) and len({tuple(o) for o in p["order"].tolist()}) > 1
+        views = batch[:2]
+        assert (batch[2] - resized).abs().max() <= 1e-5  # x0
+    for view, ref in zip(views, refs):
+        assert (view - torch.stack(ref)).abs().max() <= 1e-5
+    assert batch[-1].tolist() == [int(base.labels[i] if source == 96 else base.targets[i]) for i in index]
+
+
 def stand_in_step(module, device):
     """(model, step): step() is one step of `module`'s training loop (its lines between the loader and
     end_of_step, and end_of_step's per-step part) on `device`, at --width 8, batch 8, 2 attack steps, --no-amp
