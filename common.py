@@ -1319,12 +1319,17 @@ def make_checkpoint(method, args, model, optimizer, epoch, step, log=None):
 
 class StopSignal:
     """Ctrl-C and SIGTERM set a flag and (where `announce`) say so at once; the loop checkpoints at the
-    end of the current step and exits. `agreed()` is the same on every torchrun process."""
+    end of the current step and exits. `agreed()` is the same on every torchrun process. `restore()` puts
+    back the handlers that were there before, so that a run started in-process (a test, a notebook) leaves
+    SIGTERM and Ctrl-C stopping the process after it ends."""
 
     def __init__(self, announce=True):
         self.received, self.announce = None, announce
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -1734,6 +1739,13 @@ class Run:
 
     def end_of_step(self, step, epoch, lr, loss, terms):
         """After each optimiser step: watch, log, checkpoint, stop signal. True at the run's last step."""
+        try:
+            return self._end_of_step(step, epoch, lr, loss, terms)
+        except BaseException:  # a stop (a signal, a non-finite loss) ends the run: the signal handlers go back
+            self.stop.restore()
+            raise
+
+    def _end_of_step(self, step, epoch, lr, loss, terms):
         self.step, args = step, self.args
         names, values = ["loss", *terms], torch.stack([loss, *terms.values()]).detach()
         self.watch.update(step, values)
@@ -1763,6 +1775,7 @@ class Run:
         """The benchmark summary and the closing line; returns the run folder."""
         if self.nothing_to_do:
             return self.dir
+        self.stop.restore()
         if self.bench:
             self.bench.summary(self.dir, self.method)
         if self.rank == 0:

@@ -3584,3 +3584,613 @@ def test_a_training_step_on_a_stand_in_device_waits_for_nothing(module):
     assert_no_wait_and_copies(watch, most=0)
     _, cpu_step = stand_in_step(module, torch.device("cpu"))
     assert loss.device.type == "meta" and torch.equal(loss.elem, cpu_step())
+
+
+# Issue 37: tests that catch silent science bugs. Each setup makes the wrong answer differ from the
+# right one: the two BN copies differ before an attack is run, the fine-tuning classifier has non-zero
+# weights, the temperature is not the default, DynACL is taken to epoch 51, where its strength first
+# leaves 1.0. Expected values are written out here, not taken from the function under test.
+# =============================================================================================
+
+def shift_bn_copy(model, which, seed):
+    """Move one copy of every dual BN (0 clean, 1 adversarial: running statistics and affine weights, channel by
+    channel), leaving the other copy as it is; returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, common.DualBN):
+                bn = module.bn_list[which]
+                c = bn.num_features
+                bn.running_mean.add_(0.5 * torch.randn(c, generator=g))
+                bn.running_var.mul_(0.5 + torch.rand(c, generator=g))
+                bn.weight.mul_(0.5 + torch.rand(c, generator=g))
+                bn.bias.add_(0.3 * torch.randn(c, generator=g))
+    return model
+
+
+def attacked(kind, model, x, y):
+    """The adversarial images of one training-time attack, from the random state of seed 5."""
+    torch.manual_seed(5)
+    if kind == "contrastive":  # acl.py, air.py, a_infonce.py: both views jointly
+        return torch.cat(common.contrastive_pgd(model, x[:8], x[8:], 8 / 255, 2 / 255, 3, 0.5))
+    if kind == "supervised":  # supervised.py --eps 8
+        return supervised.adversarial_examples(model, x, y, 8 / 255, 2 / 255, 3)
+    return eval_linear.trades_attack(model, x, 8 / 255, 2 / 255, 3, natural_adv=True)  # LPAFT's TRADES
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "supervised", "trades_lpaft"])
+def test_the_training_attacks_read_the_adversarial_batch_norms_only(kind):
+    """An attack that forwards its images through the adversarial BN copy gives images that change when that
+    copy changes and never when the clean copy does (LPAFT's TRADES sends its natural images through the
+    adversarial copy too). The copies start apart: at initialisation they are equal, and the wrong copy would
+    give the right answer."""
+    import copy
+    torch.manual_seed(0)
+    if kind == "contrastive":
+        model = common.ResNet18(8)
+    elif kind == "supervised":
+        model = supervised.Classifier(8, "cifar", 10)
+    else:
+        model = eval_linear.Classifier(eval_linear.Encoder(common.ResNet18(8, head=False)), 10)
+        nn.init.normal_(model.fc.weight)  # a zero classifier has KL 0 and no gradient: nothing to attack
+    shift_bn_copy(model, 1, seed=1)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    images = attacked(kind, model, x, y)
+    other_clean = attacked(kind, shift_bn_copy(copy.deepcopy(model), 0, seed=3), x, y)
+    other_adversarial = attacked(kind, shift_bn_copy(copy.deepcopy(model), 1, seed=4), x, y)
+    assert torch.equal(other_clean, images), "the attack's images depend on the clean batch norms"
+    assert (other_adversarial - images).abs().max() > 1 / 255, "the attack's images ignore the adversarial batch norms"
+
+
+def nt_xent_by_hand(z, t):
+    """NT-Xent (SimCLR) anchor by anchor in float64: mean_k of -S[k, partner] + log sum_{j != k} exp S[k, j],
+    S = Z Z^T / t on L2-normalised rows, partner = k +/- B; differentiable."""
+    z = z.double() / z.double().norm(dim=1, keepdim=True)
+    n = len(z)
+    total = 0
+    for k in range(n):
+        s = z @ z[k] / t
+        total = total - s[(k + n // 2) % n] + torch.logsumexp(torch.cat([s[:k], s[k + 1:]]), 0)
+    return total / n
+
+
+@pytest.mark.parametrize("module", [acl, air, a_infonce], ids=["acl", "air", "a_infonce"])
+def test_the_attack_ascends_nt_xent_at_the_runs_temperature(module, tmp_path, monkeypatch):
+    """Each attack step of a --temperature 0.2 run back-propagates, into the network's output, the gradient of
+    NT-Xent at t = 0.2 written out; at the default 0.5 that gradient is another, so an attack (or a script) that
+    left --temperature out would fail here."""
+    seen = []
+    real_forward = common.ResNet18.forward
+
+    def forward(self, x, adv=False):
+        z = real_forward(self, x, adv)
+        if not self.training and z.requires_grad:  # the attack's forwards: eval mode, input gradients
+            z.register_hook(lambda grad, z=z.detach(): seen.append((z, grad)))
+        return z
+
+    monkeypatch.setattr(common.ResNet18, "forward", forward)
+    module.main(TINY + ["--temperature", "0.2", "--max-steps", "1", "--out-dir", str(tmp_path)])
+    assert len(seen) == 2  # TINY: --pgd-steps 2
+    for z, grad in seen:
+        leaf = z.double().requires_grad_(True)
+        (at_t,) = torch.autograd.grad(nt_xent_by_hand(leaf, 0.2), [leaf])
+        (at_default,) = torch.autograd.grad(nt_xent_by_hand(leaf, 0.5), [leaf])
+        scale = at_t.abs().max()
+        assert (at_default - at_t).abs().max() > 0.1 * scale  # the setup tells the two temperatures apart
+        assert (grad.double() - at_t).abs().max() < 1e-4 * scale, \
+            "the attack's loss is not NT-Xent at --temperature 0.2"
+
+
+def first_step_embeddings():
+    """z1, z2, z0, z1_adv, z2_adv of the first step of a TINY run, rebuilt by hand (no gradients)."""
+    torch.manual_seed(0)
+    model = common.ResNet18(8, "cifar")
+    x1, x2, x0, _ = first_batch()
+    x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, 8 / 255, 2 / 255, 2, 0.5)
+    with torch.no_grad():
+        z1, z2 = model(torch.cat([x1, x2])).chunk(2)
+        z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), adv=True).chunk(2)
+        z0 = model(x0)
+    return z1, z2, z0, z1_adv, z2_adv
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official_ir"])
+def test_air_step_uses_the_arithmetic_its_flag_names(official, tmp_path):
+    """One air.py step logs SIR and AIR as the paper's KL(p || q), KL(P1 || P2) (default) or as the released
+    code's sum_k q_k (log q_k - p_k), sum_k P2_k (log P2_k - P1_k) (--official-ir), each written out in loops on
+    that step's embeddings, and its loss is ACL's plus 0.5 of each; the two arithmetics differ on this batch."""
+    run_dir = air.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path)] + ["--official-ir"] * official)
+    (record,) = metrics(run_dir)
+    z = first_step_embeddings()
+    sir, air_ = regularizers_loops(*z, 0.5, official)
+    other_sir, other_air = regularizers_loops(*z, 0.5, not official)
+    assert abs(sir - other_sir) > 0.1 and abs(air_ - other_air) > 0.1
+    name = "the released code's arithmetic (--official-ir)" if official else "the paper's KL"
+    assert record["sir"] == pytest.approx(sir, rel=1e-4, abs=1e-6), f"SIR is not {name}"
+    assert record["air"] == pytest.approx(air_, rel=1e-4, abs=1e-6), f"AIR is not {name}"
+    acl_part = nt_xent_loops(z[0], z[1], 0.5) + nt_xent_loops(z[3], z[4], 0.5)
+    assert record["loss"] == pytest.approx(acl_part + 0.5 * sir + 0.5 * air_, rel=1e-5)
+
+
+def first_views_of_epoch(augment, epoch, strength):
+    """x1, x2 of the first batch of an epoch of a TINY run, made by hand: --augment pil through PretrainViews, image
+    by image; batched as BatchedViews makes them, each view's parameters drawn for the whole batch from the
+    generator keyed on (seed, epoch, batch)."""
+    base = common.SyntheticImages(seed=0)
+    order = torch.randperm(50000, generator=torch.Generator().manual_seed(epoch))[:16]  # seed 0
+    if augment == "pil":
+        views = common.PretrainViews(base, 32, 32, 0)
+        return torch.utils.data.default_collate([views[(int(i), epoch, strength)][:2] for i in order])
+    images = torch.from_numpy(base.data[order.numpy()]).permute(0, 3, 1, 2)
+    g = torch.Generator().manual_seed(common._sample_seed(0, epoch, 0))
+    return [common.augment(images, common.view_params(g, 16, 32, 32, strength), 32) for _ in range(2)]
+
+
+@pytest.mark.parametrize("module, augment", [(acl, "pil"), (acl, "batched"), (air, "pil"), (a_infonce, "batched")],
+                         ids=["acl_pil", "acl_batched", "air_pil", "a_infonce_batched"])
+def test_dynacl_views_and_weights_follow_the_schedule_at_epoch_51(module, augment, tmp_path, monkeypatch):
+    """--dynacl --epochs 100: epoch 51 is the first below full strength, s = 1 - floor(50 / 50) 50 / 100 = 0.5,
+    omega = 2/3 (1 - s) = 1/3. A one-step run's checkpoint is moved to the end of epoch 50 (step 50 x 3125: 50,000
+    images, batch 16) and resumed for one step: the views it attacks and trains on are those that the --augment
+    path asked for makes at strength 0.5 (its views at 1.0 differ), and its loss weights the clean and adversarial
+    terms by 1 -/+ 1/3 (A-InfoNCE: no weights, one loss)."""
+    run_dir = module.main(TINY + ["--dynacl", "--epochs", "100", "--augment", augment, "--max-steps", "1",
+                                  "--out-dir", str(tmp_path)])
+    path = os.path.join(run_dir, "checkpoint.pt")
+    step = 50 * 3125
+    torch.save(dict(torch.load(path, weights_only=True), step=step, epoch=50), path)
+    seen = []
+    real_attack = module.contrastive_pgd
+    monkeypatch.setattr(module, "contrastive_pgd", lambda net, x1, x2, *a, **k: seen.append((x1, x2)) or
+                        real_attack(net, x1, x2, *a, **k))
+    module.main(["--resume", path, "--max-steps", str(step + 1), "--device", "cpu"])
+    ((x1, x2),) = seen
+    x1_expected, x2_expected = first_views_of_epoch(augment, 51, 0.5)
+    assert not torch.equal(first_views_of_epoch(augment, 51, 1.0)[0], x1_expected)  # the strength shows in the views
+    assert torch.equal(x1, x1_expected) and torch.equal(x2, x2_expected), \
+        f"epoch 51's views are not those of --augment {augment} at the strength dynacl_schedule gives (0.5)"
+    record = metrics(run_dir)[-1]
+    assert record["step"] == step + 1 and record["epoch"] == 51
+    if module is a_infonce:
+        expected = record["loss_same"] + record["loss_cross"]
+    else:
+        expected = (1 - 1 / 3) * record["loss_clean"] + (1 + 1 / 3) * record["loss_adv"]
+        expected += 0.5 * record["sir"] + 0.5 * record["air"] if module is air else 0
+    assert record["loss"] == pytest.approx(expected, rel=1e-6), "the loss is not weighted by DynACL's omega at epoch 51"
+
+
+def softmax_by_hand(logits):
+    logits = logits.double()
+    e = torch.exp(logits - logits.max(1, keepdim=True).values)
+    return e / e.sum(1, keepdim=True)
+
+
+def trades_kl_by_hand(logits, logits_adv):
+    """KL(p_clean || p_adv) = sum_k p_k (log p_k - log q_k), averaged over the batch (TRADES, batch mean)."""
+    p, q = softmax_by_hand(logits), softmax_by_hand(logits_adv)
+    return (p * (torch.log(p) - torch.log(q))).sum() / len(p)
+
+
+def aff_model(pretrained):
+    """The pretrained encoder with a non-zero classifier (a zero one has KL 0 and no KL gradient) and adversarial
+    batch norms moved away from the clean ones, so that p_clean and p_adv differ."""
+    torch.manual_seed(0)
+    model = eval_linear.Classifier(eval_linear.load_encoder(pretrained), 10)
+    nn.init.normal_(model.fc.weight, std=0.5)
+    shift_bn_copy(model, 1, seed=1)
+    return model
+
+
+@pytest.mark.parametrize("natural_bn", [None, "adv"], ids=["aff", "lpaft"])
+def test_an_aff_step_descends_ce_plus_beta_kl_clean_to_adversarial(natural_bn, pretrained):
+    """One AFF step (TRADES, --trades-beta 2.5) equals a hand-written SGD step on CE(f(x), y) + 2.5 KL(p_clean ||
+    p_adv), the KL written out; the same step with the KL the other way round, KL(p_adv || p_clean), lands
+    elsewhere (by far more than the tolerance). LPAFT sends the natural images through the adversarial BN."""
+    import copy
+    base = aff_model(pretrained)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    args = tiny_args(trades_beta=2.5, train_pgd_steps=2)
+    settings = dict(epochs=1, batch_size=8, lr=0.05, milestones=[5])
+    if natural_bn:
+        settings["natural_bn"] = natural_bn
+    model = copy.deepcopy(base)
+    torch.manual_seed(4)
+    eval_linear.fine_tune(model, "aff", [(x, y)], settings, args, torch.device("cpu"), False, torch.contiguous_format)
+
+    def hand_step(swapped):
+        hand = copy.deepcopy(base)
+        optimizer = torch.optim.SGD(hand.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)
+        torch.manual_seed(4)
+        hand.eval()
+        x_adv = eval_linear.trades_attack(hand, x, 8 / 255, 2 / 255, 2, natural_adv=natural_bn == "adv")
+        hand.train()
+        logits, logits_adv = hand(x, adv=natural_bn == "adv"), hand(x_adv, adv=True)
+        kl = trades_kl_by_hand(logits_adv, logits) if swapped else trades_kl_by_hand(logits, logits_adv)
+        loss = F.cross_entropy(logits.double(), y) + 2.5 * kl
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return torch.cat([p.detach().flatten() for p in hand.parameters()])
+
+    got = torch.cat([p.detach().flatten() for p in model.parameters()])
+    right, wrong = hand_step(False), hand_step(True)
+    apart = (right - wrong).abs().max()
+    assert apart > 1e-3  # the direction matters on this batch
+    assert (got - right).abs().max() < 0.01 * apart, "an AFF step is not SGD on CE + --trades-beta KL(p_clean || p_adv)"
+
+
+def test_the_trades_attack_ascends_kl_clean_to_adversarial(pretrained):
+    """Each step of TRADES' inner attack back-propagates into the adversarial logits l the gradient of
+    sum_i KL(p_clean,i || softmax(l_i)), which is softmax(l) - p_clean, written out (the KL the other way round
+    has another gradient)."""
+    model = aff_model(pretrained)
+    seen, clean = [], []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, adv=None):
+            logits = self.model(x, adv)
+            if logits.requires_grad:
+                logits.register_hook(lambda grad, l=logits.detach(): seen.append((l, grad)))
+            else:
+                clean.append(logits)
+            return logits
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    eval_linear.trades_attack(Spy(), x, 8 / 255, 2 / 255, 3)
+    assert len(seen) == 3 and len(clean) == 1
+    p_clean = softmax_by_hand(clean[0])
+    for logits_adv, grad in seen:
+        q = softmax_by_hand(logits_adv)
+        log_ratio = torch.log(q) - torch.log(p_clean)
+        swapped = q * (log_ratio - (q * log_ratio).sum(1, keepdim=True))  # the gradient of KL(q || p_clean)
+        assert not torch.allclose(swapped, q - p_clean, atol=1e-4)
+        assert torch.allclose(grad.double(), q - p_clean, rtol=1e-4, atol=1e-7), \
+            "the TRADES attack does not ascend KL(p_clean || p_adv)"
+
+
+# --- Every flag reaches its effect ------------------------------------------------------------------
+# Each training flag that changes a step is given a value other than its default (and other than the values
+# of its neighbours): one script step equals that step written out with those values.
+
+STEP_FLAGS = ["--dataset", "synthetic", "--workers", "0", "--device", "cpu", "--log-every", "1", "--max-steps", "1",
+              "--width", "4", "--batch-size", "8", "--image-size", "24", "--seed", "3", "--epochs", "7",
+              "--warmup-epochs", "2", "--lr", "0.3", "--weight-decay", "1e-3", "--eps", "4", "--pgd-alpha", "1",
+              "--pgd-steps", "1"]
+
+
+def seeded_batch(seed, batch_size, size, supervised=False):
+    """The first batch of epoch 1 of a synthetic run, built by hand from the seeded permutation."""
+    views = common.PretrainViews(common.SyntheticImages(seed=seed), size, 32, seed, supervised)
+    order = torch.randperm(50000, generator=torch.Generator().manual_seed(seed * 1_000_003 + 1))[:batch_size]
+    return torch.utils.data.default_collate([views[(int(i), 1, 1.0)] for i in order])
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("acl", ["--optimizer", "sgd", "--temperature", "0.2"]),
+    ("air", ["--optimizer", "sgd", "--temperature", "0.2", "--lambda1", "0.3", "--lambda2", "0.8", "--official-ir",
+             "--supcon"]),
+    ("a_infonce", ["--optimizer", "sgd", "--temperature", "0.2", "--ip-weight", "0.4", "--clean-grad-share", "0.6",
+                   "--beta", "0.5", "--tau-plus", "0.05"]),
+    ("a_infonce", ["--optimizer", "sgd", "--temperature", "0.2", "--no-ip", "--no-hn"]),
+    ("supervised", ["--optimizer", "lars"]),
+], ids=["acl", "air", "a_infonce", "a_infonce_plain", "supervised"])
+def test_every_flag_of_a_training_step_reaches_it(script, extra, tmp_path):
+    """Width, batch size, image size, seed, epochs and warm-up (the lr of step 1 is 0.3 / (2 x 6250)), lr,
+    optimizer, weight decay, temperature (loss and attack), attack radius, step and steps, and each method's own
+    flags: the step and its logged loss are the hand-written step's, bit for bit."""
+    module = {"acl": acl, "air": air, "a_infonce": a_infonce, "supervised": supervised}[script]
+    run_dir = module.main(STEP_FLAGS + extra + ["--out-dir", str(tmp_path)])
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["model"]
+
+    lr = 0.3 * 1 / (2 * 50000 // 8)  # the first of 2 warm-up epochs of 6250 steps
+    torch.manual_seed(3)
+    if module is supervised:
+        model = supervised.Classifier(4, "cifar", 10)
+        optimizer = common.LARS(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+        x, y = seeded_batch(3, 8, 24, supervised=True)
+        model.eval()
+        x_adv = common.pgd_attack(lambda v: model(v, adv=True), x, y, 4 / 255, 1 / 255, 1)
+        model.train()
+        loss = F.cross_entropy(model(x), y) + F.cross_entropy(model(x_adv, adv=True), y)
+    else:
+        model = common.ResNet18(4, "cifar")
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+        x1, x2, x0, y = seeded_batch(3, 8, 24)
+        labels = y if "--supcon" in extra else None
+        x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, 4 / 255, 1 / 255, 1, 0.2, labels=labels)
+        z1, z2 = model(torch.cat([x1, x2])).chunk(2)
+        z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), adv=True).chunk(2)
+        if module is acl:
+            loss = acl.acl_loss(z1, z2, z1_adv, z2_adv, 0.0, 0.2)[0]
+        elif module is air:
+            loss = air.air_loss(z1, z2, model(x0), z1_adv, z2_adv, 0.0, 0.2, 0.3, 0.8, True, labels)[0]
+        elif "--no-ip" in extra:
+            loss = a_infonce.a_infonce_loss(z1, z2, z1_adv, z2_adv, 0.2, ip=False, hn=False)
+        else:
+            loss = a_infonce.a_infonce_loss(z1, z2, z1_adv, z2_adv, 0.2, True, True, 0.4, 0.6, 0.5, 0.05)
+    loss.backward()
+    optimizer.step()
+    (record,) = metrics(run_dir)
+    assert record["lr"] == lr and record["loss"] == loss.item()
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def loading_processes(monkeypatch, dataset_class, tmp_path):
+    """Make each image of `dataset_class` record the process that loads it; returns a function that gives, for
+    each dataset object that loaded images, the ids of the processes that did."""
+    path = tmp_path / "pids.txt"
+    real_getitem = dataset_class.__getitem__
+
+    def getitem(self, key):
+        with open(path, "a") as f:
+            f.write(f"{id(self)} {os.getpid()}\n")
+        return real_getitem(self, key)
+
+    def processes():
+        found = {}
+        for line in path.read_text().splitlines():
+            dataset, pid = line.split()
+            found.setdefault(dataset, set()).add(int(pid))
+        return list(found.values())
+
+    monkeypatch.setattr(dataset_class, "__getitem__", getitem)
+    return processes
+
+
+@pytest.mark.parametrize("module", [acl, air, a_infonce, supervised], ids=["acl", "air", "a_infonce", "supervised"])
+def test_compile_and_workers_reach_the_run(module, tmp_path, monkeypatch):
+    """--compile hands the network to torch.compile (a stand-in records it: compiling takes minutes on a CPU),
+    and --workers 2 makes the views in two other processes (each image records the process that made it; batch 2
+    comes from the second worker)."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(model) or model)
+    loaded_in = loading_processes(monkeypatch, common.PretrainViews, tmp_path)
+    module.main(TINY + ["--compile", "--workers", "2", "--max-steps", "2", "--out-dir", str(tmp_path / "runs")])
+    assert len(compiled) == 1 and isinstance(compiled[0], common.ResNet18)
+    (workers,) = loaded_in()
+    assert len(workers) == 2 and os.getpid() not in workers
+
+
+def test_eval_linear_attack_data_seed_and_worker_flags_reach_their_effect(pretrained, tmp_path, monkeypatch):
+    """--mode all with every attack, size, seed and worker flag away from its default: the test attack (PGD-3,
+    eps 4/255, step 1/255) on 32 test images in batches of 16, ALF's PGD-2 and AFF's TRADES-2 with the same
+    radius and step on the 32 training images, all at 24 px; every mode starts from seed 17 (its random state and
+    its loaders' order); the images are made in worker processes."""
+    attacks, fits = [], []
+    real_attack, real_trades, real_fine_tune = eval_linear.pgd_attack, eval_linear.trades_attack, eval_linear.fine_tune
+
+    def spy_attack(forward, x, y, eps, alpha, steps, amp=False):
+        attacks.append(("pgd", tuple(x.shape), eps * 255, alpha * 255, steps))
+        return real_attack(forward, x, y, eps, alpha, steps, amp)
+
+    def spy_trades(model, x, eps, alpha, steps, amp=False, natural_adv=False):
+        attacks.append(("trades", tuple(x.shape), eps * 255, alpha * 255, steps))
+        return real_trades(model, x, eps, alpha, steps, amp, natural_adv)
+
+    def spy_fine_tune(model, mode, loader, *rest):
+        fits.append((mode, torch.initial_seed(), loader.generator.initial_seed()))
+        return real_fine_tune(model, mode, loader, *rest)
+
+    monkeypatch.setattr(eval_linear, "pgd_attack", spy_attack)
+    monkeypatch.setattr(eval_linear, "trades_attack", spy_trades)
+    monkeypatch.setattr(eval_linear, "fine_tune", spy_fine_tune)
+    loaded_in = loading_processes(monkeypatch, common.LabelledImages, tmp_path)
+    eval_linear.main([pretrained, "--mode", "all", "--dataset", "synthetic", "--epochs", "1", "--train-size", "32",
+                      "--test-size", "32", "--batch-size", "16", "--test-batch-size", "16", "--image-size", "24",
+                      "--eps", "4", "--pgd-alpha", "1", "--pgd-steps", "3", "--train-pgd-steps", "2", "--seed", "17",
+                      "--workers", "2", "--device", "cpu", "--out", str(tmp_path / "e.json")])
+    batch = (16, 3, 24, 24)
+    test = [("pgd", batch, pytest.approx(4), pytest.approx(1), 3)] * 2
+    train = lambda kind: [(kind, batch, pytest.approx(4), pytest.approx(1), 2)] * 2  # noqa: E731
+    assert attacks == test + train("pgd") + test + train("trades") + test  # SLF, ALF, AFF
+    assert fits == [(mode, 17, 17) for mode in ("slf", "alf", "aff")]
+    assert all(len(workers) == 2 and os.getpid() not in workers for workers in loaded_in())  # every loader's
+
+
+def slf_by_hand(features, y, lrs, momentum, weight_decay):
+    """SGD of a zero-initialised linear classifier on fixed features, full batch, one step per lr: the gradient
+    of the mean cross-entropy plus weight_decay x (weight, bias); PyTorch's momentum (the first buffer is the
+    gradient itself). Float64."""
+    f, onehot = features.double(), F.one_hot(y, 10).double()
+    w, b = torch.zeros(10, f.shape[1], dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+    buf_w = buf_b = None
+    for lr in lrs:
+        residual = (softmax_by_hand(f @ w.T + b) - onehot) / len(f)
+        grad_w, grad_b = residual.T @ f + weight_decay * w, residual.sum(0) + weight_decay * b
+        buf_w = grad_w if buf_w is None else momentum * buf_w + grad_w
+        buf_b = grad_b if buf_b is None else momentum * buf_b + grad_b
+        w, b = w - lr * buf_w, b - lr * buf_b
+    return w, b
+
+
+@pytest.mark.parametrize("weight_decay_from", ["flag", "settings"])
+def test_slf_is_sgd_with_the_flags_lr_milestones_momentum_and_weight_decay(weight_decay_from, pretrained):
+    """Two SLF epochs of one batch (--epochs 2 --lr 0.5 --milestones 1 --momentum 0.5 --weight-decay 0.2) equal
+    SGD written out on the frozen encoder's features with lr 0.5 then 0.05; a weight decay in the settings
+    (post-processing's --lpaft-weight-decay, 0.6) replaces --weight-decay. The defaults would land elsewhere."""
+    args = eval_linear.parse_args(["x.pt", "--epochs", "2", "--lr", "0.5", "--milestones", "1", "--momentum", "0.5",
+                                   "--weight-decay", "0.2"])
+    settings, weight_decay = eval_linear.mode_settings(args, "slf"), 0.2
+    if weight_decay_from == "settings":
+        settings["weight_decay"] = weight_decay = 0.6
+    torch.manual_seed(0)
+    model = eval_linear.Classifier(eval_linear.load_encoder(pretrained), 10)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+    eval_linear.fine_tune(model, "slf", [(x, y)], settings, args, torch.device("cpu"), False, torch.contiguous_format)
+    with torch.no_grad():
+        features = model.encoder(x)
+    w, b = slf_by_hand(features, y, [0.5, 0.05], 0.5, weight_decay)
+    default_w, _ = slf_by_hand(features, y, [0.01, 0.01], 0.9, 2e-4)
+    assert (default_w - w).abs().max() > 1e-2
+    for wrong in ([0.5, 0.5], 0.5, weight_decay), ([0.5, 0.05], 0.9, weight_decay), ([0.5, 0.05], 0.5, 0.0):
+        assert (slf_by_hand(features, y, *wrong)[0] - w).abs().max() > 1e-3  # each flag shows in the result
+    assert torch.allclose(model.fc.weight.double(), w, rtol=1e-4, atol=1e-6), "SLF is not SGD with the flags' values"
+    assert torch.allclose(model.fc.bias.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def test_autoattack_runs_the_package_on_every_test_image(pretrained, tmp_path, monkeypatch):
+    """--autoattack builds torchattacks.AutoAttack (standard, L-inf, --eps, the dataset's classes, --seed) and
+    scores its images; a stand-in package whose attack returns the images as they are gives robust = clean."""
+    import importlib.machinery
+    import types
+    built = []
+
+    class AutoAttack:
+        def __init__(self, model, norm, eps, version, n_classes, seed):
+            built.append((norm, eps * 255, version, n_classes, seed))
+
+        def __call__(self, x, y):
+            return x
+
+    package = types.ModuleType("torchattacks")
+    package.AutoAttack, package.__spec__ = AutoAttack, importlib.machinery.ModuleSpec("torchattacks", None)
+    monkeypatch.setitem(sys.modules, "torchattacks", package)
+    result = eval_linear.main([pretrained, *QUICK, "--pgd-steps", "1", "--autoattack", "--eps", "4", "--seed", "3",
+                               "--out", str(tmp_path / "e.json")])
+    assert built == [("Linf", pytest.approx(4), "standard", 10, 3)]
+    assert result["autoattack_acc"] == result["clean_acc"] and result["test_images"] == 32
+
+
+def test_post_processing_flags_reach_the_probe_the_trades_stage_and_kmeans(recipe_files, tmp_path, monkeypatch):
+    """--lpaft-probe-epochs/-lr, --lpaft-epochs/-lr/-milestones, --lpaft-batch-size, --lpaft-weight-decay and
+    --kmeans-restarts, each away from its default, are what the probe, the TRADES stage and k-means run with
+    (fine_tune's use of its settings is tested above)."""
+    trained, restarts = [], []
+    real_kmeans = eval_linear.kmeans
+
+    def spy_fine_tune(model, mode, loader, settings, *rest):
+        trained.append((mode, loader.batch_size, settings))
+        return 1.0
+
+    monkeypatch.setattr(eval_linear, "fine_tune", spy_fine_tune)
+    monkeypatch.setattr(eval_linear, "kmeans", lambda x, k, n, **kw: restarts.append(n) or real_kmeans(x, k, n, **kw))
+    source = tmp_path / "checkpoint.pt"
+    source.write_bytes(open(recipe_files["acl"], "rb").read())
+    eval_linear.main([str(source), "--dataset", "cifar10", "--data-dir", recipe_files["data"], "--post-process",
+                      "lpaft", "--train-size", "12", "--workers", "0", "--device", "cpu", "--lpaft-probe-epochs", "2",
+                      "--lpaft-probe-lr", "0.03", "--lpaft-epochs", "3", "--lpaft-lr", "0.2", "--lpaft-milestones", "2",
+                      "--lpaft-batch-size", "6", "--lpaft-weight-decay", "5e-4", "--kmeans-restarts", "3"])
+    assert restarts == [3]
+    assert trained == [
+        ("slf", 6, dict(label="lpaft probe", epochs=2, lr=0.03, milestones=[], weight_decay=5e-4)),
+        ("aff", 6, dict(label="lpaft trades", epochs=3, lr=0.2, milestones=[2], weight_decay=5e-4, natural_bn="adv"))]
+
+
+def test_representations_flags_reach_the_fits_the_attacks_and_the_data(pretrained, tmp_path, monkeypatch):
+    """Every fit and attack setting away from its default, on an image folder at 24 px: the fitted classifier and
+    the probes get --epochs/--lr/--milestones/--batch-size/--weight-decay/--momentum (--probe-epochs for the
+    probes), the first --train-size images, and start from --seed; the probes read pooled features; PGD-3 at eps
+    4/255, step 1/255 attacks the 16 test images in batches of 8; the images are made in worker processes."""
+    fits, attacks = [], []
+
+    def spy_fine_tune(model, mode, loader, settings, args, *rest):  # records, does not train (the maps still run)
+        fits.append((type(model).__name__, model.fc.in_features, len(loader.dataset), loader.batch_size,
+                     *(settings[k] for k in ("epochs", "lr", "milestones", "weight_decay")), args.momentum,
+                     torch.initial_seed()))
+        return 1.0
+
+    real_attack = representations.pgd_attack
+
+    def spy_attack(forward, x, y, eps, alpha, steps, amp=False):
+        attacks.append((tuple(x.shape), eps * 255, alpha * 255, steps))
+        return real_attack(forward, x, y, eps, alpha, steps, amp)
+
+    monkeypatch.setattr(representations, "fine_tune", spy_fine_tune)
+    monkeypatch.setattr(representations, "pgd_attack", spy_attack)
+    loaded_in = loading_processes(monkeypatch, common.LabelledImages, tmp_path)
+    tree = tmp_path / "tree"
+    write_image_tree(str(tree), sizes=((32, 32),) * 8)  # 8 images per class and split
+    result = representations.main([pretrained, "--dataset", "imagefolder", "--data-dir", str(tree), "--image-size",
+                                   "24", "--epochs", "2", "--lr", "0.03", "--milestones", "1", "--batch-size", "4",
+                                   "--momentum", "0.5", "--weight-decay", "0.01", "--probes", "--probe-epochs", "3",
+                                   "--probe-features", "pool", "--eps", "4", "--pgd-alpha", "1", "--pgd-steps", "3",
+                                   "--test-batch-size", "8", "--cka-samples", "16", "--train-size", "12", "--seed",
+                                   "23", "--workers", "2", "--device", "cpu", "--out", str(tmp_path / "r.json")])
+    assert result["test_images"] == 16 and result["num_classes"] == 2 and result["image_size"] == 24
+    assert fits[0] == ("Classifier", 64, 12, 4, 2, 0.03, [1], 0.01, 0.5, 23)
+    probes = fits[1:]
+    assert len(probes) == len(BLOCK_POINTS)
+    assert [p[1] for p in probes] == [8, 8, 8, 16, 16, 32, 32, 64, 64, 64]  # pooled: the channels of each point
+    assert all(p[2:] == (12, 4, 3, 0.03, [1], 0.01, 0.5, 23) for p in probes)
+    assert attacks == [((8, 3, 24, 24), pytest.approx(4), pytest.approx(1), 3)] * 2
+    assert all(len(workers) == 2 and os.getpid() not in workers for workers in loaded_in())  # every loader's
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("module", [air, a_infonce, supervised, eval_linear, representations])
+def test_device_cuda_without_a_gpu_is_refused_by_every_script(module, pretrained, tmp_path, capsys):
+    """--device reaches the device choice of every script (acl.py: test_cuda_requested_without_a_gpu_is_refused);
+    a script that ignored it would run a few quick steps on the CPU and fail here."""
+    if module in (eval_linear, representations):
+        argv = [pretrained, *QUICK, "--pgd-steps", "1", "--cka-samples", "16", "--device", "cuda",
+                "--out", str(tmp_path / "e.json")]
+    else:
+        argv = TINY + ["--max-steps", "1", "--device", "cuda", "--out-dir", str(tmp_path)]
+    status, err = in_process_error(module.main, argv, capsys)
+    assert_one_sentence(status, err, "--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    assert not os.listdir(tmp_path)
+
+
+@needs_gpu
+def test_no_amp_turns_bf16_autocast_off(tmp_path, monkeypatch):
+    """On CUDA the network's forwards (attack and training) run under bf16 autocast unless --no-amp (on the CPU there
+    is none, so only a GPU can show this flag's effect)."""
+    autocast = []
+    real_forward = common.ResNet18.forward
+
+    def forward(self, *args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cuda"))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(common.ResNet18, "forward", forward)
+    for flags in ([], ["--no-amp"]):
+        autocast.clear()
+        acl.main(TINY + ["--device", "cuda", "--max-steps", "1", "--out-dir", str(tmp_path)] + flags)
+        assert autocast and set(autocast) == {not flags}, flags
+
+
+# --- Signal handlers: a run started in-process gives back the ones it found -------------------------
+
+def test_a_run_restores_the_signal_handlers_it_found(tmp_path, monkeypatch):
+    """After main() returns, after a stop by SIGTERM and after a non-finite loss, SIGTERM and SIGINT have the
+    handlers they had before the run (a test's, a notebook's), so a later SIGTERM stops the process again."""
+    def mine(signum, frame):
+        raise AssertionError("not called here")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, mine)
+    handlers = lambda: [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]  # noqa: E731
+    acl.main(TINY + ["--max-steps", "1", "--out-dir", str(tmp_path / "normal")])
+    assert handlers() == [mine, mine], "a finished run left its signal handlers installed"
+
+    real_loss, calls = acl.acl_loss, []
+
+    def loss_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's handler: the run stops after this step
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(acl, "acl_loss", loss_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        acl.main(TINY + ["--max-steps", "5", "--out-dir", str(tmp_path / "stopped")])
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 1
+    assert handlers() == [mine, mine], "a run stopped by SIGTERM left its signal handlers installed"
+
+    def loss_nan(*args, **kwargs):
+        loss, terms = real_loss(*args, **kwargs)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(acl, "acl_loss", loss_nan)
+    with pytest.raises(SystemExit) as failed:
+        acl.main(TINY + ["--max-steps", "5", "--out-dir", str(tmp_path / "nan")])
+    assert failed.value.code == 1
+    assert handlers() == [mine, mine], "a run stopped by a non-finite loss left its signal handlers installed"
