@@ -238,7 +238,7 @@ def test_batched_color_ops_equal_torchvision_functional_ops():
     assert torch.equal(common.grayscale(x), TF.rgb_to_grayscale(x))
     p = common.view_params(torch.Generator().manual_seed(2), 8, 32, 32, 1.0)
     p["jitter"][0] = False  # one image that ColorJitter's RandomApply skips
-    out = common.color_jitter(x, p["factors"], p["order"], p["jitter"])
+    out = common.color_jitter(x, p["factors"], *common.jitter_groups(p["order"], p["jitter"]))
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for k in range(8):
         ref = x[k]
@@ -3522,6 +3522,51 @@ def test_a_batch_of_batched_views_is_torchvision_image_by_image(source, size, su
     assert batch[-1].tolist() == [int(base.labels[i] if source == 96 else base.targets[i]) for i in index]
 
 
+
+@pytest.mark.parametrize("source", [32, 96], ids=["cifar_hwc", "stl10_transposed"])
+def test_in_memory_holds_the_images_where_the_dataset_holds_them(source):
+    """in_memory makes no host copy of the images (torchvision's STL-10 unlabelled split is 5.2 GB, and a copy doubled
+    the peak): they stay in the data set's own buffer, in its layout (CIFAR: HWC; STL-10: a (N, 3, W, H) file read
+    transposed), and the batched views of that layout equal those of a contiguous copy, bit for bit."""
+    base = in_memory_stand_in(source)
+    base.data = np.ascontiguousarray(base.data)  # CIFAR: (N, H, W, 3), as torchvision reads it
+    if source == 96:  # as torchvision's STL10 holds it: np.transpose of the file's (N, 3, W, H) array
+        base.data = np.ascontiguousarray(base.data.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    images, labels = common.in_memory(base, torch.device("cpu"))
+    assert images.data_ptr() == base.data.__array_interface__["data"][0] and not images.is_contiguous()
+    assert torch.equal(images, torch.from_numpy(base.data if source == 96 else base.data.transpose(0, 3, 1, 2)))
+    sampler = common.PretrainSampler(20, 8, seed=0)
+    views, contiguous = (common.BatchedViews(x, labels, sampler, 32, 0) for x in (images, images.contiguous()))
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(views)), next(iter(contiguous))))
+
+
+def test_benchmark_of_batched_views_reports_no_rate_per_worker(tmp_path, capsys):
+    """--augment batched makes the views in the training process (no loader workers): --benchmark gives the loader's
+    rate and no rate per worker (null in benchmark.json, nothing in the printed line), whatever --workers says."""
+    run_dir = acl.main(TINY + ["--augment", "batched", "--max-steps", "3", "--benchmark", "--workers", "2",
+                               "--out-dir", str(tmp_path)])
+    result = json.load(open(os.path.join(run_dir, "benchmark.json")))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("benchmark:")]
+    assert result["loader_images_per_s"] > 0 and result["loader_images_per_s_per_worker"] is None
+    assert len(printed) == 1 and "data loader alone" in printed[0] and "per worker" not in printed[0]
+
+
+def test_pick_device_keeps_fp32_matrix_products_in_fp32_on_cuda(monkeypatch):
+    """On CUDA, convolutions may use TF32 (--no-amp) but matrix products stay full fp32, PyTorch's default: the
+    losses' similarities and the batched views' resampling run in fp32 under autocast too (pick_device's comment)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:  # (monkeypatch cannot read this attribute back)
+        matmul.allow_tf32 = False
+        assert common.pick_device("cuda").type == "cuda"
+        assert matmul.allow_tf32 is False and torch.get_float32_matmul_precision() == "highest"
+    finally:
+        matmul.allow_tf32 = before
+    assert torch.backends.cudnn.allow_tf32 is True and torch.backends.cudnn.benchmark is True
+
+
 def stand_in_step(module, device):
     """(model, step): step() is one step of `module`'s training loop (its lines between the loader and
     end_of_step, and end_of_step's per-step part) on `device`, at --width 8, batch 8, 2 attack steps, --no-amp
@@ -3724,7 +3769,10 @@ def first_views_of_epoch(augment, epoch, strength):
         return torch.utils.data.default_collate([views[(int(i), epoch, strength)][:2] for i in order])
     images = torch.from_numpy(base.data[order.numpy()]).permute(0, 3, 1, 2)
     g = torch.Generator().manual_seed(common._sample_seed(0, epoch, 0))
-    return [common.augment(images, common.view_params(g, 16, 32, 32, strength), 32) for _ in range(2)]
+    views = [common.view_params(g, 16, 32, 32, strength) for _ in range(2)]
+    for p in views:
+        p["perm"], p["counts"] = common.jitter_groups(p["order"], p["jitter"])
+    return [common.augment(images, p, 32) for p in views]
 
 
 @pytest.mark.parametrize("module, augment", [(acl, "pil"), (acl, "batched"), (air, "pil"), (a_infonce, "batched")],
