@@ -373,6 +373,15 @@ def check_digits_file():
                         f"not {DIGITS_SHA256[:12]}...); {how}")
 
 
+def check_data_dir_is_read(dataset):
+    """--data-dir given with a dataset that reads no folder (digits is built in, synthetic is generated) could only
+    be a mistake (a mistyped --dataset, or a folder the user believes is read): refused in one sentence."""
+    if dataset in ("digits", "synthetic"):
+        where = "built in (digits.npz next to common.py)" if dataset == "digits" else "generated, for tests"
+        raise UserError(f"--data-dir is not read with --dataset {dataset}, whose images are {where}; drop --data-dir "
+                        "or choose the dataset that folder holds")
+
+
 def load_dataset(name, data_dir, split, seed=0, size=None):
     """The raw dataset (PIL image, label) for split 'pretrain', 'train' or 'test'; `size` is the image size
     of datasets made at --image-size (digits). Missing data ends with one sentence naming the folder and
@@ -953,13 +962,17 @@ def add_shared_flags(parser):
     a("--benchmark", action="store_true", help="with --max-steps: also time the data loader alone and print a summary")
 
 
-# Arguments that may change when a run is resumed; every other one belongs to the run.
+# Arguments that may change when a run is resumed; every other one belongs to the run. (--out-dir only names
+# the folder the run is in: a resumed run continues in its own folder, see parse_and_resume.)
 RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
              "benchmark", "out_dir", "data_dir"}
 # Of those, the run's length, cadence and data folder are the checkpoint's unless given again: a resumed
 # run ends where the interrupted one would have, logs and saves at the same steps, and reads its data
 # where it did (not from --data-dir's default).
 KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir"}
+# What a run from before a flag existed ran with, where that is not the flag's default (None for --augment:
+# resolved when a run starts, and a checkpoint from before the flag resumes with PIL, pretrain_loader).
+BEFORE_THE_FLAG = {"augment": "pil"}
 
 
 def given_flags(parser, argv):
@@ -1045,26 +1058,39 @@ def check_shared_args(args, method):
         raise UserError(f"--image-size must be at least 8 (got {args.image_size})")
 
 
+def _shown(value):
+    """A flag's value as it is written on a command line: 8.0 and 8 both as 8."""
+    return f"{value:g}" if isinstance(value, float) else value
+
+
 def parse_and_resume(parser, argv, method):
-    """Parse the command line; with --resume, load the checkpoint and take the run's arguments from
-    it. A flag written on the command line that contradicts the checkpoint is refused."""
+    """Parse the command line; with --resume, load the checkpoint, check it (check_resumable) and take the run's
+    arguments from it. A flag written on the command line that contradicts the checkpoint is refused, and so is
+    an --out-dir other than the folder the run is in (a resumed run continues in its own folder)."""
     args = parser.parse_args(argv)
     check_finite(args)
-    checkpoint = None
+    checkpoint, given = None, given_flags(parser, argv)
     if args.resume:
         args.resume = checkpoint_file(args.resume)
         checkpoint = load_checkpoint(args.resume)
         check_resumable(checkpoint, args.resume, method)
-        saved, given = checkpoint["args"], given_flags(parser, argv)
+        saved = checkpoint["args"]
         for name in sorted(given - RESUMABLE):
-            trained = saved.get(name, parser.get_default(name))  # a flag newer than the run: it ran with its default
+            # a flag newer than the run: it ran with its default, or with what BEFORE_THE_FLAG says
+            trained = saved.get(name, BEFORE_THE_FLAG.get(name, parser.get_default(name)))
             if trained != getattr(args, name):
                 flag = "--" + name.replace("_", "-")
-                raise UserError(f"{args.resume} was trained with {flag} {trained}, but {flag} {getattr(args, name)} "
-                                "was given; drop the flag to resume, or start a new run")
+                raise UserError(f"{args.resume} was trained with {flag} {_shown(trained)}, but {flag} "
+                                f"{_shown(getattr(args, name))} was given; drop the flag to resume, or start a new run")
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        if "out_dir" in given and not _same_file(os.path.dirname(run_dir), args.out_dir):
+            raise UserError(f"--out-dir {args.out_dir} cannot move a resumed run: it continues in its own folder "
+                            f"{run_dir}; drop --out-dir (or copy the run folder into {args.out_dir} and resume the copy)")
         for name, value in saved.items():
             if hasattr(args, name) and (name not in RESUMABLE or (name in KEPT_ON_RESUME and name not in given)):
                 setattr(args, name, value)
+    if "data_dir" in given:
+        check_data_dir_is_read(args.dataset)
     check_shared_args(args, method)
     return args, checkpoint
 
@@ -1075,11 +1101,11 @@ SCRIPTS = {"acl": "acl.py", "air": "air.py", "a_infonce": "a_infonce.py", "super
 
 
 def check_resumable(checkpoint, path, method):
-    """A training script continues only a checkpoint of its own runs; any other file is refused with
-    one sentence saying what it is and what to do with it."""
+    """A training script continues only a checkpoint of its own runs, with every entry a resume reads
+    (check_entries); any other file is refused with one sentence saying what it is and what to do with it."""
     recorded = checkpoint.get("method") if isinstance(checkpoint, dict) else None
     if recorded == method:
-        return
+        return check_entries(checkpoint, path)
     if recorded in SCRIPTS:
         raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
                         f"with {SCRIPTS[recorded]}, or start a new run")
@@ -1093,6 +1119,35 @@ def check_resumable(checkpoint, path, method):
     recorded = "records no method" if recorded is None else f"records the method {recorded!r}"
     raise UserError(f"{path} is not a checkpoint of this project's training scripts (it {recorded}; a released "
                     "checkpoint, for example): it cannot be resumed, only evaluated with eval_linear.py")
+
+
+# What a resume reads from a training checkpoint (make_checkpoint), and what each entry must be. The weights and
+# the optimiser's state are checked against the network in Run (check_weights, check_optimizer_state).
+RESUMED_ENTRIES = {
+    "args": (lambda v: isinstance(v, dict), "a dict of the run's arguments"),
+    "model": (lambda v: isinstance(v, dict), "a state dict of the network"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list), "a state dict of the optimiser"),
+    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("cpu"), torch.Tensor) and v["cpu"].dtype == torch.uint8
+            and v["cpu"].shape == torch.get_rng_state().shape, "the random generator's state"),
+    "step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number of steps >= 0"),
+    "log": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("count"), int)
+                                    and (v.get("sum") is None or isinstance(v["sum"], torch.Tensor))),
+            "the open log window's sums"),
+}
+
+
+def check_entries(checkpoint, path):
+    """Every entry a resume reads is there and of its kind (RESUMED_ENTRIES; 'log' may be absent, as in checkpoints
+    from before it); else one sentence naming the entry, before anything is written."""
+    for key, (fits, what) in RESUMED_ENTRIES.items():
+        if key not in checkpoint and key != "log":
+            raise UserError(f"{path} is damaged: it has no {key!r} ({what}), so it cannot be resumed; resume an intact "
+                            "copy of the checkpoint, or start a new run")
+        if not fits(checkpoint.get(key)):
+            got = f" (got {checkpoint[key]!r})" if key == "step" else ""
+            raise UserError(f"{path} is damaged: its {key!r} is not {what}{got}, so it cannot be resumed; resume an "
+                            "intact copy of the checkpoint, or start a new run")
 
 
 def checkpoint_file(path):
@@ -1230,6 +1285,56 @@ def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
             raise UserError(f"cannot write {path}: {why}; {remedy}")
 
 
+def earlier_output(path):
+    """Which script wrote the file at `path`, from which input, where it was written then, and its record:
+    ('eval_linear.py', checkpoint, a kept model's path, record) for its report (a JSON with 'checkpoint' and
+    'mode') or a model it kept (a .pt whose 'fine_tune' record has them), ('representations.py', first model, its
+    --out, report) for its report (a JSON with 'model' and 'cka'); Nones for any other file (another program's,
+    or a damaged one)."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                record = json.load(f)
+        else:
+            record = load_checkpoint(path)
+            record = record.get("fine_tune") if isinstance(record, dict) else None
+    except (OSError, ValueError, UserError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("checkpoint"), str) and "mode" in record:
+        entry = (record.get("results") or [record])[0]  # --mode all: the first mode's entry names its model
+        written_at = entry.get("fine_tuned") if isinstance(entry, dict) else None
+        return "eval_linear.py", record["checkpoint"], written_at, record
+    first = record.get("model") if isinstance(record, dict) else None
+    if isinstance(first, dict) and isinstance(first.get("checkpoint"), str) and "cka" in record:
+        return "representations.py", first["checkpoint"], record.get("out"), record
+    return None, None, None, None
+
+
+def check_replaced(path, script, source, out):
+    """Before any work, for each file `path` that `script` would write for its report `out`: an existing file is
+    replaced only when it is `script`'s own output from the same input `source` (an earlier run of the same
+    evaluation or analysis): the same path, or the same path relative to the file when the folder was moved or
+    copied with its reports. Another checkpoint's report or kept model, the other script's report, or a file this
+    project did not write is refused in one sentence naming whose it is. Returns the replaced file's record."""
+    if not os.path.exists(path):
+        return None
+    owner, recorded, written_at, record = earlier_output(path)
+    what = ("a model fine-tuned by eval_linear.py from" if owner and not path.endswith(".json") else
+            f"{owner}'s report on" if owner else "")
+    if owner is None:
+        raise UserError(f"--out {out} would replace {path}, which is not a file of {script} (another program's, or a "
+                        "damaged one); choose another --out")
+    if owner != script:
+        raise UserError(f"--out {out} would replace {path}, {what} {recorded}; {script} does not replace {owner}'s "
+                        "files: choose another --out")
+    moved = isinstance(written_at, str) and os.path.relpath(recorded, os.path.dirname(written_at)) == \
+        os.path.relpath(os.path.abspath(source), os.path.dirname(os.path.abspath(path)))
+    if not (moved or _same_file(recorded, source)):
+        raise UserError(f"--out {out} would replace {path}, {what} {recorded}, not {source}; an --out replaces only "
+                        "what an earlier run wrote from the same input: choose another --out")
+    return record
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode):
     """Write `path` atomically: a temporary file, flushed to disk, then renamed over `path`. On any
@@ -1280,10 +1385,57 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before it refuses the file
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
         raise UserError(f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch "
                         "checkpoint; use another file") from None
+
+
+def _listed(keys, most=3):
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def check_weights(state, expected, path, network, remedy, optional=("num_batches_tracked",)):
+    """Refuse, in one sentence, weights `state` that do not fit `expected` (the network's state dict, described by
+    `network`): a missing key, an unexpected one (`remedy` says what to do), a shape that differs or a value that
+    is not a tensor, a NaN or infinite value. A partly loaded network would be evaluated silently, a NaN one trained
+    on until its first loss. Keys ending in `optional` may be missing: num_batches_tracked is only a BN counter
+    (unused at a fixed momentum) that checkpoints of old PyTorch versions lack. eval_linear.load_encoder and Run."""
+    missing = [k for k in expected if k not in state and not k.endswith(optional)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {list(getattr(state[k], 'shape', [type(state[k]).__name__]))} (expected {list(v.shape)})"
+                  for k, v in expected.items()
+                  if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} weights of {network} ({_listed(missing)}); use a complete "
+                        "checkpoint")
+    if unexpected:
+        raise UserError(f"{path} has {len(unexpected)} keys that {network} does not have ({_listed(unexpected)}); "
+                        f"{remedy}")
+    if mismatched:
+        raise UserError(f"{path} has weights whose shapes do not fit {network}: {_listed(mismatched)}")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise UserError(f"{path} contains NaN or infinite weights; use an earlier checkpoint")
+
+
+def check_optimizer_state(state, optimizer, path):
+    """A checkpoint's optimiser state fits `optimizer` (as many groups of as many parameters, each buffer the shape
+    of its parameter) and is finite; else one sentence, before a resume loads or writes anything."""
+    groups, params = optimizer.param_groups, [p for group in optimizer.param_groups for p in group["params"]]
+    fits = len(state["param_groups"]) == len(groups) and all(
+        isinstance(saved, dict) and len(saved.get("params", ())) == len(group["params"])
+        for saved, group in zip(state["param_groups"], groups))
+    fits = fits and all(isinstance(i, int) and 0 <= i < len(params) and isinstance(entry, dict)
+                        for i, entry in state["state"].items())
+    buffers = [(params[i], v) for i, entry in state["state"].items() for v in entry.values()] if fits else []
+    fits = fits and all(not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape == p.shape for p, v in buffers)
+    if not fits:
+        raise UserError(f"{path} is damaged: its optimiser state does not fit the network of its arguments, so it cannot "
+                        "be resumed; resume an intact copy of the checkpoint, or start a new run")
+    if not all(torch.isfinite(v).all() for _, v in buffers if isinstance(v, torch.Tensor) and v.is_floating_point()):
+        raise UserError(f"{path} contains NaN or infinite optimiser state; use an earlier checkpoint")
 
 
 def rng_state():
@@ -1625,6 +1777,14 @@ def parallel(model, compile, device, find_unused=False):
 # Run bookkeeping: one object per training run, one call per step
 # =============================================================================================
 
+def check_writable(run_dir):
+    """A resumed run writes into its folder: one that cannot be written (a read-only file system, a folder without
+    write permission) is refused in one sentence before anything else is done."""
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"cannot resume in {run_dir}: the run folder is not writable (a read-only file system, or "
+                        "no permission); make it writable, or copy the run folder somewhere writable and resume the copy")
+
+
 def metrics_to_keep(path, step, log_every):
     """On resume, the records of metrics.jsonl to keep (None without the file): those up to the
     checkpoint's step, less one there that closed a partial window (a --max-steps stop). The resumed
@@ -1677,13 +1837,19 @@ class Run:
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
         metrics_path, kept = os.path.join(self.dir, "metrics.jsonl"), None
         self.log = self.bench = None
-        if checkpoint:
+        if checkpoint:  # every check comes before the first write: a refused resume leaves the run folder as it is
+            network = f"the {method}.py network of width {args.width} with the {model.stem} stem that its arguments " \
+                      "describe"
+            check_weights(checkpoint["model"], model.state_dict(), args.resume, network, "resume an intact copy of the "
+                          "checkpoint, or start a new run", optional=())
+            check_optimizer_state(checkpoint["optimizer"], optimizer, args.resume)
             self.step, log_state = checkpoint["step"], checkpoint.get("log")
             self.nothing_to_do = self._check_resume_point(total_steps)
             if self.nothing_to_do:  # nothing is loaded or written: the run folder stays as it is
                 return
-            # read (and checked) before the first write: a damaged file leaves the run folder as it is
-            kept = self._on_rank0(world, lambda: metrics_to_keep(metrics_path, self.step, checkpoint["args"]["log_every"]))
+            self._on_rank0(world, lambda: check_writable(self.dir))
+            log_every = checkpoint["args"].get("log_every", args.log_every)
+            kept = self._on_rank0(world, lambda: metrics_to_keep(metrics_path, self.step, log_every))
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             set_rng_state(checkpoint["rng"])

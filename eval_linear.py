@@ -44,9 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, DATASETS, STAGE_NAMES, DefaultsHelpFormatter, ResNet18, UserError, autocast,
-                    check_attack_flags, check_classes, check_finite, check_fit_flags, check_ranges, check_outputs,
-                    checkpoint_file, default_workers, eval_loader, fail, load_checkpoint, load_dataset, main_guard,
-                    pgd_attack, pick_device, save_checkpoint, step_and_project, synchronize, write_json)
+                    check_attack_flags, check_classes, check_data_dir_is_read, check_finite, check_fit_flags,
+                    check_ranges, check_outputs, check_replaced, check_weights, checkpoint_file, default_workers,
+                    eval_loader, fail, load_checkpoint, load_dataset, main_guard, pgd_attack, pick_device,
+                    save_checkpoint, step_and_project, synchronize, write_json)
 
 # The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -188,17 +189,21 @@ def recipe_record(args, method, mode, settings):
     return recipe
 
 
-# The representation analysis's flags, which moved to representations.py; each is answered with its command there.
-MOVED_FLAGS = ["--compare", "--probes", "--probe-features", "--probe-attack", "--probe-epochs", "--cka-eps",
-               "--cka-points", "--labels", "--plot"]
+# The representation analysis's flags, which moved to representations.py, each answered with a command there that
+# runs once its two file names are given (--compare has no flag there: the models after the first are compared).
+MOVED_FLAGS = {"--compare": "OTHER.pt", "--probes": "--probes", "--probe-features": "--probes --probe-features pool",
+               "--probe-attack": "--probes --probe-attack probe", "--probe-epochs": "--probes --probe-epochs 30",
+               "--cka-eps": "--cka-eps 2 8", "--cka-points": "--cka-points all", "--labels": "OTHER.pt --labels A B",
+               "--plot": "--plot"}
 
 
 def parse_args(argv=None):
     given = [flag for flag in MOVED_FLAGS if flag in {w.split("=")[0] for w in (sys.argv[1:] if argv is None else argv)}]
     if given:
+        compared = " (every model after the first is compared with it)" if given[0] == "--compare" else ""
         raise UserError(f"{given[0]} belongs to the representation analysis, which moved to representations.py: keep "
                         f"the fine-tuned models here, then run python representations.py <json stem>_<mode>.pt "
-                        f"[OTHER ...] {given[0]} ... over them (or over pre-training checkpoints)")
+                        f"{MOVED_FLAGS[given[0]]}{compared}")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     a = parser.add_argument
     a("checkpoint", help="pre-training checkpoint: this project's checkpoint.pt, or a released ACL/DynACL/AIR file")
@@ -269,8 +274,8 @@ def check_args(args):
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     check_attack_flags(args.eps, args.pgd_alpha, args.train_pgd_steps, "--train-pgd-steps")
     check_fit_flags(args)
-    if args.cka_samples < 2:
-        raise UserError(f"--cka-samples must be at least 2 (got {args.cka_samples}): CKA compares images with each other")
+    if args.cka_samples < 4:  # 2 images give CKA 1 at every stage, 1 image NaN: as representations.py, n > 3
+        raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): CKA compares images with each other")
     if args.method is not None and not METHOD_NAME.fullmatch(args.method):
         raise UserError(f"--method {args.method} is not a method name; write {METHOD_GRAMMAR} (e.g. dynacl-air++)")
     if args.mode is None and not args.post_process:
@@ -285,7 +290,9 @@ def resolve_data(args, run_args):
     recorded = (run_args or {}).get("dataset")
     given = args.dataset is not None
     args.dataset = args.dataset or recorded or "cifar10"
-    if args.data_dir is None:
+    if args.data_dir is not None:
+        check_data_dir_is_read(args.dataset)
+    else:
         args.data_dir = (run_args.get("data_dir") if args.dataset == recorded else None) or "./data"
     where = "" if args.dataset in ("digits", "synthetic") else f" in {args.data_dir}"
     if recorded is None:
@@ -362,10 +369,6 @@ def _state_dict_of(checkpoint, path):
     return state, run_args if isinstance(run_args, dict) else None
 
 
-def _listed(keys, most=3):
-    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
-
-
 def load_encoder(path, bn="adv"):
     """The encoder of a checkpoint in eval mode, with the BN copy `bn` ('adv' or 'clean'). Width and stem
     come from conv1.weight ([width, 3, k, k]; k = 3: CIFAR stem, k = 7: ImageNet stem). Any missing,
@@ -380,24 +383,9 @@ def load_encoder(path, bn="adv"):
                         "it is not an ACL/DynACL/AIR pre-training checkpoint")
     width, stem = conv1.shape[0], "cifar" if conv1.shape[2] == 3 else "imagenet"
     model = ResNet18(width, stem, head=False)
-    expected = model.state_dict()
-    # Our departure from strictness: num_batches_tracked is only a counter (unused with a fixed BN
-    # momentum), and checkpoints written by old PyTorch versions lack it.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {list(getattr(state[k], 'shape', [type(state[k]).__name__]))} (expected {list(v.shape)})"
-                  for k, v in expected.items()
-                  if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)]
-    network = f"a dual-BN ResNet-18 of width {width} with the {stem} stem"
-    if missing:
-        raise UserError(f"{path} lacks {len(missing)} weights of {network} ({_listed(missing)}); use a complete checkpoint")
-    if unexpected:
-        raise UserError(f"{path} has {len(unexpected)} keys that {network} does not have ({_listed(unexpected)}); "
-                        "it is not an ACL/DynACL/AIR pre-training checkpoint")
-    if mismatched:
-        raise UserError(f"{path} has weights whose shapes do not fit {network}: {_listed(mismatched)}")
-    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-        raise UserError(f"{path} contains NaN or infinite weights; use an earlier checkpoint")
+    # Our departure from strictness: num_batches_tracked may be missing (common.check_weights)
+    check_weights(state, model.state_dict(), path, f"a dual-BN ResNet-18 of width {width} with the {stem} stem",
+                  "it is not an ACL/DynACL/AIR pre-training checkpoint")
     model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
     encoder = Encoder(model, bn).eval()
     encoder.width, encoder.stem, encoder.run_args = width, stem, run_args
@@ -455,10 +443,15 @@ def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
 
 def check_output_files(args, out):
     """Before any work: the JSON `out` and each mode's fine-tuned model overwrite no input of the run and no file
-    of a training run (common.check_outputs); nor do --post-process's files."""
+    of a training run (common.check_outputs), and replace only this program's files from the same checkpoint
+    (common.check_replaced); nor do --post-process's files overwrite an input."""
     if args.mode:  # --post-process alone writes no JSON
         modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
         check_outputs([out] + [fine_tuned_path(out, mode) for mode in modes], [args.checkpoint])
+        source = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "postprocessed.pt") \
+            if args.post_process else args.checkpoint  # what the JSON and the models will record
+        for path in [out] + [fine_tuned_path(out, mode) for mode in modes]:
+            check_replaced(path, "eval_linear.py", source, out)
     if args.post_process:
         folder = os.path.dirname(os.path.abspath(args.checkpoint))
         check_outputs([os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")],
@@ -914,14 +907,17 @@ def main(argv=None):
         recipe_size(args.dataset, image_size)
         if args.mode:
             check_recipe(derived_method(method, "++") if args.post_process else method)
+    test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
+                              device, args.seed, subset=args.test_size) if args.mode else None
+    if args.cka and args.mode and len(test_loader.dataset) < 4:  # 1 image: NaN, 2: CKA 1 at every stage
+        raise UserError(f"--cka needs at least 4 test images, but only {len(test_loader.dataset)} are used "
+                        f"(--test-size, or the {args.dataset} test split); use more, or drop --cka")
     if args.post_process:
         args.checkpoint, record = post_process(args, method, image_size, num_classes, device, amp, memory_format)
         if args.mode is None:
             return record
         pretrained = load_encoder(args.checkpoint, args.bn or "adv")
         method = pretrained.method
-    test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
-                              device, args.seed, subset=args.test_size)
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     print(f"{args.checkpoint}: {method or 'method not recorded'}, width {pretrained.width}, {pretrained.stem} stem; "
           f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "

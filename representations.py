@@ -36,11 +36,12 @@ import torch
 import torch.nn as nn
 
 from common import (DATASETS, BasicBlock, DefaultsHelpFormatter, DualBN, UserError, atomic_file, autocast,
-                    check_attack_flags, check_finite, check_fit_flags, check_outputs, check_ranges, checkpoint_file,
-                    default_workers, eval_loader, main_guard, pgd_attack, pick_device, write_json)
-from eval_linear import (MODE_DEFAULTS, Classifier, _gram, correct_per_image, dataset_classes, earlier_outputs, fine_tune,
-                         load_encoder, only_clean_bn_trained, print_values, print_wrapped,
-                         representation_similarity, resolve_data, say_if_one_step)
+                    check_attack_flags, check_finite, check_fit_flags, check_outputs, check_ranges, check_replaced,
+                    checkpoint_file, default_workers, eval_loader, given_flags, main_guard, pgd_attack, pick_device,
+                    write_json)
+from eval_linear import (MODE_DEFAULTS, Classifier, _gram, correct_per_image, dataset_classes, fine_tune, load_encoder,
+                         only_clean_bn_trained, print_values, print_wrapped, representation_similarity, resolve_data,
+                         say_if_one_step)
 
 SLF = MODE_DEFAULTS["slf"]  # the fitted classifiers' and the probes' settings (eval_linear.py's SLF)
 
@@ -93,8 +94,30 @@ def parse_args(argv=None):
     a("--out", default=None, help="JSON file for the results (default: <first model without .pt>_representations_"
       "<dataset>.json)")
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)  # for check_flags_used
     check_args(args)
     return args
+
+
+# Flags that set only the classifier fitted on a pre-training checkpoint's encoder, that classifier and the probes,
+# or the probes: given where nothing uses them they would change nothing, and are refused (check_flags_used).
+FIT_FLAGS = ["bn", "epochs"]
+FIT_AND_PROBE_FLAGS = ["batch_size", "lr", "milestones", "momentum", "weight_decay", "train_size"]
+PROBE_FLAGS = ["probe_features", "probe_attack", "probe_epochs"]
+
+
+def check_flags_used(args, fitted):
+    """A flag given that changes nothing in this run (no model gets a fitted classifier, no --probes) is refused
+    in one sentence: the user meant it to change something."""
+    for name in [n for n in FIT_FLAGS + FIT_AND_PROBE_FLAGS + PROBE_FLAGS if n in args.given]:
+        flag = "--" + name.replace("_", "-")
+        if name in PROBE_FLAGS and not args.probes:
+            raise UserError(f"{flag} sets the probes, but --probes was not given; add --probes or drop {flag}")
+        if name not in PROBE_FLAGS and not fitted and not (args.probes and name in FIT_AND_PROBE_FLAGS):
+            probes = " and the probes (no --probes here)" if name in FIT_AND_PROBE_FLAGS else ""
+            raise UserError(f"{flag} sets the classifier fitted on a pre-training checkpoint's encoder{probes}, but "
+                            f"every model here is kept by eval_linear.py with its own classifier: {flag} would change "
+                            "nothing; drop it")
 
 
 def check_args(args):
@@ -237,6 +260,19 @@ def kept_part(checkpoint, path, feature_dim):
                         "fine-tune its pre-training checkpoint again")
     return {"weight": weight, "bias": bias, "bn": checkpoint["bn"], "num_classes": num_classes,
             "record": checkpoint["fine_tune"]}
+
+
+def check_kept_model_data(path, part, dataset, image_size, num_classes):
+    """A kept model (kept_part) is mapped on the data it was fine-tuned on: its classifier knows those classes at
+    that size, and an attack through it on other images (the same class count or not) would mean nothing."""
+    if not part:
+        return
+    record = part["record"]
+    fine_tuned = (record.get("dataset", dataset), record.get("image_size", image_size))  # older records: unknown
+    if fine_tuned != (dataset, image_size) or part["num_classes"] != num_classes:
+        raise UserError(f"{path} was fine-tuned on {fine_tuned[0]} at {fine_tuned[1]} px ({part['num_classes']} "
+                        f"classes), but this run maps {dataset} at {image_size} px ({num_classes} classes); its "
+                        f"classifier knows only its own images: map models fine-tuned on the same data")
 
 
 def fine_tuned_model(encoder):
@@ -521,10 +557,19 @@ def plot_analysis(result, out):
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
-    # Everything that can fail is checked before the first fit: plotting package, models, output.
+    # Everything that can fail is checked before the first fit: plotting package, models, flags, data, output.
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs the matplotlib package, which is not installed; run 'pip install matplotlib' "
                         "or drop --plot (the numbers are in the JSON either way)")
+    if args.plot:  # imported, not only found: an installed but broken matplotlib fails here, not after the work
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+        except Exception as e:
+            raise UserError(f"--plot needs matplotlib, which is installed but cannot be imported ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}); repair it (e.g. "
+                            "'pip install --force-reinstall matplotlib') or drop --plot") from None
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -537,28 +582,32 @@ def main(argv=None):
                             "models made for the same image size")
         if not encoder.fine_tuned and args.bn is None and only_clean_bn_trained(encoder, "slf"):
             encoder.adv = False
+    check_flags_used(args, fitted=not all(encoder.fine_tuned for encoder in encoders))
     # --dataset and --data-dir default to the first model's (a kept model's: the data it was fine-tuned on)
     recorded = dict(first.run_args or {}, **({"dataset": first.fine_tuned["record"]["dataset"]}
                                              if first.fine_tuned and first.fine_tuned["record"].get("dataset") else {}))
     data = resolve_data(args, recorded)
     out = args.out or f"{os.path.splitext(args.models[0])[0]}_representations_{args.dataset}.json"
-    # the JSON and any figure of its name overwrite no model read and no training run's file (common.check_outputs)
+    # the JSON and any figure of its name overwrite no model read and no training run's file (common.check_outputs),
+    # and the JSON replaces only this program's report on the same first model (common.check_replaced)
     figure = re.compile(re.escape(os.path.splitext(os.path.abspath(out))[0]) + FIGURE_SUFFIX)
     check_outputs([out] + [path for path in args.models if args.plot and figure.fullmatch(os.path.abspath(path))],
                   args.models)
+    replaced = check_replaced(out, "representations.py", args.models[0], out) or {}  # its figures: removed below
     image_size = args.image_size or first.image_size
     num_classes = dataset_classes(args.dataset, args.data_dir)
     for path, encoder in zip(args.models, encoders):
-        if encoder.fine_tuned and encoder.fine_tuned["num_classes"] != num_classes:
-            raise UserError(f"{path} was fine-tuned for {encoder.fine_tuned['num_classes']} classes but "
-                            f"{args.dataset} has {num_classes}; map models of the same dataset")
+        check_kept_model_data(path, encoder.fine_tuned, args.dataset, image_size, num_classes)
     labels = args.labels or [model_label(e.method, e.run_args, path, None if e.fine_tuned else "slf")
                              for path, e in zip(args.models, encoders)]
-    if not args.labels:  # models recording the same method and eps (two seeds; a model and itself): numbered
-        labels = [f"{name} ({i + 1})" if labels.count(name) > 1 else name for i, name in enumerate(labels)]
+    # models recording the same method and eps (two seeds; a model and itself), or given one label twice: numbered
+    labels = [f"{name} ({i + 1})" if labels.count(name) > 1 else name for i, name in enumerate(labels)]
     test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
                               device, args.seed, subset=args.test_size)
-    print(f"{len(args.models)} models on {data} at {image_size} px, {num_classes} classes, "
+    if len(test_loader.dataset) < 4:
+        raise UserError(f"the maps need at least 4 test images (the unbiased CKA estimator needs n > 3), but only "
+                        f"{len(test_loader.dataset)} are used (--test-size, or the {args.dataset} test split); use more")
+    print(f"{len(args.models)} model{'s' * (len(args.models) > 1)} on {data} at {image_size} px, {num_classes} classes, "
           f"{len(test_loader.dataset)} test images ({device.type}{', bf16' if amp else ''})", flush=True)
 
     models, records = [], []
@@ -589,7 +638,8 @@ def main(argv=None):
     result = {"model": records[0], "compare": compare, "dataset": args.dataset, "image_size": image_size,
               "num_classes": num_classes, "test_images": len(test_loader.dataset), "eps": args.eps,
               "pgd_alpha": args.pgd_alpha, "pgd_steps": args.pgd_steps, "seed": args.seed, "device": device.type,
-              "amp": amp, "cka": cka, "probes": probes, "seconds": time.perf_counter() - start}
+              "amp": amp, "cka": cka, "probes": probes, "out": os.path.abspath(out), "figures": [],
+              "seconds": time.perf_counter() - start}
 
     print_analysis(result)
     try:
@@ -597,14 +647,21 @@ def main(argv=None):
         write_json(out, result)
         print(f"\nwrote {out}", flush=True)
         figures = plot_analysis(result, out) if args.plot else []
+        if figures:  # recorded, so that a later run of this --out removes exactly these (below)
+            result["figures"] = [os.path.basename(path) for path in figures]
+            write_json(out, result)
     except OSError as e:
         raise UserError(f"cannot write {out} and the figures beside it ({e.strerror}); choose another --out") from None
     for path in figures:
         print(f"wrote {path}", flush=True)
-    # A figure of this JSON that an earlier run drew and this one did not would no longer match the JSON: removed.
-    for path in earlier_outputs(out, figures + args.models, FIGURE_SUFFIX):
-        os.remove(path)
-        print(f"removed {path}: an earlier run's figure that {os.path.basename(out)} no longer describes", flush=True)
+    # The figures the replaced JSON recorded that this run did not redraw would no longer match the JSON: removed.
+    # Only those: a file this program did not write, even one named like a figure, is never removed.
+    for name in replaced.get("figures") or []:
+        path = os.path.join(os.path.dirname(out), os.path.basename(name))
+        if (figure.fullmatch(os.path.abspath(path)) and os.path.isfile(path) and name not in result["figures"]
+                and os.path.realpath(path) not in {os.path.realpath(model) for model in args.models}):
+            os.remove(path)
+            print(f"removed {path}: an earlier run's figure that {os.path.basename(out)} no longer describes", flush=True)
     return result
 
 

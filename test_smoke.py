@@ -801,6 +801,8 @@ def test_imagefolder_training_end_to_end(tmp_path):
 
 QUICK = ["--dataset", "synthetic", "--epochs", "1", "--train-size", "64", "--test-size", "32", "--batch-size", "16",
          "--test-batch-size", "16", "--workers", "0", "--device", "cpu"]
+# QUICK for representations.py over kept models only: without the fitted classifier's flags, which it refuses there
+QUICK_KEPT = ["--dataset", "synthetic", "--test-size", "32", "--test-batch-size", "16", "--workers", "0", "--device", "cpu"]
 KEYS = ["checkpoint", "dataset", "mode", "bn", "epochs", "clean_acc", "pgd20_acc", "autoattack_acc", "corruption_acc",
         "cka", "seconds"]
 
@@ -1331,8 +1333,8 @@ def test_a_flag_overrides_the_recipe_and_uniform_needs_no_method(recipe_files, m
     ("released", ["--post-process", "lpaft"], ["does not record its method", "--method"]),
     ("acl", ["--method", "dynacl"], ["records the method acl", "--method dynacl"]),
     ("air_dynacl", ["--method", "acl-air", "--recipe", "paper"], ["records the method dynacl-air"]),
-    ("acl", ["--recipe", "paper", "--dataset", "synthetic"],
-     ["cifar10/32, cifar100/32, stl10/96, stl10/32", "synthetic/32"]),
+    ("acl", ["--recipe", "paper", "--dataset", "stl10", "--image-size", "64"],
+     ["cifar10/32, cifar100/32, stl10/96, stl10/32", "stl10/64"]),
     ("acl", ["--recipe", "paper", "--image-size", "64"], ["cifar10/32, cifar100/32", "not for cifar10/64"]),
     ("acl", ["--post-process", "lpaft", "--train-size", "7"], ["has 7 images, fewer than the 10 clusters"]),
 ])
@@ -1968,9 +1970,10 @@ def test_the_maps_of_a_kept_model_are_those_of_the_model_eval_linear_fine_tuned(
     same classifier: the same maps, figures' curves and probes, without a second fine-tuning."""
     eval_linear.main([pretrained, "--mode", "slf", *QUICK, "--out", str(tmp_path / "e.json")])
     kept = str(tmp_path / "e_slf.pt")
-    argv = [*QUICK, "--cka-samples", "20", "--probes", "--probe-epochs", "1"]
+    argv = ["--epochs", "1", *QUICK_KEPT, "--train-size", "64", "--batch-size", "16", "--cka-samples", "20", "--probes",
+            "--probe-epochs", "1"]  # QUICK's settings
     fitted = representations.main([pretrained, *argv, "--out", str(tmp_path / "fitted.json")])
-    as_kept = representations.main([kept, *argv, "--out", str(tmp_path / "kept.json")])
+    as_kept = representations.main([kept, *argv[2:], "--out", str(tmp_path / "kept.json")])  # no --epochs: no fit
     assert as_kept["model"]["fine_tuned"] and as_kept["model"]["fitted"] is None
     assert as_kept["model"]["attacked"] == "its own classifier, fine-tuned and kept by eval_linear.py"
     for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv"):
@@ -2033,8 +2036,8 @@ def test_eval_linear_names_the_representations_command_for_the_moved_flags(flag,
                                                       "--out", str(tmp_path / "e.json")], capsys)
     assert status == 2 and err.strip() == (
         f"error: {flag} belongs to the representation analysis, which moved to representations.py: keep the fine-tuned "
-        f"models here, then run python representations.py <json stem>_<mode>.pt [OTHER ...] {flag} ... over them (or "
-        "over pre-training checkpoints)")
+        f"models here, then run python representations.py <json stem>_<mode>.pt {eval_linear.MOVED_FLAGS[flag]}"
+        + (" (every model after the first is compared with it)" if flag == "--compare" else ""))
     assert os.listdir(tmp_path) == [] and "epoch" not in capsys.readouterr().out
     if flag == "--compare":  # from the command line, written as --flag=value too
         assert_clean_error(run_eval_cli(pretrained, "--compare=x.pt", "--out", str(tmp_path / "e.json")),
@@ -2215,7 +2218,7 @@ def test_a_kept_model_is_used_as_it_is(fine_tuned_aff, pretrained, tmp_path, mon
     own = [f for f in attacked if isinstance(f, eval_linear.Classifier) and f is not trained[0]]
     assert own and all(torch.equal(f.fc.weight, saved["model"]["classifier.weight"]) and f.encoder.adv for f in own)
     # the kept model against itself: no fine-tuning, cross maps of 1 on the diagonal; the labels are numbered
-    result = representations.main([path, path, *QUICK, "--cka-samples", "16", "--out", str(tmp_path / "d.json")])
+    result = representations.main([path, path, *QUICK_KEPT, "--cka-samples", "16", "--out", str(tmp_path / "d.json")])
     (other,) = result["compare"]
     assert len(trained) == 1 and other["fine_tuned"] and other["bn"] == "adv"
     assert np.allclose(np.diag(other["clean_x_clean"]), 1, atol=1e-9)
@@ -3186,9 +3189,10 @@ def test_eval_with_loader_workers_and_plot_exits(pretrained, tmp_path):
     assert json.loads(out.read_text())["model"]["mode"] == "slf" and (tmp_path / "e_diagonal.png").is_file()
 
 
-def test_diverged_fine_tuning_is_an_error_that_keeps_the_finished_modes(pretrained, tmp_path):
+def test_diverged_fine_tuning_is_an_error_that_keeps_the_finished_modes(pretrained, fine_tuned_aff, tmp_path):
     out = tmp_path / "d.json"
-    (tmp_path / "d_aff.pt").write_bytes(b"an earlier run's model")
+    earlier = open(fine_tuned_aff[1], "rb").read()  # an earlier AFF model of this checkpoint
+    (tmp_path / "d_aff.pt").write_bytes(earlier)
     result = run_cli("eval_linear.py", pretrained, "--mode", "all", *QUICK, "--lr", "1e6", "--pgd-steps", "1",
                      "--train-pgd-steps", "1", "--out", str(out))
     assert_clean_error(result, "fine-tuning (aff) diverged in epoch 1/1: mean loss nan", "slf and alf", str(out),
@@ -3199,7 +3203,7 @@ def test_diverged_fine_tuning_is_an_error_that_keeps_the_finished_modes(pretrain
     for mode in ("slf", "alf"):
         model = torch.load(tmp_path / f"d_{mode}.pt", weights_only=True)["model"]
         assert all(torch.isfinite(v).all() for v in model.values())
-    assert (tmp_path / "d_aff.pt").read_bytes() == b"an earlier run's model"  # no NaN model written over it
+    assert (tmp_path / "d_aff.pt").read_bytes() == earlier  # no NaN model written over it
     assert f"wrote {tmp_path / 'd_aff.pt'}" not in result.stdout and "left" in result.stdout
     # one mode that diverges: nothing finished, nothing written
     result = run_cli("eval_linear.py", pretrained, "--mode", "aff", *QUICK, "--lr", "1e6", "--pgd-steps", "1",
@@ -4242,3 +4246,283 @@ def test_a_run_restores_the_signal_handlers_it_found(tmp_path, monkeypatch):
         acl.main(TINY + ["--max-steps", "5", "--out-dir", str(tmp_path / "nan")])
     assert failed.value.code == 1
     assert handlers() == [mine, mine], "a run stopped by a non-finite loss left its signal handlers installed"
+
+
+# Issue 31: nothing lost, round 2: an --out that replaces another model's files, ignored flags,
+# damaged checkpoints on resume, tracebacks, misleading messages
+# =============================================================================================
+
+@pytest.fixture(scope="module")
+def runs31(pretrained, tmp_path_factory):
+    """The issue's finished runs: A (acl.py: the pretrained fixture's run folder, copied) and B (air.py), each evaluated
+    with --mode slf (eval_slf_synthetic.json and its kept model _slf.pt in the run folder), A's kept model mapped by
+    representations.py (A/maps.json), and two-step runs C (a_infonce.py) and D (supervised.py). Tests that write work
+    on a copy (runs_copy)."""
+    root = tmp_path_factory.mktemp("issue31")
+    shutil.copytree(os.path.dirname(pretrained), root / "A")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for name, module in (("B", air), ("C", a_infonce), ("D", supervised)):
+        shutil.move(module.main(TINY + ["--max-steps", "2", "--pgd-steps", "1", "--out-dir", str(root / "new")]),
+                    root / name)
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    for name in "AB":
+        eval_linear.main([str(root / name), "--mode", "slf", *QUICK])
+    representations.main([str(root / "A" / "eval_slf_synthetic_slf.pt"), *QUICK_KEPT, "--cka-samples", "16",
+                          "--out", str(root / "A" / "maps.json")])
+    return root
+
+
+@pytest.fixture
+def runs_copy(runs31, tmp_path):
+    shutil.copytree(runs31, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def damage_checkpoint(path, kind):
+    checkpoint = torch.load(path, weights_only=True)
+    model = checkpoint["model"]
+    if kind == "nan weights":
+        model["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    elif kind == "wrong shape":
+        model["layer1.0.conv1.weight"] = torch.zeros(3, 3)
+    elif kind == "missing key":
+        del model["layer2.1.bn1.bn_list.0.weight"]
+    elif kind == "extra key":
+        model["extra.weight"] = torch.zeros(3)
+    elif kind == "other width":
+        checkpoint["args"]["width"] = 16
+    elif kind.startswith("no "):
+        del checkpoint[kind[3:]]
+    elif kind == "step 2.5":
+        checkpoint["step"] = 2.5
+    elif kind == "optimiser state":
+        checkpoint["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+    elif kind == "before --augment":
+        del checkpoint["args"]["augment"]
+    torch.save(checkpoint, path)
+
+
+# (case, setup on the copied runs r, script's main, its argv, the one sentence); O is the fixture's own folder, which
+# the copied reports name as their input. Every case is refused before any work and changes no file.
+REFUSED_31 = [
+    ("eval B --out A's report", None, eval_linear.main,
+     lambda r: [r / "B", "--mode", "slf", *QUICK, "--out", r / "A/eval_slf_synthetic.json"],
+     lambda r, O: f"--out {r}/A/eval_slf_synthetic.json would replace {r}/A/eval_slf_synthetic.json, eval_linear.py's "
+                  f"report on {O}/A/checkpoint.pt, not {r}/B/checkpoint.pt; an --out replaces only what an earlier run "
+                  "wrote from the same input: choose another --out"),
+    ("eval B --out beside A's kept model", lambda r: shutil.copy(r / "A/eval_slf_synthetic_slf.pt", r / "A/k_slf.pt"),
+     eval_linear.main, lambda r: [r / "B", "--mode", "slf", *QUICK, "--out", r / "A/k.json"],
+     lambda r, O: f"--out {r}/A/k.json would replace {r}/A/k_slf.pt, a model fine-tuned by eval_linear.py from "
+                  f"{O}/A/checkpoint.pt, not {r}/B/checkpoint.pt; an --out replaces only what an earlier run wrote from "
+                  "the same input: choose another --out"),
+    ("eval --out a user's JSON", lambda r: (r / "notes.json").write_text('{"my": "notes"}'), eval_linear.main,
+     lambda r: [r / "A", *QUICK, "--out", r / "notes.json"],
+     lambda r, O: f"--out {r}/notes.json would replace {r}/notes.json, which is not a file of eval_linear.py (another "
+                  "program's, or a damaged one); choose another --out"),
+    ("eval --out representations' report", None, eval_linear.main, lambda r: [r / "A", *QUICK, "--out", r / "A/maps.json"],
+     lambda r, O: f"--out {r}/A/maps.json would replace {r}/A/maps.json, representations.py's report on "
+                  f"{O}/A/eval_slf_synthetic_slf.pt; eval_linear.py does not replace representations.py's files: "
+                  "choose another --out"),
+    ("representations --out eval's report", None, representations.main,
+     lambda r: [r / "A/eval_slf_synthetic_slf.pt", *QUICK_KEPT, "--out", r / "A/eval_slf_synthetic.json"],
+     lambda r, O: f"--out {r}/A/eval_slf_synthetic.json would replace {r}/A/eval_slf_synthetic.json, eval_linear.py's "
+                  f"report on {O}/A/checkpoint.pt; representations.py does not replace eval_linear.py's files: choose "
+                  "another --out"),
+    ("representations of B --out A's maps", None, representations.main,
+     lambda r: [r / "B/eval_slf_synthetic_slf.pt", *QUICK_KEPT, "--out", r / "A/maps.json"],
+     lambda r, O: f"--out {r}/A/maps.json would replace {r}/A/maps.json, representations.py's report on "
+                  f"{O}/A/eval_slf_synthetic_slf.pt, not {r}/B/eval_slf_synthetic_slf.pt; an --out replaces only what "
+                  "an earlier run wrote from the same input: choose another --out"),
+    ("eval --cka on 1 test image", None, eval_linear.main, lambda r: [r / "A", *QUICK, "--test-size", "1", "--cka"],
+     lambda r, O: "--cka needs at least 4 test images, but only 1 are used (--test-size, or the synthetic test split); "
+                  "use more, or drop --cka"),
+    ("eval --cka-samples 2", None, eval_linear.main, lambda r: [r / "A", *QUICK, "--cka", "--cka-samples", "2"],
+     lambda r, O: "--cka-samples must be at least 4 (got 2): CKA compares images with each other"),
+    ("representations on 3 test images", None, representations.main, lambda r: [r / "A", *QUICK, "--test-size", "3"],
+     lambda r, O: "the maps need at least 4 test images (the unbiased CKA estimator needs n > 3), but only 3 are used "
+                  "(--test-size, or the synthetic test split); use more"),
+    ("kept model at another image size", None, representations.main,
+     lambda r: [r / "A/eval_slf_synthetic_slf.pt", *QUICK_KEPT, "--image-size", "16"],
+     lambda r, O: f"{r}/A/eval_slf_synthetic_slf.pt was fine-tuned on synthetic at 32 px (10 classes), but this run "
+                  "maps synthetic at 16 px (10 classes); its classifier knows only its own images: map models "
+                  "fine-tuned on the same data"),
+    ("kept model on another dataset", None, representations.main,
+     lambda r: [r / "A/eval_slf_synthetic_slf.pt", r / "B/eval_slf_synthetic_slf.pt", *QUICK_KEPT, "--dataset", "digits"],
+     lambda r, O: f"{r}/A/eval_slf_synthetic_slf.pt was fine-tuned on synthetic at 32 px (10 classes), but this run "
+                  "maps digits at 32 px (10 classes); its classifier knows only its own images: map models fine-tuned "
+                  "on the same data"),
+    *[(f"kept models only, {flag}", None, representations.main,
+       lambda r, flag=flag, value=value: [r / "A/eval_slf_synthetic_slf.pt", *QUICK_KEPT, flag, value],
+       lambda r, O, flag=flag, probes=probes: f"{flag} sets the classifier fitted on a pre-training checkpoint's encoder"
+       f"{' and the probes (no --probes here)' if probes else ''}, but every model here is kept by eval_linear.py with "
+       f"its own classifier: {flag} would change nothing; drop it")
+      for flag, value, probes in (("--bn", "clean", False), ("--epochs", "3", False), ("--lr", "0.1", True))],
+    ("--probe-epochs without --probes", None, representations.main,
+     lambda r: [r / "A", *QUICK, "--probe-epochs", "2"],
+     lambda r, O: "--probe-epochs sets the probes, but --probes was not given; add --probes or drop --probe-epochs"),
+    ("eval --data-dir with synthetic", None, eval_linear.main, lambda r: [r / "A", *QUICK, "--data-dir", r / "nowhere"],
+     lambda r, O: "--data-dir is not read with --dataset synthetic, whose images are generated, for tests; drop "
+                  "--data-dir or choose the dataset that folder holds"),
+    *[(f"{name} --data-dir with digits", None, main, argv,
+       lambda r, O: "--data-dir is not read with --dataset digits, whose images are built in (digits.npz next to "
+                    "common.py); drop --data-dir or choose the dataset that folder holds")
+      for name, main, argv in (
+          ("representations", representations.main,
+           lambda r: [r / "A", *QUICK, "--dataset", "digits", "--data-dir", "/nonexistent"]),
+          ("acl.py", acl.main,
+           lambda r: [*TINY, "--dataset", "digits", "--data-dir", "/nonexistent", "--max-steps", "1", "--out-dir", r]))],
+    ("resume --out-dir elsewhere", None, acl.main, lambda r: ["--resume", r / "A", "--out-dir", r / "elsewhere"],
+     lambda r, O: f"--out-dir {r}/elsewhere cannot move a resumed run: it continues in its own folder {r}/A; drop "
+                  f"--out-dir (or copy the run folder into {r}/elsewhere and resume the copy)"),
+    ("resume --eps 4", None, acl.main, lambda r: ["--resume", r / "A", "--eps", "4"],
+     lambda r, O: f"{r}/A/checkpoint.pt was trained with --eps 8, but --eps 4 was given; drop the flag to resume, or "
+                  "start a new run"),
+    ("resume --augment batched from before the flag", lambda r: damage_checkpoint(r / "A/checkpoint.pt", "before --augment"),
+     acl.main, lambda r: ["--resume", r / "A", "--augment", "batched"],
+     lambda r, O: f"{r}/A/checkpoint.pt was trained with --augment pil, but --augment batched was given; drop the flag "
+                  "to resume, or start a new run"),
+]
+
+
+@pytest.mark.parametrize("case, setup, main, argv, sentence", REFUSED_31, ids=[case[0] for case in REFUSED_31])
+def test_issue31_refused_in_one_sentence_before_anything_changes(case, setup, main, argv, sentence, runs31, runs_copy,
+                                                                 capsys):
+    if setup:
+        setup(runs_copy)
+    files = all_files(runs_copy)
+    status, err = in_process_error(main, [str(a) for a in argv(runs_copy)], capsys)
+    assert (status, err) == (2, f"error: {sentence(runs_copy, runs31)}\n")
+    assert "epoch" not in capsys.readouterr().out  # refused before any work
+    assert all_files(runs_copy) == files  # every file byte for byte, none added or removed
+
+
+DAMAGED_31 = [("acl", kind) for kind in ("nan weights", "wrong shape", "missing key", "extra key", "other width", "no args",
+                                         "no optimizer", "no rng", "step 2.5", "optimiser state")]
+DAMAGED_31 += [(method, "nan weights") for method in ("air", "a_infonce", "supervised")] + [("supervised", "no rng")]
+
+
+@pytest.mark.parametrize("method, kind", DAMAGED_31)
+def test_issue31_a_damaged_checkpoint_is_refused_before_the_resume_writes(method, kind, runs_copy, capsys):
+    module, folder = {"acl": (acl, "A"), "air": (air, "B"), "a_infonce": (a_infonce, "C"), "supervised": (supervised, "D")}[method]
+    run_dir, path = runs_copy / folder, runs_copy / folder / "checkpoint.pt"
+    damage_checkpoint(path, kind)
+    files = run_files(run_dir)
+    network = f"the {method}.py network of width {16 if kind == 'other width' else 8} with the cifar stem that its " \
+              "arguments describe"
+    intact = "resume an intact copy of the checkpoint, or start a new run"
+    sentence = {
+        "nan weights": f"{path} contains NaN or infinite weights; use an earlier checkpoint",
+        "wrong shape": f"{path} has weights whose shapes do not fit {network}: layer1.0.conv1.weight [3, 3] (expected "
+                       "[8, 8, 3, 3])",
+        "missing key": f"{path} lacks 1 weights of {network} (layer2.1.bn1.bn_list.0.weight); use a complete checkpoint",
+        "extra key": f"{path} has 1 keys that {network} does not have (extra.weight); {intact}",
+        "other width": f"{path} has weights whose shapes do not fit {network}: conv1.weight [8, 3, 3, 3] (expected "
+                       "[16, 3, 3, 3]), bn1.bn_list.0.weight [8] (expected [16]), bn1.bn_list.0.bias [8] (expected [16]) and",
+        "no args": f"{path} is damaged: it has no 'args' (a dict of the run's arguments), so it cannot be resumed; {intact}",
+        "no optimizer": f"{path} is damaged: it has no 'optimizer' (a state dict of the optimiser), so it cannot be "
+                        f"resumed; {intact}",
+        "no rng": f"{path} is damaged: it has no 'rng' (the random generator's state), so it cannot be resumed; {intact}",
+        "step 2.5": f"{path} is damaged: its 'step' is not a whole number of steps >= 0 (got 2.5), so it cannot be "
+                    f"resumed; {intact}",
+        "optimiser state": f"{path} is damaged: its optimiser state does not fit the network of its arguments, so it "
+                           f"cannot be resumed; {intact}",
+    }[kind]
+    status, err = in_process_error(module.main, ["--resume", str(run_dir), "--max-steps", "4"], capsys)
+    assert_one_sentence(status, err, f"error: {sentence}")
+    assert capsys.readouterr().out == "" and run_files(run_dir) == files  # args.json, metrics.jsonl as they were
+
+
+def test_issue31_resume_takes_its_own_folder_as_out_dir_and_a_checkpoint_from_before_augment_with_pil(runs_copy):
+    run_dir = runs_copy / "A"
+    assert acl.main(["--resume", str(run_dir), "--max-steps", "3", "--out-dir", str(runs_copy)]) == str(run_dir)
+    damage_checkpoint(run_dir / "checkpoint.pt", "before --augment")  # resumed with PIL, so --augment pil may be given
+    acl.main(["--resume", str(run_dir), "--max-steps", "4", "--augment", "pil", "--workers", "0"])
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert json.load(open(run_dir / "args.json"))["augment"] == "pil"
+
+
+def test_issue31_resume_in_a_read_only_folder_is_one_sentence(runs_copy):
+    """A read-only bind mount of the run folder, in a user and mount namespace of its own (unshare)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("unshare cannot make a mount namespace here")
+    run_dir = runs_copy / "A"
+    files = run_files(run_dir)
+    script = (f'mount --bind "{run_dir}" "{run_dir}" && mount -o remount,ro,bind "{run_dir}" && exec "{sys.executable}" '
+              f'"{os.path.join(HERE, "acl.py")}" --resume "{run_dir}" --max-steps 4 --workers 0')
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert_clean_error(result, f"error: cannot resume in {run_dir}: the run folder is not writable (a read-only file "
+                       "system, or no permission); make it writable, or copy the run folder somewhere writable and "
+                       "resume the copy")
+    assert run_files(run_dir) == files
+
+
+def test_issue31_a_broken_matplotlib_is_refused_before_the_work(runs_copy, tmp_path):
+    fake = tmp_path / "broken" / "matplotlib"
+    os.makedirs(fake)
+    (fake / "__init__.py").write_text('raise ImportError("numpy.core.multiarray failed to import")\n')
+    files = all_files(runs_copy)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "representations.py"),
+                             str(runs_copy / "A/eval_slf_synthetic_slf.pt"), *QUICK_KEPT, "--cka-samples", "16",
+                             "--plot", "--out", str(runs_copy / "r.json")], capture_output=True, text=True, timeout=120,
+                            cwd=HERE, env=dict(os.environ, PYTHONPATH=str(tmp_path / "broken")))
+    assert_clean_error(result, "error: --plot needs matplotlib, which is installed but cannot be imported (ImportError: "
+                       "numpy.core.multiarray failed to import); repair it")
+    assert "epoch" not in result.stdout and all_files(runs_copy) == files
+
+
+def test_issue31_a_plain_pickle_is_one_sentence_without_torchs_warning(runs_copy, capsys):
+    import warnings
+    path = runs_copy / "plain.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": [1, 2]}, f, protocol=4)
+    for main, argv in ((eval_linear.main, [path, *QUICK]), (representations.main, [path, *QUICK]),
+                       (acl.main, ["--resume", path])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            status, err = in_process_error(main, [str(a) for a in argv], capsys)
+        assert_one_sentence(status, err, f"error: checkpoint {path} cannot be read: it is truncated, corrupt or not a "
+                            "PyTorch checkpoint; use another file")
+        assert [str(w.message) for w in caught] == []
+
+
+def test_issue31_every_moved_flags_advice_is_a_command_that_runs(runs_copy, capsys):
+    kept, other = str(runs_copy / "A/eval_slf_synthetic_slf.pt"), str(runs_copy / "B/eval_slf_synthetic_slf.pt")
+    for flag in eval_linear.MOVED_FLAGS:
+        with pytest.raises(common.UserError) as refused:
+            eval_linear.parse_args([kept, flag] + (["x.pt"] if flag == "--compare" else []))
+        command = re.search(r"then run python representations\.py (.*?)(?: \(|$)", str(refused.value)).group(1)
+        argv = command.replace("<json stem>_<mode>.pt", kept).replace("OTHER.pt", other).split()
+        args = representations.parse_args(argv)  # argparse would exit on a flag representations.py does not have
+        representations.check_flags_used(args, fitted=False)  # and no flag of it changes nothing
+        assert args.models == ([kept, other] if flag in ("--compare", "--labels") else [kept])
+        assert flag == "--compare" or flag[2:].replace("-", "_") in args.given  # the flag itself, written there
+
+
+def test_issue31_only_figures_a_run_recorded_are_removed_and_labels_are_distinct(runs_copy, capsys):
+    kept, out = str(runs_copy / "A/eval_slf_synthetic_slf.pt"), runs_copy / "r.json"
+    (runs_copy / "r_probes.png").write_bytes(b"a user's figure")  # named like a figure this --out could draw
+    argv = [kept, kept, *QUICK_KEPT, "--cka-samples", "16", "--labels", "AT", "AT", "--out", str(out)]
+    result = representations.main(argv)
+    assert (result["model"]["label"], result["compare"][0]["label"]) == ("AT (1)", "AT (2)")
+    assert (runs_copy / "r_probes.png").read_bytes() == b"a user's figure" and result["figures"] == []
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    drawn = representations.main(argv + ["--plot"])["figures"]
+    assert drawn == ["r_clean_x_adv.png", "r_clean_x_clean.png", "r_adv_x_adv.png", "r_compare0_clean_x_clean.png",
+                     "r_compare0_adv_x_adv.png", "r_diagonal.png", "r_stages.png"]
+    assert json.load(open(out))["figures"] == drawn and all((runs_copy / name).is_file() for name in drawn)
+    capsys.readouterr()
+    representations.main([kept, *QUICK_KEPT, "--cka-samples", "16", "--out", str(out)])  # no --plot: nothing drawn
+    printed = capsys.readouterr().out
+    assert "1 model on synthetic" in printed and printed.count("removed ") == len(drawn)
+    assert sorted(f for f in os.listdir(runs_copy) if f.startswith("r")) == ["r.json", "r_probes.png"]
+
+
+def test_issue31_an_evaluation_replaces_its_own_earlier_one_also_in_a_copied_folder(runs31, runs_copy):
+    """The copied folder's report names the fixture's checkpoint: the same path relative to the report, so it is the
+    same input, re-evaluated as the default --out does."""
+    report = runs_copy / "A/eval_slf_synthetic.json"
+    assert json.load(open(report))["checkpoint"] == str(runs31 / "A/checkpoint.pt")
+    result = eval_linear.main([str(runs_copy / "A"), "--mode", "slf", *QUICK])
+    assert json.load(open(report))["checkpoint"] == result["checkpoint"] == str(runs_copy / "A/checkpoint.pt")
