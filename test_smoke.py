@@ -4248,6 +4248,7 @@ def test_a_run_restores_the_signal_handlers_it_found(tmp_path, monkeypatch):
     assert handlers() == [mine, mine], "a run stopped by a non-finite loss left its signal handlers installed"
 
 
+# =============================================================================================
 # Issue 31: nothing lost, round 2: an --out that replaces another model's files, ignored flags,
 # damaged checkpoints on resume, tracebacks, misleading messages
 # =============================================================================================
@@ -4526,3 +4527,212 @@ def test_issue31_an_evaluation_replaces_its_own_earlier_one_also_in_a_copied_fol
     assert json.load(open(report))["checkpoint"] == str(runs31 / "A/checkpoint.pt")
     result = eval_linear.main([str(runs_copy / "A"), "--mode", "slf", *QUICK])
     assert json.load(open(report))["checkpoint"] == result["checkpoint"] == str(runs_copy / "A/checkpoint.pt")
+
+
+# =============================================================================================
+# Issue 35: README and docs links and commands
+# =============================================================================================
+
+import argparse  # noqa: E402
+import glob  # noqa: E402
+import shlex  # noqa: E402
+
+def _module_from(path):
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT_MODULES = {"acl.py": acl, "air.py": air, "a_infonce.py": a_infonce, "supervised.py": supervised,
+                  "eval_linear.py": eval_linear, "representations.py": representations,
+                  "docs/bench_views.py": _module_from(os.path.join(HERE, "docs", "bench_views.py"))}
+FENCE = re.compile(r"^```[\w-]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+
+def doc_pages(root):
+    """README.md and every docs/*.md, relative to root."""
+    return ["README.md"] + sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "docs", "*.md")))
+
+
+def github_anchors(markdown):
+    """The anchors GitHub gives the headings of a page: lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading numbered -1, -2, ..."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*#*$", FENCE.sub("", markdown), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def broken_links(root):
+    """Every relative link or image of README.md and docs/*.md (outside code) whose file, or whose #anchor in
+    that file, does not exist: ['page: target (why)', ...]."""
+    problems = []
+    for page in doc_pages(root):
+        text = open(os.path.join(root, page), encoding="utf-8").read()
+        prose = re.sub(r"`[^`]+`", "", FENCE.sub("", text))
+        for target in re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not a file of the project
+                continue
+            path, _, anchor = target.partition("#")
+            file = os.path.normpath(os.path.join(root, os.path.dirname(page), path)) if path else os.path.join(root, page)
+            if not os.path.exists(file):
+                problems.append(f"{page}: {target} (no such file)")
+            elif anchor and file.endswith(".md") and anchor not in github_anchors(open(file, encoding="utf-8").read()):
+                problems.append(f"{page}: {target} (no heading with that anchor)")
+    return problems
+
+
+def shell_segments(line):
+    """One shell line cut at ; && || | outside quotes, with its comment dropped."""
+    segments, current, quote, i = [], "", None, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "#" and (not current or current[-1].isspace()):
+            break
+        elif line.startswith(("&&", "||"), i) or c in ";|":
+            segments.append(current)
+            current, i = "", i + (2 if line.startswith(("&&", "||"), i) else 1)
+            continue
+        current += c
+        i += 1
+    return segments + [current]
+
+
+def command_lines(markdown):
+    """The `python X.py ...` and `torchrun ... X.py ...` commands of a page as (text, script, argv): every line of
+    its code blocks, continuations joined, comments and redirections dropped, the variables its blocks set so far
+    (NAME=value; a for loop's first value) substituted and $(...) replaced by a placeholder path; and every
+    inline code span that is such a command, unless it abbreviates one with '...'."""
+    commands = []
+    lines = [(line, True) for block in FENCE.findall(markdown) for line in block.replace("\\\n", " ").splitlines()]
+    lines += [(span.replace("\n", " "), False) for span in re.findall(r"`([^`]+)`", FENCE.sub("", markdown))
+              if re.match(r"(python3? \S+\.py|torchrun )", span) and "..." not in span]
+    variables = {}
+    for line, in_block in lines:
+        for segment in shell_segments(re.sub(r"\$\([^()]*\)", "SUBSTITUTED.pt", line)):
+            segment = re.sub(r"\$\{?([A-Za-z_]\w*)\}?", lambda m: variables.get(m.group(1), m.group(0)), segment)
+            words = shlex.split(segment)
+            words = [w for i, w in enumerate(words) if not re.fullmatch(r"\d*(>>?|<|&>)(&\d+)?", w)
+                     and not (i and re.fullmatch(r"\d*(>>?|<|&>)", words[i - 1])) and not re.match(r"\d*>>?\S", w)]
+            while words and words[0] in ("do", "then", "else", "time"):
+                words = words[1:]
+            while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0], re.S):
+                name, _, value = words.pop(0).partition("=")
+                if not words and in_block:  # NAME=value alone sets a variable; before a command, its environment
+                    variables[name] = value
+            if len(words) >= 4 and words[0] == "for" and words[2] == "in":
+                variables[words[1]] = words[3]
+            elif len(words) >= 2 and words[0] in ("python", "python3") and words[1].endswith(".py"):
+                commands.append((" ".join(segment.split()), words[1], words[2:]))
+            elif words and words[0] == "torchrun":
+                script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+                commands.append((" ".join(segment.split()), words[script] if script else "(no script)",
+                                 words[script + 1:] if script else []))
+    return commands
+
+
+class _Parsed(Exception):
+    pass
+
+
+class _Refused(Exception):
+    pass
+
+
+def parse_problem(root, script, argv):
+    """None if the script's own argparse parser takes argv, else why not. The parser is the one the script's
+    parse_args builds; parsing stops there, before the checks that read files or resume (argv holds placeholders
+    such as runs/<time>/checkpoint.pt). A script without a parser (docs/augment_vs_pil.py) takes no arguments."""
+    if not os.path.isfile(os.path.join(root, script)):
+        return f"{script} does not exist"
+    if script not in SCRIPT_MODULES:
+        return None if not argv else f"{script} takes no arguments"
+    real_parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        real_parse_args(self, args, namespace)
+        raise _Parsed
+
+    def refuse(self, message):
+        raise _Refused(message)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+        patch.setattr(argparse.ArgumentParser, "error", refuse)
+        try:
+            SCRIPT_MODULES[script].parse_args(list(argv))
+        except _Parsed:
+            return None
+        except _Refused as refused:
+            return f"argparse: {refused}"
+        except common.UserError as refused:
+            return f"refused: {refused}"
+        except SystemExit as stopped:  # --help prints and exits 0
+            return None if stopped.code == 0 and ("--help" in argv or "-h" in argv) else f"exit {stopped.code}"
+    return "parse_args returned without parsing"
+
+
+def unparsable_commands(root):
+    """['page: command (why)', ...] for every command of README.md and docs/*.md its script's parser refuses;
+    also the scripts whose commands were checked."""
+    problems, scripts = [], set()
+    for page in doc_pages(root):
+        for text, script, argv in command_lines(open(os.path.join(root, page), encoding="utf-8").read()):
+            scripts.add(script)
+            problem = parse_problem(root, script, argv)
+            if problem:
+                problems.append(f"{page}: {text} ({problem})")
+    return problems, scripts
+
+
+def test_readme_and_docs_links_point_to_files_and_headings_that_exist():
+    assert len(doc_pages(HERE)) >= 2, "docs/*.md holds the README's subjects"
+    assert broken_links(HERE) == []
+
+
+def test_readme_and_docs_command_lines_parse_with_their_scripts_parsers():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    assert "python -m pytest -q test_smoke.py" in readme  # .ci/run runs the README's test command
+    readme_commands = command_lines(readme)
+    assert len(readme_commands) >= 15 and any(text.startswith("torchrun") for text, _, _ in readme_commands)
+    problems, scripts = unparsable_commands(HERE)
+    assert problems == []
+    assert set(SCRIPT_MODULES) <= scripts, "every script has a command in README.md or docs/"
+
+
+def test_the_link_and_command_checks_catch_a_broken_link_and_a_made_up_flag(tmp_path):
+    """The two tests above can fail: a page with one of each defect gives exactly those defects."""
+    (tmp_path / "docs").mkdir()
+    for script in ["acl.py", "air.py", "eval_linear.py", "representations.py"]:
+        (tmp_path / script).write_text("")
+    (tmp_path / "docs" / "run.md").write_text("# Running it\n\n## Never lose a run\n\n![figure](fig.png)\n")
+    (tmp_path / "README.md").write_text(
+        "# Title\n\nSee [running](docs/run.md#never-lose-a-run), [gone](docs/gone.md), [nowhere](docs/run.md#resume), "
+        "[a site](https://example.org) and `[not a link](gone.md)`.\n\n"
+        "```bash\n"
+        "F=\"--dataset digits --width 32\"  # set in the block\n"
+        "for e in 4 0; do\n"
+        "  python acl.py $F --eps $e --out-dir runs/eps$e > log.txt 2>&1   # fine\n"
+        "done\n"
+        "python air.py --dataset cifar10 \\\n    --made-up-flag 3\n"
+        "python acl.py --dataset imagenet; python eval_linear.py runs/<time>/checkpoint.pt --mode all --probes\n"
+        "torchrun --nproc_per_node 4 air.py --dataset cifar10 --official-ir && python representations.py $(ft x) --plot\n"
+        "```\n\nInline: `python acl.py --help`, `python acl.py ... --eps 0` (abbreviated), `python acl.py --wdith 8`.\n")
+    assert broken_links(tmp_path) == ["README.md: docs/gone.md (no such file)",
+                                      "README.md: docs/run.md#resume (no heading with that anchor)",
+                                      "docs/run.md: fig.png (no such file)"]
+    problems, scripts = unparsable_commands(tmp_path)
+    assert scripts == {"acl.py", "air.py", "eval_linear.py", "representations.py"}
+    assert len(problems) == 4, problems
+    assert "air.py --dataset cifar10 --made-up-flag 3 (argparse: unrecognized arguments: --made-up-flag 3)" in problems[0]
+    assert "--dataset imagenet (argparse: argument --dataset: invalid choice: 'imagenet'" in problems[1]
+    assert "--probes (refused: --probes belongs to the representation analysis" in problems[2]
+    assert "python acl.py --wdith 8 (argparse: unrecognized arguments: --wdith 8)" in problems[3]
+    assert "python acl.py --help" not in " ".join(problems) and "runs/eps4" not in " ".join(problems)

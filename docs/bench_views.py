@@ -191,7 +191,7 @@ def tf32_error(args):
         print(f"| {name} ({e.numel():,} values) | {e.mean():.4f} | {e.max():.3f} | {(e > 0.5).double().mean():.2e} |")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["speed", "profile", "memory", "memory-child", "tf32"])
     parser.add_argument("--batch-size", type=int, default=512)
@@ -200,7 +200,11 @@ if __name__ == "__main__":
     parser.add_argument("--images", type=int, default=100_000, help="memory: images in the STL-10 stand-in")
     parser.add_argument("--draws", type=int, default=4, help="tf32: parameter draws per image set")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
     torch.set_num_threads(args.threads)
     {"speed": speed, "profile": profile, "memory": memory, "memory-child": lambda a: memory_child(a.images),
      "tf32": tf32_error}[args.what](args)
