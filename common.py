@@ -327,14 +327,8 @@ class STL10(_ExtractedCopy, datasets.STL10):
     pass
 
 
-class SyntheticImages(Dataset):
-    """CIFAR-10-sized random uint8 images and labels made from the seed: for tests and benchmarks."""
-
-    def __init__(self, train=True, seed=0, size=None):
-        n = size or (50000 if train else 10000)
-        rng = np.random.default_rng(seed * 2 + (0 if train else 1))
-        self.data = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-        self.targets = rng.integers(0, 10, size=n).tolist()
+class _ArrayImages(Dataset):
+    """(PIL image, label) of images held as a uint8 (N, H, W, 3) array `data` with their `targets`."""
 
     def __len__(self):
         return len(self.data)
@@ -344,7 +338,17 @@ class SyntheticImages(Dataset):
         return Image.fromarray(self.data[i]), self.targets[i]
 
 
-class DigitsImages(Dataset):
+class SyntheticImages(_ArrayImages):
+    """CIFAR-10-sized random uint8 images and labels made from the seed: for tests and benchmarks."""
+
+    def __init__(self, train=True, seed=0, size=None):
+        n = size or (50000 if train else 10000)
+        rng = np.random.default_rng(seed * 2 + (0 if train else 1))
+        self.data = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        self.targets = rng.integers(0, 10, size=n).tolist()
+
+
+class DigitsImages(_ArrayImages):
     """The built-in real dataset: UCI "Optical Recognition of Handwritten Digits" (Alpaydin & Kaynak; the
     1,797 8x8 grey scans, values 0..16, that scikit-learn ships; CC BY 4.0), stored in digits.npz beside
     this file with a fixed stratified split (`train`: 2/3 of each class, 1,198 images; the rest, 599, is
@@ -359,13 +363,6 @@ class DigitsImages(Dataset):
         from PIL import Image
         grey = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8)) for x in scans]
         self.data = np.stack([np.asarray(g.resize((size, size), Image.BILINEAR).convert("RGB")) for g in grey])
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        return Image.fromarray(self.data[i]), self.targets[i]
 
 
 def check_digits_file():
@@ -497,12 +494,11 @@ def _sample_seed(seed, epoch, index):
 
 
 class PretrainViews(Dataset):
-    """Yields (x1, x2, x0, y): two augmented views, the un-augmented image and its label (--supcon; -1
-    in STL-10's unlabelled split). The key is (index, epoch, strength) from PretrainSampler; the
-    augmentation of each image is seeded by (seed, epoch, index), so a resumed run sees exactly the
-    views the interrupted one would have, whatever the number of workers.
-    supervised=True (supervised.py) yields (x, y) instead: one view with the evaluation's training
-    augmentation, RandomCrop(size, padding 4) + flip, seeded the same way (strength is unused)."""
+    """Yields (x1, x2, x0, y): two augmented views, the un-augmented image and its label (--supcon; -1 in STL-10's
+    unlabelled split). The key is (index, epoch, strength) from PretrainSampler; the augmentation of each image is
+    seeded by (seed, epoch, index), so a resumed run sees exactly the views the interrupted one would have, whatever
+    the number of workers. supervised=True (supervised.py) yields (x, y) instead: one view with the evaluation's
+    training augmentation, RandomCrop(size, padding 4) + flip, seeded the same way (strength is unused)."""
 
     def __init__(self, base, size, native, seed, supervised=False):
         self.base, self.size, self.seed, self.supervised = base, size, seed, supervised
@@ -516,8 +512,7 @@ class PretrainViews(Dataset):
     def __getitem__(self, key):
         index, epoch, strength = key
         image, label = self.base[index]
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = image.convert("RGB") if image.mode != "RGB" else image
         if strength not in self.transforms and not self.supervised:
             self.transforms[strength] = pretrain_transform(self.size, strength)
         with torch.random.fork_rng(devices=[]):  # leave the training RNG alone when workers == 0
@@ -530,11 +525,10 @@ class PretrainViews(Dataset):
 
 
 class PretrainSampler(Sampler):
-    """Batches of keys (index, epoch, strength): a permutation seeded by (seed, epoch), last partial
-    batch dropped. set_epoch(epoch, strength, start) chooses the epoch and skips `start` batches
-    (resume). The sampler runs in the main process, so this reaches persistent workers too.
-    With `world` processes, process `rank` takes the rank-th of `world` equal, consecutive slices of
-    each global batch of `batch_size`: the slices, in rank order, are the one-process batch."""
+    """Batches of keys (index, epoch, strength): a permutation seeded by (seed, epoch), last partial batch dropped.
+    set_epoch(epoch, strength, start) chooses the epoch and skips `start` batches (resume). The sampler runs in the main
+    process, so this reaches persistent workers too. Process `rank` of `world` takes the rank-th of `world` equal,
+    consecutive slices of each global batch of `batch_size`: the slices, in rank order, are the one-process batch."""
 
     def __init__(self, n, batch_size, seed, rank=0, world=1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
@@ -561,12 +555,11 @@ class PretrainSampler(Sampler):
 
 
 # --- Whole batches on the training device (--augment batched) -----------------------------------
-# The datasets held in memory go to the training device once, as uint8; each step's batch is cut from
-# them by the sampler's indices and augmented there as a whole, with one random parameter set per image
-# drawn as torchvision draws it (the same distributions as the PIL path above; README, "Augmentation").
-# The parameters come from a CPU generator keyed on (seed, epoch, batch) and are drawn for the global
-# batch, of which each process takes its slice: a resumed run and N processes see the views of one
-# uninterrupted process. Nothing here waits for the device (no .item(), no data-dependent branch).
+# The datasets held in memory go to the training device once, as uint8; each step's batch is cut from them by
+# the sampler's indices and augmented there as a whole, with one parameter set per image drawn as torchvision
+# draws it (README, "Augmentation"), by a CPU generator keyed on (seed, epoch, batch), for the global batch, of
+# which each process takes its slice: a resumed run and N processes see the views of one uninterrupted process.
+# The indices and parameters go in one non-blocking copy from pinned memory; nothing here waits for the device.
 
 IN_MEMORY = ["cifar10", "cifar100", "stl10", "digits", "synthetic"]
 
@@ -581,12 +574,8 @@ def crop_params(g, n, height, width, scale, ratio=(3 / 4, 4 / 3)):
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # half to even, as round()
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = ok.to(torch.uint8).argmax(1, keepdim=True)  # argmax gives the first maximal index
-    if width / height < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
-    else:
-        fallback_w, fallback_h = width, height
+    fallback_w, fallback_h = ((width, round(width / ratio[0])) if width / height < ratio[0] else
+                              (round(height * ratio[1]), height) if width / height > ratio[1] else (width, height))
     found = ok.any(1)
     w = torch.where(found, w.gather(1, first)[:, 0], float(fallback_w))
     h = torch.where(found, h.gather(1, first)[:, 0], float(fallback_h))
@@ -596,11 +585,10 @@ def crop_params(g, n, height, width, scale, ratio=(3 / 4, 4 / 3)):
     return i.float(), j.float(), h.float(), w.float()
 
 
-def view_params(g, n, height, width, strength):
+def view_params(g, n, height, width, s):
     """The random parameters of pretrain_transform(size, s) for n images: crop (i, j, h, w), flip
     (p 0.5), ColorJitter factors [brightness, contrast, saturation ~ U(max(0, 1 - 0.4 s), 1 + 0.4 s),
-    hue ~ U(-0.1 s, 0.1 s)] applied in a per-image random order with p 0.8 s, grayscale (p 0.2 s)."""
-    s = strength
+    hue ~ U(-0.1 s, 0.1 s)] applied in a per-image random order with p 0.8 s, grayscale (p 0.2 s); s: strength."""
     params = dict(zip("ijhw", crop_params(g, n, height, width, (1 - 0.9 * s, 1.0))))
     u = torch.rand(n, 7, dtype=torch.float64, generator=g)
     low, high = torch.tensor([max(0, 1 - 0.4 * s)] * 3 + [-0.1 * s]), torch.tensor([1 + 0.4 * s] * 3 + [0.1 * s])
@@ -635,8 +623,7 @@ def resize_matrix(start, length, in_size, out_size):
 
 
 def shift_matrix(start, in_size, out_size):
-    """R (n, out_size, in_size) with R[r, x] = 1 where x = start + r: a crop, zero where it leaves the image
-    (RandomCrop's zero padding)."""
+    """R (n, out_size, in_size), R[r, x] = 1 where x = start + r: a crop, zero outside (RandomCrop's padding)."""
     rows = torch.arange(out_size, device=start.device)[None, :, None] + start[:, None, None]
     return (rows == torch.arange(in_size, device=start.device)).float()
 
@@ -662,29 +649,37 @@ def blend(x, other, f):
 def adjust_hue(x, f):
     """torchvision's adjust_hue: RGB -> HSV (H in [0, 1)), H <- (H + f) mod 1, HSV -> RGB by
     channel_k = V - V S clamp(min(m, 4 - m), 0, 1), m = (k + 6 H) mod 6, k = 5, 3, 1 for R, G, B."""
-    v, _ = x.max(1)
-    c = v - x.min(1)[0]  # chroma
+    v = x.amax(1)
+    c = v - x.amin(1)  # chroma
     s = c / torch.where(c == 0, 1, v)
     r, g, b = ((v[:, None] - x) / torch.where(c == 0, 1, c)[:, None]).unbind(1)  # (V - R) / C, ...
     red, green = v == x[:, 0], (v == x[:, 1]) & (v != x[:, 0])
     h6 = torch.where(red, b - g, torch.where(green, 2 + r - b, 4 + g - r))  # 6 H, in [-1, 5)
     h6 = torch.remainder(h6 + 6 * f[:, 0], 6)
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None]
+    k = torch.arange(5.0, 0.0, -2.0, device=x.device)[None, :, None, None]  # 5, 3, 1, made there: no copy
     m = torch.remainder(k + h6[:, None], 6)
     return v[:, None] - (v * s)[:, None] * torch.minimum(m, 4 - m).clamp(0, 1)
 
 
-def color_jitter(x, factors, order, jitter):
-    """RandomApply(ColorJitter, p) with torchvision's per-image random order: at each of the 4 positions
-    every image applies its own op (0 brightness: blend with 0; 1 contrast: with the mean of its
-    grayscale; 2 saturation: with its grayscale; 3 hue), the others pass through (factor 1 or not chosen)."""
+def jitter_groups(order, jitter):
+    """Computed where order and jitter were drawn (the host): for each position k, the images sorted by the op
+    they apply there (column k of perm; those ColorJitter skips last) and how many apply each (counts[k])."""
+    op = torch.where(jitter[:, None], order, 4)
+    return op.argsort(dim=0, stable=True), [torch.bincount(op[:, k], minlength=5).tolist() for k in range(4)]
+
+
+def color_jitter(x, factors, perm, counts):
+    """RandomApply(ColorJitter, p) with torchvision's per-image random order: at each of the 4 positions every image
+    applies its own op (0 brightness: blend with 0; 1 contrast: with the mean of its grayscale; 2 saturation: with its
+    grayscale; 3 hue), computed for those images alone, gathered and scattered by jitter_groups' host-made indices."""
+    x = x.clone()  # written in place below
     for k in range(4):
-        op = torch.where(jitter, order[:, k], -1)[:, None, None, None]
-        f = factors.gather(1, order[:, k:k + 1])[:, :, None, None]
-        x = blend(x, 0, torch.where(op == 0, f, 1))
-        x = blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), torch.where(op == 1, f, 1))
-        x = blend(x, grayscale(x), torch.where(op == 2, f, 1))
-        x = torch.where(op == 3, adjust_hue(x, f), x)
+        for o, i in enumerate(perm[:, k].split(counts[k])[:4]):
+            if len(i):
+                xi, f = x[i], factors[i, o, None, None, None]
+                other = grayscale(xi) if o in (1, 2) else 0
+                other = other.mean((1, 2, 3), keepdim=True) if o == 1 else other
+                x[i] = adjust_hue(xi, f) if o == 3 else blend(xi, other, f)
     return x
 
 
@@ -693,7 +688,7 @@ def augment(images, p, size):
     RandomResizedCrop(bicubic) + flip as one resampling, ColorJitter, RandomGrayscale; float in [0, 1]."""
     x = resample(images, resize_matrix(p["i"], p["h"], images.shape[2], size),
                  resize_matrix(p["j"], p["w"], images.shape[3], size), p["flip"])
-    x = color_jitter(x, p["factors"], p["order"], p["jitter"])
+    x = color_jitter(x, p["factors"], p["perm"], p["counts"])
     return torch.where(p["gray"][:, None, None, None], grayscale(x).expand_as(x), x)
 
 
@@ -704,10 +699,9 @@ class BatchedViews:
     def __init__(self, images, labels, sampler, size, seed, supervised=False):
         self.images, self.labels, self.batch_sampler = images, labels, sampler
         self.size, self.seed, self.supervised = size, seed, supervised
-        height = images.shape[2]
+        height, self.native = images.shape[2], images.shape[2] == size
         zero, whole = torch.zeros(1, device=images.device), torch.full((1,), float(height), device=images.device)
         self.to_size = resize_matrix(zero, whole, height, size)  # eval_transform's Resize(size) of a square image
-        self.native = height == size
 
     def __len__(self):
         return len(self.batch_sampler)
@@ -715,26 +709,24 @@ class BatchedViews:
     def __iter__(self):
         sampler, device = self.batch_sampler, self.images.device
         for batch, keys in enumerate(sampler, sampler.start):
-            index = torch.tensor([key[0] for key in keys]).to(device, non_blocking=True)
-            images, y = self.images[index], self.labels[index]
             g = torch.Generator().manual_seed(_sample_seed(self.seed, sampler.epoch, batch))
+            drawn = ([crop_flip_params(g, sampler.batch_size, self.size)] if self.supervised else
+                     [view_params(g, sampler.batch_size, *self.images.shape[2:], sampler.strength) for _ in range(2)])
             first = sampler.rank * sampler.local  # this process's slice of the global batch's parameters
-
-            def mine(params):
-                return {k: v[first:first + len(keys)].to(device, non_blocking=True) for k, v in params.items()}
-
+            views = [{k: v[first:first + len(keys)] for k, v in p.items()} for p in drawn]
+            for p in views if not self.supervised else []:
+                p["perm"], p["counts"] = jitter_groups(p.pop("order"), p.pop("jitter"))
+            moved, *views = to_device([{"index": torch.tensor([key[0] for key in keys])}] + views, device)
+            images, y = self.images[moved["index"]], self.labels[moved["index"]]
             if self.supervised:
-                yield self.crop_flip(images, mine(crop_flip_params(g, sampler.batch_size, self.size))), y
+                yield self.crop_flip(images, views[0]), y
             else:
-                height, width = images.shape[2:]
-                p1, p2 = (mine(view_params(g, sampler.batch_size, height, width, sampler.strength)) for _ in range(2))
-                yield augment(images, p1, self.size), augment(images, p2, self.size), self.original(images), y
+                yield *(augment(images, p, self.size) for p in views), self.original(images), y
 
     def original(self, images):
         """x0: eval_transform(train=False), Resize(size) if the images are not that size."""
-        if self.native:
-            return images.float() / 255
-        return resample(images, *[self.to_size.expand(len(images), -1, -1)] * 2)
+        to_size = self.to_size.expand(len(images), -1, -1)
+        return images.float() / 255 if self.native else resample(images, to_size, to_size)
 
     def crop_flip(self, images, p):
         """eval_transform(train=True): Resize(size) if needed, RandomCrop(size, padding 4) + flip."""
@@ -742,20 +734,29 @@ class BatchedViews:
         return resample(images, ry, rx, p["flip"])
 
 
+def to_device(host, device):
+    """The tensors in `host` (dicts of tensors of one row per image; other values stay) on `device` in one copy: side by
+    side in one float64 tensor (exact for these indices, coordinates and float32 factors), pinned on CUDA, so that the
+    non-blocking copy waits for nothing (PyTorch reuses pinned memory only once its copies are done), unpacked there."""
+    tensors = [t for p in host for t in p.values() if isinstance(t, torch.Tensor)]
+    packed = torch.cat([t.reshape(len(t), -1).double() for t in tensors], 1)
+    moved = (packed.pin_memory() if device.type == "cuda" else packed).to(device, non_blocking=True)
+    cols = iter(moved.split([t[0].numel() for t in tensors], 1))
+    return [{k: next(cols).reshape_as(v).to(v.dtype) if torch.is_tensor(v) else v for k, v in p.items()} for p in host]
+
+
 def in_memory(base, device):
     """The images of an in-memory dataset as uint8 (N, 3, H, W) and its labels (N,), on `device`."""
-    images = torch.from_numpy(base.data)
-    if images.shape[-1] == 3:  # HWC (CIFAR, digits, synthetic); STL-10 is stored CHW
-        images = images.permute(0, 3, 1, 2)
+    images = torch.from_numpy(base.data)  # HWC (CIFAR, digits, synthetic); STL-10 is stored CHW
+    images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
     labels = torch.as_tensor(np.asarray(base.targets if hasattr(base, "targets") else base.labels))  # STL-10: labels
-    return images.contiguous().to(device), labels.long().to(device)
+    return images.to(device), labels.long().to(device)  # no host copy: dense, it moves as it is
 
 
 # --- Data loaders --------------------------------------------------------------------------------
 
 def _worker_init(_):
-    # Ctrl-C and a SIGTERM sent to the whole process group (scancel, kill -- -PGID) are the main
-    # process's to handle: it checkpoints and stops the workers itself.
+    # Ctrl-C and a SIGTERM to the process group (scancel, kill -- -PGID) are the main process's: it stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -769,8 +770,7 @@ def pretrain_loader(args, device, supervised=False):
     if args.augment == "batched" and args.dataset not in IN_MEMORY:
         raise UserError(f"--augment batched needs a dataset held in memory ({', '.join(IN_MEMORY)}); --dataset "
                         f"{args.dataset} is read from files one image at a time: use --augment pil")
-    base = load_dataset(args.dataset, args.data_dir, "train" if supervised else "pretrain", args.seed,
-                        args.image_size)
+    base = load_dataset(args.dataset, args.data_dir, "train" if supervised else "pretrain", args.seed, args.image_size)
     if len(base) < args.batch_size:
         raise UserError(f"the dataset has {len(base)} images, fewer than --batch-size {args.batch_size}; "
                         "lower the batch size or add images")
@@ -888,4 +888,3 @@ def dynacl_schedule(epoch, epochs, dynacl, k=50, lambda_dyn=2 / 3):
         return 1.0, 0.0
     strength = 1 - math.floor((epoch - 1) / k) * k / epochs
     return strength, lambda_dyn * (1 - strength)
-

@@ -316,13 +316,14 @@ def checkpoint_file(path):
 # =============================================================================================
 
 def pick_device(name):
-    """The device; on the GPU the cuDNN and TF32 settings, on the CPU as many threads as there are idle cores."""
+    """The device; on the GPU the cuDNN settings, on the CPU as many threads as there are idle cores."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu or auto")
     device = torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True  # only matters with --no-amp
+        # TF32 convolutions (with --no-amp; autocast runs them in bf16). Matrix products stay fp32 (PyTorch's default):
+        # the losses' and the views' resampling are fp32 under autocast too; TF32 would move pixels by up to 0.35 level.
         torch.backends.cudnn.allow_tf32 = True
     else:
         use_idle_cores()
@@ -740,9 +741,9 @@ class Benchmark:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def time_loader(self, loader, sampler, batches, workers, world=1):
-        """This process's loader alone over `batches` batches; its rate times the processes (they load
-        side by side), comparable with the training images/s, and per loading process (worker)."""
+    def time_loader(self, loader, sampler, batches, world=1):
+        """This process's loader alone over `batches` batches; its rate times the processes (they load side by side),
+        comparable with the training images/s, and per loader worker (None without: --workers 0, --augment batched)."""
         sampler.set_epoch(1)
         start, images = time.perf_counter(), 0
         for n, batch in enumerate(loader, 1):
@@ -751,7 +752,8 @@ class Benchmark:
                 break
         synchronize(self.device)  # --augment batched makes the batches on the device, asynchronously
         rate = images / (time.perf_counter() - start)
-        self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, rate / max(1, workers)
+        workers = getattr(loader, "num_workers", 0) or None  # None: --workers 0, or BatchedViews (views on the device)
+        self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, workers and rate / workers
 
     def count_flops(self, images):
         """Count the floating-point operations of everything until the next step() with PyTorch's
@@ -791,8 +793,9 @@ class Benchmark:
         write_json(os.path.join(run_dir, "benchmark.json"), result)
         compute = f", {flops / 1e9:.3g} GFLOP per image, {result['tflops_per_s']:.3g} TFLOP/s" if flops else ""
         memory = f", peak GPU memory {result['peak_gpu_memory_gib']:.2f} GiB" if result["peak_gpu_memory_gib"] else ""
-        loader = (f", data loader alone {self.loader_images_per_s:.0f} img/s "
-                  f"({self.loader_images_per_s_per_worker:.0f} per worker)" if self.loader_images_per_s else "")
+        loader = f", data loader alone {self.loader_images_per_s:.0f} img/s" if self.loader_images_per_s else ""
+        per_worker = self.loader_images_per_s_per_worker
+        loader += f" ({per_worker:.0f} per worker)" if per_worker else ""
         print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.start_steps} warm-up steps on "
               f"{result['device']}{compute}{memory}{loader}", flush=True)
         return result
@@ -961,7 +964,7 @@ class Run:
         self.watch = NonFiniteWatch(device)
         self.stop = StopSignal(announce=self.rank == 0)
         if self.bench and args.benchmark:
-            self.bench.time_loader(loader, loader.batch_sampler, min(50, self.steps_per_epoch), args.workers, world)
+            self.bench.time_loader(loader, loader.batch_sampler, min(50, self.steps_per_epoch), world)
             if not args.compile:  # FlopCounterMode counts eager operations: not a compiled graph's
                 self.bench.count_flops(args.batch_size // world)
 

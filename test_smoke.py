@@ -5,6 +5,7 @@
 Every test checks a value that could come out wrong: losses against explicit loops, attacks against
 their constraints, checkpoints against a round trip, bad input against the promised message.
 """
+import contextlib
 import importlib.util
 import json
 import math
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 # One OpenMP thread per process, here and in every process the tests start (they inherit it): the
 # tests run several PyTorch processes at once on a small CI machine, where spinning OpenMP threads
@@ -237,7 +239,7 @@ def test_batched_color_ops_equal_torchvision_functional_ops():
     assert torch.equal(common.grayscale(x), TF.rgb_to_grayscale(x))
     p = common.view_params(torch.Generator().manual_seed(2), 8, 32, 32, 1.0)
     p["jitter"][0] = False  # one image that ColorJitter's RandomApply skips
-    out = common.color_jitter(x, p["factors"], p["order"], p["jitter"])
+    out = common.color_jitter(x, p["factors"], *common.jitter_groups(p["order"], p["jitter"]))
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for k in range(8):
         ref = x[k]
@@ -1233,8 +1235,8 @@ def test_a_method_trains_and_is_evaluated_from_the_files_the_readme_names_alone(
     --dataset digits), to evaluate also eval_linear.py. Just those files, in an empty folder: two training steps
     and an evaluation of their checkpoint, as a user runs them."""
     readme = " ".join(open(os.path.join(HERE, "README.md"), encoding="utf-8").read().split())
-    assert ("copy one method file, `common.py` and `machinery.py` (and `digits.npz` for `--dataset digits`); to "
-            "evaluate what it trained, copy `eval_linear.py` too") in readme
+    assert ("To train elsewhere, copy one method file, `common.py` and `machinery.py` (and `digits.npz` for "
+            "`--dataset digits`); to evaluate, `eval_linear.py` too.") in readme
     files = ["acl.py", "common.py", "machinery.py", "digits.npz", "eval_linear.py"]
     for name in files:
         shutil.copy(os.path.join(HERE, name), tmp_path / name)
@@ -3287,6 +3289,382 @@ def test_a_training_split_within_one_batch_is_said_in_one_line(pretrained, tmp_p
 
 
 # =============================================================================================
+# Issue 32: the CUDA path without a GPU
+# =============================================================================================
+# A GPU runs ahead of the Python that feeds it only while the host never waits for it: no .item(), .tolist() or
+# bool() of a device tensor, no boolean-mask indexing or nonzero (their size is known only on the device), no copy
+# back to the host, and each batch's host data in one non-blocking copy from pinned memory (a copy from ordinary
+# memory may be synchronous). No GPU is at hand, so these tests make one up. OnDevice is a tensor that says it is
+# on `cuda` and holds its values on the CPU; DeviceWatch, a TorchDispatchMode, runs every operation that touches
+# one (or makes a tensor on the device) on those CPU values, so the results can be compared with the CPU path's,
+# and writes down each copy from the host, each wait and each host tensor given to a device operation.
+# FakeTensorMode, entered beneath it, is only the fake device set-up: with it PyTorch makes `cuda` tensors without
+# starting CUDA (DeviceWatch runs every operation itself, with the fake mode set aside).
+# Autograd cannot run on a tensor that says `cuda` without a GPU: its engine asks the CUDA driver for the device's
+# streams (an error, or an abort of the whole process). So the training steps run on a stand-in device, `meta`,
+# whose autograd runs on the CPU thread; the steps' code has no branch on the device type (autocast, which acts on
+# CUDA tensors only, is off: --no-amp), so they are the code a GPU runs.
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
+
+aten = torch.ops.aten
+# Operations whose result the host waits for: a value (.item(), .tolist(), bool(), int()), an output whose size
+# is known only on the device, or a Python bool.
+WAITS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.is_nonzero.default,
+         aten.equal.default, aten.bincount.default, aten._unique2.default, aten.unique_dim.default,
+         aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
+PROJECT_FILES = {os.path.join(HERE, f) for f in ("common.py", "machinery.py", "acl.py", "air.py", "a_infonce.py",
+                                                 "supervised.py")}
+
+
+class OnDevice(torch.Tensor):
+    """A tensor that says it is on `device` and holds its values, `elem`, on the CPU (DeviceWatch computes with it)."""
+
+    @staticmethod
+    def __new__(cls, elem, device):
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, strides=elem.stride(), dtype=elem.dtype,
+                                                   storage_offset=elem.storage_offset(), device=device)
+
+    def __init__(self, elem, device):
+        self.elem = elem
+
+    def __tensor_flatten__(self):  # a traceable subclass: nn.Module.to swaps a parameter for its OnDevice copy
+        return ["elem"], self.device
+
+    @staticmethod
+    def __tensor_unflatten__(inner, device, size, stride):
+        return OnDevice(inner["elem"], device)
+
+    def tolist(self):  # PyTorch's refuses subclasses: through a copy to the host, which the watch sees
+        return self.cpu().tolist()
+
+    def numpy(self):
+        return self.cpu().numpy()
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError(f"{func} on a made-up device's tensor outside DeviceWatch")
+
+
+def where_in_project():
+    """The innermost line of the project's own files on the stack: where a copy or a wait was asked for."""
+    import traceback
+    frames = [f for f in traceback.extract_stack() if f.filename in PROJECT_FILES]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+
+
+class DeviceWatch(TorchDispatchMode):
+    """Runs the operations on OnDevice tensors, and those that make a tensor on `device`, on the CPU values, and
+    records `copies` (each copy from the host onto the device: where, shape, non-blocking, from pinned memory),
+    `waits` (each operation the host waits for, blocking copies included) and `mixes` (each device operation
+    given a host tensor of one or more dimensions: a hidden copy on a GPU, or PyTorch's error). Pinned memory
+    (which needs a GPU) is made as ordinary memory and its storage remembered. Other operations run as they are."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.pinned = torch.device(device), set()
+        self.clear()
+
+    def clear(self):
+        self.copies, self.waits, self.mixes = [], [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():
+            return self.run(func, args, kwargs or {})
+
+    def on_device(self, t):
+        if isinstance(t, OnDevice):
+            return True
+        if t.device.type == self.device.type:  # torch.tensor(..., device='meta') makes a tensor without values
+            raise AssertionError(f"{tuple(t.shape)} {t.dtype}: a tensor on {self.device.type} that holds no values, "
+                                 f"made at {where_in_project()} (torch.tensor(..., device=...)?)")
+        return False
+
+    def run(self, func, args, kwargs):
+        name = func.__name__.split(".")[0]
+        if kwargs.get("pin_memory") or func is aten._pin_memory.default:
+            out = args[0].clone() if func is aten._pin_memory.default else func(*args, **dict(kwargs, pin_memory=False))
+            self.pinned.add(out.untyped_storage().data_ptr())
+            return out
+        if func is aten.is_pinned.default:
+            return args[0].untyped_storage().data_ptr() in self.pinned
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        device_tensors = [t for t in tensors if self.on_device(t)]
+        target = kwargs.get("device")
+        onto = target is not None and torch.device(target).type == self.device.type
+        if not device_tensors and not onto:
+            return func(*args, **kwargs)  # host work
+        host = [t for t in tensors if not isinstance(t, OnDevice)]
+        to_host = (func is aten._to_copy.default and target is not None and not onto) or (
+            func is aten.copy_.default and not isinstance(args[0], OnDevice))
+        if func in (aten._to_copy.default, aten.copy_.default) and host and not to_host:
+            source = host[0]
+            non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+            self.copies.append(f"{where_in_project()}: {name} of {tuple(source.shape)} {source.dtype}, "
+                               f"{'non-blocking' if non_blocking else 'blocking'}, "
+                               f"{'pinned' if source.untyped_storage().data_ptr() in self.pinned else 'not pinned'}")
+            if not non_blocking:  # the host waits until the copy is done
+                self.waits.append(f"{where_in_project()}: blocking copy")
+        elif any(t.dim() > 0 for t in host):
+            self.mixes.append(f"{where_in_project()}: {name} given host tensors {[tuple(t.shape) for t in host]}")
+        if func in WAITS or to_host or (func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default)
+                                        and any(t is not None and t.dtype == torch.bool for t in args[1])):
+            self.waits.append(f"{where_in_project()}: {name}")
+        unwrap = lambda t: t.elem if isinstance(t, OnDevice) else t  # noqa: E731
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, dict(kwargs, device="cpu") if onto else kwargs))
+        if to_host:
+            return out
+        return tree_map(lambda t: OnDevice(t, self.device) if type(t) is torch.Tensor else t, out)
+
+
+def tally(events):
+    """'3 x where: what; ...': the events of a watch, counted, in the order they first came."""
+    counts = {}
+    for e in events:
+        counts[e] = counts.get(e, 0) + 1
+    return "; ".join(f"{n} x {e}" for e, n in counts.items())
+
+
+def assert_no_wait_and_copies(watch, most):
+    """No wait, no host tensor in a device operation, at most `most` copies onto the device, each non-blocking
+    from pinned memory; every finding in one message."""
+    found = []
+    if watch.waits:
+        found.append(f"the host waits for the device {len(watch.waits)} times: {tally(watch.waits)}")
+    if watch.mixes:
+        found.append(f"{len(watch.mixes)} device operations are given host tensors: {tally(watch.mixes)}")
+    if len(watch.copies) > most or not all(c.endswith("non-blocking, pinned") for c in watch.copies):
+        found.append(f"{len(watch.copies)} host-to-device copies (at most {most}, non-blocking from pinned memory): "
+                     f"{tally(watch.copies)}")
+    assert not found, " | ".join(found)
+
+
+@contextlib.contextmanager
+def made_up_device(watch):
+    """DeviceWatch on; for `cuda`, FakeTensorMode beneath it (PyTorch then makes cuda tensors without a GPU).
+    torch.tensor(data, device=...) then makes the tensor on the host and moves it, which the watch sees."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    lift = torch._C._only_lift_cpu_tensors()
+    torch._C._set_only_lift_cpu_tensors(True)
+    try:
+        with FakeTensorMode() if watch.device.type == "cuda" else contextlib.nullcontext(), watch:
+            yield watch
+    finally:
+        torch._C._set_only_lift_cpu_tensors(lift)
+
+
+def test_device_watch_sees_copies_waits_and_mixes():
+    """The watch itself: each kind of event is seen where it happens and plain device work is not."""
+    watch = DeviceWatch("cuda")
+    with made_up_device(watch):
+        x = torch.rand(4, 3).to("cuda", non_blocking=True)
+        pinned = torch.empty(2, 3, pin_memory=True)
+        pinned.fill_(1.0)
+        y = (x * 2 + torch.arange(3, device="cuda")).sum(0)  # device work only
+        z = x[:2] + pinned.to(x.device, non_blocking=True)
+        assert len(watch.copies) == 2 and not watch.waits and not watch.mixes
+        assert "non-blocking, not pinned" in watch.copies[0] and "non-blocking, pinned" in watch.copies[1]
+        watch.clear()
+        torch.tensor([5.0, 3.0], device=x.device)
+        y.sum().item()
+        x[x > 0.5]
+        y.tolist()
+        x + torch.ones(4, 3)
+        assert len(watch.copies) == 1 and "blocking, not pinned" in watch.copies[0]
+        assert [w.split(": ")[1] for w in watch.waits] == ["blocking copy", "_local_scalar_dense", "index", "_to_copy"]
+        assert len(watch.mixes) == 1
+    assert x.device.type == z.device.type == "cuda" and torch.equal(z.elem, x.elem[:2] + 1)
+
+
+def in_memory_stand_in(source, n=20, seed=0):
+    """A dataset held in memory as in_memory reads it: 32 px HWC images with `targets` (CIFAR), 96 px CHW with
+    `labels` (STL-10)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, source, source), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    if source == 96:
+        return types.SimpleNamespace(data=images.numpy(), labels=labels.numpy())
+    return types.SimpleNamespace(data=images.permute(0, 2, 3, 1).numpy(), targets=labels.tolist())
+
+
+@pytest.mark.parametrize("source, size", [(32, 32), (96, 96), (96, 32)], ids=["cifar_32", "stl10_96", "stl10_to_32"])
+@pytest.mark.parametrize("supervised", [False, True], ids=["pretrain", "supervised"])
+def test_batched_views_on_cuda_wait_for_nothing_and_copy_once(source, size, supervised):
+    """One batch of --augment batched (rank 1 of 2) on a made-up GPU: the host waits for nothing, gives no host
+    tensor to a device operation, and copies once (the batch's indices and parameters together, non-blocking,
+    from pinned memory); the views are those made on the CPU, bit for bit."""
+    base = in_memory_stand_in(source)
+    sampler = common.PretrainSampler(20, 8, seed=0, rank=1, world=2)
+    watch = DeviceWatch("cuda")
+    with made_up_device(watch):
+        views = common.BatchedViews(*common.in_memory(base, watch.device), sampler, size, 0, supervised)
+        watch.clear()  # the data set's one move onto the device is not a batch's
+        batch = next(iter(views))
+    assert_no_wait_and_copies(watch, most=1)
+    assert len(watch.copies) == 1  # a batch of indices and parameters comes from the host
+    cpu = next(iter(common.BatchedViews(*common.in_memory(base, torch.device("cpu")), sampler, size, 0, supervised)))
+    assert len(batch) == len(cpu) == (2 if supervised else 4)
+    for ours, theirs in zip(batch, cpu):
+        assert ours.device.type == "cuda" and torch.equal(ours.elem, theirs)
+
+
+@pytest.mark.parametrize("source, size", [(32, 32), (96, 32)], ids=["cifar_32", "stl10_to_32"])
+@pytest.mark.parametrize("supervised", [False, True], ids=["pretrain", "supervised"])
+def test_a_batch_of_batched_views_is_torchvision_image_by_image(source, size, supervised):
+    """Rank 1 of 2, epoch 2, strength 0.75: every view of the batch equals torchvision's functional ops on that
+    image (float, within 1e-5) at the parameters drawn for the global batch (view_params twice, or
+    crop_flip_params, from the generator keyed on seed, epoch and batch) in this process's rows: whatever
+    carries the parameters to the device (indices, crops, flips, factors, orders, coins) must keep them
+    with their image."""
+    from torchvision.transforms import InterpolationMode
+    import torchvision.transforms.functional as TF
+    base = in_memory_stand_in(source)
+    sampler = common.PretrainSampler(20, 8, seed=3, rank=1, world=2)
+    sampler.set_epoch(2, 0.75)
+    batch = next(iter(common.BatchedViews(*common.in_memory(base, torch.device("cpu")), sampler, size, 3, supervised)))
+    index = [key[0] for key in next(iter(sampler))]
+    images = torch.from_numpy(base.data if source == 96 else base.data.transpose(0, 3, 1, 2))[index].float() / 255
+    g = torch.Generator().manual_seed(common._sample_seed(3, 2, 0))
+    rows = slice(4, 8)  # rank 1's half of the global batch of 8
+    bicubic = InterpolationMode.BICUBIC
+    resized = images if source == size else TF.resize(images, [size, size], bicubic, antialias=True).clamp(0, 1)
+    if supervised:
+        p = {k: v[rows] for k, v in common.crop_flip_params(g, 8, size).items()}
+        refs = [[TF.crop(TF.pad(resized[k], 4), int(p["i"][k]) + 4, int(p["j"][k]) + 4, size, size) for k in range(4)]]
+        refs[0] = [TF.hflip(r) if p["flip"][k] else r for k, r in enumerate(refs[0])]
+        views = batch[:1]
+    else:
+        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        refs = []
+        for _ in range(2):
+            p = {k: v[rows] for k, v in common.view_params(g, 8, source, source, 0.75).items()}
+            view = []
+            for k in range(4):
+                x = TF.resized_crop(images[k], *(int(p[c][k]) for c in "ijhw"), [size, size], bicubic, antialias=True)
+                x = TF.hflip(x.clamp(0, 1)) if p["flip"][k] else x.clamp(0, 1)
+                for o in p["order"][k].tolist() if p["jitter"][k] else []:
+                    x = ops[o](x, float(p["factors"][k, o]))
+                view.append(TF.rgb_to_grayscale(x, 3) if p["gray"][k] else x)
+            refs.append(view)
+        assert any(p["jitter"]) and len({tuple(o) for o in p["order"].tolist()}) > 1
+        views = batch[:2]
+        assert (batch[2] - resized).abs().max() <= 1e-5  # x0
+    for view, ref in zip(views, refs):
+        assert (view - torch.stack(ref)).abs().max() <= 1e-5
+    assert batch[-1].tolist() == [int(base.labels[i] if source == 96 else base.targets[i]) for i in index]
+
+
+
+@pytest.mark.parametrize("source", [32, 96], ids=["cifar_hwc", "stl10_transposed"])
+def test_in_memory_holds_the_images_where_the_dataset_holds_them(source):
+    """in_memory makes no host copy of the images (torchvision's STL-10 unlabelled split is 5.2 GB, and a copy doubled
+    the peak): they stay in the data set's own buffer, in its layout (CIFAR: HWC; STL-10: a (N, 3, W, H) file read
+    transposed), and the batched views of that layout equal those of a contiguous copy, bit for bit."""
+    base = in_memory_stand_in(source)
+    base.data = np.ascontiguousarray(base.data)  # CIFAR: (N, H, W, 3), as torchvision reads it
+    if source == 96:  # as torchvision's STL10 holds it: np.transpose of the file's (N, 3, W, H) array
+        base.data = np.ascontiguousarray(base.data.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    images, labels = common.in_memory(base, torch.device("cpu"))
+    assert images.data_ptr() == base.data.__array_interface__["data"][0] and not images.is_contiguous()
+    assert torch.equal(images, torch.from_numpy(base.data if source == 96 else base.data.transpose(0, 3, 1, 2)))
+    sampler = common.PretrainSampler(20, 8, seed=0)
+    views, contiguous = (common.BatchedViews(x, labels, sampler, 32, 0) for x in (images, images.contiguous()))
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(views)), next(iter(contiguous))))
+
+
+def test_benchmark_of_batched_views_reports_no_rate_per_worker(tmp_path, capsys):
+    """--augment batched makes the views in the training process (no loader workers): --benchmark gives the loader's
+    rate and no rate per worker (null in benchmark.json, nothing in the printed line), whatever --workers says."""
+    run_dir = acl.main(TINY + ["--augment", "batched", "--max-steps", "3", "--benchmark", "--workers", "2",
+                               "--out-dir", str(tmp_path)])
+    result = json.load(open(os.path.join(run_dir, "benchmark.json")))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("benchmark:")]
+    assert result["loader_images_per_s"] > 0 and result["loader_images_per_s_per_worker"] is None
+    assert len(printed) == 1 and "data loader alone" in printed[0] and "per worker" not in printed[0]
+
+
+def test_pick_device_keeps_fp32_matrix_products_in_fp32_on_cuda(monkeypatch):
+    """On CUDA, convolutions may use TF32 (--no-amp) but matrix products stay full fp32, PyTorch's default: the
+    losses' similarities and the batched views' resampling run in fp32 under autocast too (pick_device's comment)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:  # (monkeypatch cannot read this attribute back)
+        matmul.allow_tf32 = False
+        assert machinery.pick_device("cuda").type == "cuda"
+        assert matmul.allow_tf32 is False and torch.get_float32_matmul_precision() == "highest"
+    finally:
+        matmul.allow_tf32 = before
+    assert torch.backends.cudnn.allow_tf32 is True and torch.backends.cudnn.benchmark is True
+
+
+def stand_in_step(module, device):
+    """(model, step): step() is one step of `module`'s training loop (its lines between the loader and
+    end_of_step, and end_of_step's per-step part) on `device`, at --width 8, batch 8, 2 attack steps, --no-amp
+    and one process (gather is the identity); the model, optimiser and batch are moved there first."""
+    torch.manual_seed(0)
+    if module is supervised:
+        model = supervised.Classifier(8, "cifar", 10)
+        optimizer = common.make_optimizer("sgd", model.parameters(), 0.1, 5e-4)
+    else:
+        model = common.ResNet18(8, "cifar")
+        optimizer = common.make_optimizer("lars", model.parameters(), 0.5, 1e-6)
+    model.to(device)
+    x1, x2, x0 = (torch.rand(8, 3, 32, 32).to(device) for _ in range(3))
+    y = torch.randint(0, 10, (8,)).to(device)
+    nonfinite = machinery.NonFiniteWatch(torch.device("cpu"))  # its torch.tensor(-1, device=) would hold no values
+    nonfinite.step = nonfinite.step.to(device)
+    log = machinery.RunLog(os.devnull, 100, 0, 8, device)
+    amp, eps, alpha, steps, temperature = False, 8 / 255, 2 / 255, 2, 0.5
+
+    def step():
+        for group in optimizer.param_groups:
+            group["lr"] = common.lr_at(0, 0.5, 10, 100)
+        if module is supervised:
+            x_adv = supervised.adversarial_examples(model, x1, y, eps, alpha, steps, amp)
+            logits, logits_adv = model(x1).float(), model(x_adv, adv=True).float()
+            loss, terms = supervised.supervised_loss(logits, logits_adv, y)
+        else:
+            x1_adv, x2_adv = common.contrastive_pgd(model, x1, x2, eps, alpha, steps, temperature, amp)
+            z1, z2 = model(torch.cat([x1, x2])).float().chunk(2)
+            z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), adv=True).float().chunk(2)
+            if module is acl:
+                loss, terms = acl.acl_loss(z1, z2, z1_adv, z2_adv, 0.0, temperature)
+            elif module is air:
+                z0 = model(x0).float()
+                loss, terms = air.air_loss(z1, z2, z0, z1_adv, z2_adv, 0.0, temperature)
+            else:
+                loss, terms = a_infonce.a_infonce_loss(z1, z2, z1_adv, z2_adv, temperature, terms=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        values = torch.stack([loss, *terms.values()]).detach()  # Run.end_of_step on a step that neither logs nor saves
+        nonfinite.update(1, values)
+        log.accumulate(values)
+        return loss
+
+    return model, step
+
+
+@pytest.mark.parametrize("module", [acl, air, a_infonce, supervised], ids=["acl", "air", "a_infonce", "supervised"])
+def test_a_training_step_on_a_stand_in_device_waits_for_nothing(module):
+    """One training step of each script, attack, forwards, loss, backward, optimiser step and end_of_step's
+    bookkeeping, on a device that is not the host (`meta` holding CPU values; see the section's comment): no
+    wait, no host tensor in a device operation, no copy from the host. The step computes the CPU step's loss."""
+    watch = DeviceWatch("meta")
+    with made_up_device(watch):
+        model, step = stand_in_step(module, watch.device)
+        assert all(isinstance(p, OnDevice) for p in model.parameters())
+        watch.clear()
+        loss = step()
+    assert_no_wait_and_copies(watch, most=0)
+    _, cpu_step = stand_in_step(module, torch.device("cpu"))
+    assert loss.device.type == "meta" and torch.equal(loss.elem, cpu_step())
+
+
 # Issue 37: tests that catch silent science bugs. Each setup makes the wrong answer differ from the
 # right one: the two BN copies differ before an attack is run, the fine-tuning classifier has non-zero
 # weights, the temperature is not the default, DynACL is taken to epoch 51, where its strength first
@@ -3425,7 +3803,10 @@ def first_views_of_epoch(augment, epoch, strength):
         return torch.utils.data.default_collate([views[(int(i), epoch, strength)][:2] for i in order])
     images = torch.from_numpy(base.data[order.numpy()]).permute(0, 3, 1, 2)
     g = torch.Generator().manual_seed(common._sample_seed(0, epoch, 0))
-    return [common.augment(images, common.view_params(g, 16, 32, 32, strength), 32) for _ in range(2)]
+    views = [common.view_params(g, 16, 32, 32, strength) for _ in range(2)]
+    for p in views:
+        p["perm"], p["counts"] = common.jitter_groups(p["order"], p["jitter"])
+    return [common.augment(images, p, 32) for p in views]
 
 
 @pytest.mark.parametrize("module, augment", [(acl, "pil"), (acl, "batched"), (air, "pil"), (a_infonce, "batched")],
@@ -3897,6 +4278,7 @@ def test_a_run_restores_the_signal_handlers_it_found(tmp_path, monkeypatch):
     assert handlers() == [mine, mine], "a run stopped by a non-finite loss left its signal handlers installed"
 
 
+# =============================================================================================
 # Issue 31: nothing lost, round 2: an --out that replaces another model's files, ignored flags,
 # damaged checkpoints on resume, tracebacks, misleading messages
 # =============================================================================================
@@ -4175,3 +4557,212 @@ def test_issue31_an_evaluation_replaces_its_own_earlier_one_also_in_a_copied_fol
     assert json.load(open(report))["checkpoint"] == str(runs31 / "A/checkpoint.pt")
     result = eval_linear.main([str(runs_copy / "A"), "--mode", "slf", *QUICK])
     assert json.load(open(report))["checkpoint"] == result["checkpoint"] == str(runs_copy / "A/checkpoint.pt")
+
+
+# =============================================================================================
+# Issue 35: README and docs links and commands
+# =============================================================================================
+
+import argparse  # noqa: E402
+import glob  # noqa: E402
+import shlex  # noqa: E402
+
+def _module_from(path):
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT_MODULES = {"acl.py": acl, "air.py": air, "a_infonce.py": a_infonce, "supervised.py": supervised,
+                  "eval_linear.py": eval_linear, "representations.py": representations,
+                  "docs/bench_views.py": _module_from(os.path.join(HERE, "docs", "bench_views.py"))}
+FENCE = re.compile(r"^```[\w-]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+
+def doc_pages(root):
+    """README.md and every docs/*.md, relative to root."""
+    return ["README.md"] + sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "docs", "*.md")))
+
+
+def github_anchors(markdown):
+    """The anchors GitHub gives the headings of a page: lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading numbered -1, -2, ..."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*#*$", FENCE.sub("", markdown), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def broken_links(root):
+    """Every relative link or image of README.md and docs/*.md (outside code) whose file, or whose #anchor in
+    that file, does not exist: ['page: target (why)', ...]."""
+    problems = []
+    for page in doc_pages(root):
+        text = open(os.path.join(root, page), encoding="utf-8").read()
+        prose = re.sub(r"`[^`]+`", "", FENCE.sub("", text))
+        for target in re.findall(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not a file of the project
+                continue
+            path, _, anchor = target.partition("#")
+            file = os.path.normpath(os.path.join(root, os.path.dirname(page), path)) if path else os.path.join(root, page)
+            if not os.path.exists(file):
+                problems.append(f"{page}: {target} (no such file)")
+            elif anchor and file.endswith(".md") and anchor not in github_anchors(open(file, encoding="utf-8").read()):
+                problems.append(f"{page}: {target} (no heading with that anchor)")
+    return problems
+
+
+def shell_segments(line):
+    """One shell line cut at ; && || | outside quotes, with its comment dropped."""
+    segments, current, quote, i = [], "", None, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "#" and (not current or current[-1].isspace()):
+            break
+        elif line.startswith(("&&", "||"), i) or c in ";|":
+            segments.append(current)
+            current, i = "", i + (2 if line.startswith(("&&", "||"), i) else 1)
+            continue
+        current += c
+        i += 1
+    return segments + [current]
+
+
+def command_lines(markdown):
+    """The `python X.py ...` and `torchrun ... X.py ...` commands of a page as (text, script, argv): every line of
+    its code blocks, continuations joined, comments and redirections dropped, the variables its blocks set so far
+    (NAME=value; a for loop's first value) substituted and $(...) replaced by a placeholder path; and every
+    inline code span that is such a command, unless it abbreviates one with '...'."""
+    commands = []
+    lines = [(line, True) for block in FENCE.findall(markdown) for line in block.replace("\\\n", " ").splitlines()]
+    lines += [(span.replace("\n", " "), False) for span in re.findall(r"`([^`]+)`", FENCE.sub("", markdown))
+              if re.match(r"(python3? \S+\.py|torchrun )", span) and "..." not in span]
+    variables = {}
+    for line, in_block in lines:
+        for segment in shell_segments(re.sub(r"\$\([^()]*\)", "SUBSTITUTED.pt", line)):
+            segment = re.sub(r"\$\{?([A-Za-z_]\w*)\}?", lambda m: variables.get(m.group(1), m.group(0)), segment)
+            words = shlex.split(segment)
+            words = [w for i, w in enumerate(words) if not re.fullmatch(r"\d*(>>?|<|&>)(&\d+)?", w)
+                     and not (i and re.fullmatch(r"\d*(>>?|<|&>)", words[i - 1])) and not re.match(r"\d*>>?\S", w)]
+            while words and words[0] in ("do", "then", "else", "time"):
+                words = words[1:]
+            while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0], re.S):
+                name, _, value = words.pop(0).partition("=")
+                if not words and in_block:  # NAME=value alone sets a variable; before a command, its environment
+                    variables[name] = value
+            if len(words) >= 4 and words[0] == "for" and words[2] == "in":
+                variables[words[1]] = words[3]
+            elif len(words) >= 2 and words[0] in ("python", "python3") and words[1].endswith(".py"):
+                commands.append((" ".join(segment.split()), words[1], words[2:]))
+            elif words and words[0] == "torchrun":
+                script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+                commands.append((" ".join(segment.split()), words[script] if script else "(no script)",
+                                 words[script + 1:] if script else []))
+    return commands
+
+
+class _Parsed(Exception):
+    pass
+
+
+class _Refused(Exception):
+    pass
+
+
+def parse_problem(root, script, argv):
+    """None if the script's own argparse parser takes argv, else why not. The parser is the one the script's
+    parse_args builds; parsing stops there, before the checks that read files or resume (argv holds placeholders
+    such as runs/<time>/checkpoint.pt). A script without a parser (docs/augment_vs_pil.py) takes no arguments."""
+    if not os.path.isfile(os.path.join(root, script)):
+        return f"{script} does not exist"
+    if script not in SCRIPT_MODULES:
+        return None if not argv else f"{script} takes no arguments"
+    real_parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        real_parse_args(self, args, namespace)
+        raise _Parsed
+
+    def refuse(self, message):
+        raise _Refused(message)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+        patch.setattr(argparse.ArgumentParser, "error", refuse)
+        try:
+            SCRIPT_MODULES[script].parse_args(list(argv))
+        except _Parsed:
+            return None
+        except _Refused as refused:
+            return f"argparse: {refused}"
+        except common.UserError as refused:
+            return f"refused: {refused}"
+        except SystemExit as stopped:  # --help prints and exits 0
+            return None if stopped.code == 0 and ("--help" in argv or "-h" in argv) else f"exit {stopped.code}"
+    return "parse_args returned without parsing"
+
+
+def unparsable_commands(root):
+    """['page: command (why)', ...] for every command of README.md and docs/*.md its script's parser refuses;
+    also the scripts whose commands were checked."""
+    problems, scripts = [], set()
+    for page in doc_pages(root):
+        for text, script, argv in command_lines(open(os.path.join(root, page), encoding="utf-8").read()):
+            scripts.add(script)
+            problem = parse_problem(root, script, argv)
+            if problem:
+                problems.append(f"{page}: {text} ({problem})")
+    return problems, scripts
+
+
+def test_readme_and_docs_links_point_to_files_and_headings_that_exist():
+    assert len(doc_pages(HERE)) >= 2, "docs/*.md holds the README's subjects"
+    assert broken_links(HERE) == []
+
+
+def test_readme_and_docs_command_lines_parse_with_their_scripts_parsers():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    assert "python -m pytest -q test_smoke.py" in readme  # .ci/run runs the README's test command
+    readme_commands = command_lines(readme)
+    assert len(readme_commands) >= 15 and any(text.startswith("torchrun") for text, _, _ in readme_commands)
+    problems, scripts = unparsable_commands(HERE)
+    assert problems == []
+    assert set(SCRIPT_MODULES) <= scripts, "every script has a command in README.md or docs/"
+
+
+def test_the_link_and_command_checks_catch_a_broken_link_and_a_made_up_flag(tmp_path):
+    """The two tests above can fail: a page with one of each defect gives exactly those defects."""
+    (tmp_path / "docs").mkdir()
+    for script in ["acl.py", "air.py", "eval_linear.py", "representations.py"]:
+        (tmp_path / script).write_text("")
+    (tmp_path / "docs" / "run.md").write_text("# Running it\n\n## Never lose a run\n\n![figure](fig.png)\n")
+    (tmp_path / "README.md").write_text(
+        "# Title\n\nSee [running](docs/run.md#never-lose-a-run), [gone](docs/gone.md), [nowhere](docs/run.md#resume), "
+        "[a site](https://example.org) and `[not a link](gone.md)`.\n\n"
+        "```bash\n"
+        "F=\"--dataset digits --width 32\"  # set in the block\n"
+        "for e in 4 0; do\n"
+        "  python acl.py $F --eps $e --out-dir runs/eps$e > log.txt 2>&1   # fine\n"
+        "done\n"
+        "python air.py --dataset cifar10 \\\n    --made-up-flag 3\n"
+        "python acl.py --dataset imagenet; python eval_linear.py runs/<time>/checkpoint.pt --mode all --probes\n"
+        "torchrun --nproc_per_node 4 air.py --dataset cifar10 --official-ir && python representations.py $(ft x) --plot\n"
+        "```\n\nInline: `python acl.py --help`, `python acl.py ... --eps 0` (abbreviated), `python acl.py --wdith 8`.\n")
+    assert broken_links(tmp_path) == ["README.md: docs/gone.md (no such file)",
+                                      "README.md: docs/run.md#resume (no heading with that anchor)",
+                                      "docs/run.md: fig.png (no such file)"]
+    problems, scripts = unparsable_commands(tmp_path)
+    assert scripts == {"acl.py", "air.py", "eval_linear.py", "representations.py"}
+    assert len(problems) == 4, problems
+    assert "air.py --dataset cifar10 --made-up-flag 3 (argparse: unrecognized arguments: --made-up-flag 3)" in problems[0]
+    assert "--dataset imagenet (argparse: argument --dataset: invalid choice: 'imagenet'" in problems[1]
+    assert "--probes (refused: --probes belongs to the representation analysis" in problems[2]
+    assert "python acl.py --wdith 8 (argparse: unrecognized arguments: --wdith 8)" in problems[3]
+    assert "python acl.py --help" not in " ".join(problems) and "runs/eps4" not in " ".join(problems)

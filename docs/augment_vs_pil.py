@@ -44,6 +44,7 @@ def differences(data):
     images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     x, pils = images.float() / 255, [Image.fromarray(a) for a in data]
     p = common.view_params(torch.Generator().manual_seed(0), n, size, size, 1.0)
+    p["perm"], p["counts"] = common.jitter_groups(p["order"], p["jitter"])
     f = p["factors"][:, :, None, None]
     ours = {
         "resized crop + flip": common.resample(images, common.resize_matrix(p["i"], p["h"], size, size),
