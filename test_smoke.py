@@ -3998,13 +3998,23 @@ def test_unreadable_checkpoint_ends_with_one_sentence(kind, pretrained, tmp_path
     assert not re.search(r"[A-Z][a-z]+(Error|Exception)\b", lines[0]), lines[0]  # no Python exception names
 
 
+# eval_linear.py's command line -> its sentence; --eps is machinery.RANGES' entry, as in the training scripts.
+BAD_EVALUATION_FLAGS = {
+    ("--eps", "-1"): "must be in [0, 255] (got -1); it is in /255 units, e.g. --eps 8",
+    ("--batch-size", "0"): "must be at least 1 (got 0)", ("--epochs", "0"): "must be at least 1 (got 0)",
+    ("--lr", "0"): "must be positive (got 0.0)", ("--milestones", "5 3"): "must be increasing epoch numbers >= 1 (got 5 3)",
+    ("--cka-samples", "1"): "must be at least 4 (got 1): CKA compares images with each other",
+    ("--train-size", "0"): "must be at least 1 (got 0)",
+}
+
+
 @pytest.mark.parametrize("flag, value", [("--eps", "-1"), ("--batch-size", "0"), ("--epochs", "0"), ("--lr", "0"),
                                          ("--milestones", "5 3"), ("--cka-samples", "1"), ("--train-size", "0")])
 def test_bad_flag_values_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit) as info:
         machinery.main_guard(lambda: eval_linear.main(["x.pt", flag, *value.split()]))
     err = capsys.readouterr().err
-    assert info.value.code == 2 and err.startswith("error: ") and flag in err
+    assert (info.value.code, err) == (2, f"error: {flag} {BAD_EVALUATION_FLAGS[flag, value]}\n")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchattacks") is not None, reason="torchattacks is installed")
