@@ -49,7 +49,7 @@ from machinery import (DefaultsHelpFormatter, check_attack_flags, check_data_dir
                        check_outputs, check_ranges, check_replaced, check_weights, checkpoint_file, default_workers,
                        fail, load_checkpoint, main_guard, pick_device, save_checkpoint, synchronize, write_json)
 
-# The modes' own defaults (README, Evaluate); a flag given on the command line overrides them for every mode.
+# The modes' own defaults (docs/evaluation.md); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
     "slf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),
     "alf": dict(epochs=25, batch_size=512, lr=0.01, milestones=[10, 20], bn="adv"),

@@ -110,7 +110,8 @@ def add_shared_flags(parser):
     a("--log-every", type=int, default=50, help="steps between progress lines and metrics.jsonl records")
     a("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at epoch ends, stops and signals)")
     a("--no-amp", action="store_true", help="CUDA: train in fp32 instead of bf16 autocast (the CPU always uses fp32)")
-    a("--compile", action="store_true", help="torch.compile the network (experimental: tried on the CPU only so far)")
+    a("--compile", action="store_true", help="torch.compile the network (experimental: measured once on one H200, "
+      "before the batched views; docs/speed.md)")
     a("--benchmark", action="store_true", help="with --max-steps: also time the data loader alone and print a summary")
 
 
@@ -331,7 +332,7 @@ def pick_device(name):
 
 
 # OpenMP threads that wait for each other spin: beside another CPU-heavy process a run on one thread per core
-# slows down by far more than its lost share of the CPU (README, Speed: 3x to 100x). So the scripts use as many
+# slows down by far more than its lost share of the CPU (docs/speed.md: 3x to 100x). So the scripts use as many
 # threads as there are idle cores when they start.
 TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before any change
 

@@ -21,7 +21,7 @@ import types
 
 # One OpenMP thread per process, here and in every process the tests start (they inherit it): the
 # tests run several PyTorch processes at once on a small CI machine, where spinning OpenMP threads
-# slow each other down by orders of magnitude (README, Speed). Set before torch is imported.
+# slow each other down by orders of magnitude (docs/speed.md). Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
