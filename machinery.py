@@ -1,8 +1,6 @@
-"""The run machinery around the science of common.py, shared by the six scripts: flags and their checks,
-resume and atomic checkpoints, the run folder and output guards, signals, the non-finite watch, logging,
-the benchmark, the CPU thread choice, torchrun set-up and `parallel`, and `main_guard`, which turns a
-UserError into one sentence. A reader of a method file may trust it and skip it; common.py never imports it.
-"""
+"""The run machinery around common.py's science, for the six scripts: flags and their checks, resume, checkpoints,
+output guards, signals, the non-finite watch, logging, the benchmark, CPU threads, torchrun, and `main_guard`. A reader
+of a method file may trust it and skip it; common.py never imports it."""
 import argparse
 import atexit
 import contextlib
@@ -30,35 +28,30 @@ warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is
 
 
 def fail(message, status=2, everywhere=False):
-    """One sentence on stderr, then exit. everywhere=True: every torchrun process fails here together
-    and they wait for each other, so none exits (and has torchrun stop the rest) before it is said."""
+    """One sentence on stderr, then exit; everywhere=True: every torchrun process exits here, together."""
     if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun: one message per node, not one per process
         print(f"error: {message}", file=sys.stderr, flush=True)
     if everywhere:
-        barrier()
+        barrier()  # none exits (and has torchrun stop the rest) before the sentence is said
     sys.exit(status)
 
 
-# Loader workers ignore SIGTERM (common._worker_init), with which multiprocessing ends them at exit, so a loader
-# alive at exit would hang the program there. One can outlive main(): matplotlib's mathtext (log-axis labels)
-# keeps main()'s frame in reference cycles freed after the exit hooks. This hook, registered after torch's and
-# multiprocessing's and so run before them, drops every live loader's iterator, which ends its workers.
+# Loader workers ignore SIGTERM (common._worker_init), with which multiprocessing ends them at exit, so a loader alive
+# at exit would hang the program; matplotlib's mathtext (log-axis labels) keeps one past main() in reference cycles
+# freed after the exit hooks. Registered after torch's and multiprocessing's hooks, this one runs before them.
 @atexit.register
 def _end_loader_workers():
     for loader in [obj for obj in gc.get_objects() if issubclass(type(obj), DataLoader)]:
-        loader._iterator = None
+        loader._iterator = None  # which ends its workers
 
 
-# =============================================================================================
-# Flags and their checks, resume
-# =============================================================================================
+# --- Flags and their checks, resume ----------------------------------------------------------------------------
 
 def default_workers():
     return min(8, os.cpu_count() or 1)
 
 
 def check_data_dir_is_read(dataset):
-    """--data-dir given with a dataset that reads no folder can only be a mistake: refused in one sentence."""
     if dataset in ("digits", "synthetic"):
         where = "built in (digits.npz next to common.py)" if dataset == "digits" else "generated, for tests"
         raise UserError(f"--data-dir is not read with --dataset {dataset}, whose images are {where}; drop --data-dir "
@@ -70,14 +63,13 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         default = action.default
-        if default is None or default is False or default is argparse.SUPPRESS or "%(default)" in action.help:
+        if default is None or default is False or default is argparse.SUPPRESS:
             return action.help
         return action.help + " (default: %(default)s)"
 
 
 def add_shared_flags(parser):
-    """The flags every training script takes, in one order with one wording, so that a diff of two
-    method files shows only what one method changes."""
+    """The flags of every training script, in one order and wording: a diff of two method files shows the method."""
     parser.formatter_class = DefaultsHelpFormatter
     a = parser.add_argument
     a("--dataset", default="cifar10", choices=DATASETS, help="pre-training data; 'synthetic' is for tests and benchmarks only")
@@ -115,16 +107,14 @@ def add_shared_flags(parser):
     a("--benchmark", action="store_true", help="with --max-steps: also time the data loader alone and print a summary")
 
 
-# Arguments that may change when a run is resumed; every other one belongs to the run. (--out-dir only names
-# the folder the run is in: a resumed run continues in its own folder, see parse_and_resume.)
+# Arguments a resume may change (a resumed run continues in its own folder: --out-dir can only name it); every other
+# one belongs to the run. Of those, the run's length, cadence and data folder are the checkpoint's unless given again:
+# a resumed run ends, logs and saves where the interrupted one would have, and reads its data where it did.
 RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
              "benchmark", "out_dir", "data_dir"}
-# Of those, the run's length, cadence and data folder are the checkpoint's unless given again: a resumed
-# run ends where the interrupted one would have, logs and saves at the same steps, and reads its data
-# where it did (not from --data-dir's default).
 KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir"}
-# What a run from before a flag existed ran with, where that is not the flag's default (None for --augment:
-# resolved when a run starts, and a checkpoint from before the flag resumes with PIL, pretrain_loader).
+# What a run from before a flag existed ran with, where that is not the flag's default (--augment's None is resolved
+# when a run starts; a checkpoint from before the flag resumes with PIL, pretrain_loader).
 BEFORE_THE_FLAG = {"augment": "pil"}
 
 
@@ -137,17 +127,15 @@ def given_flags(parser, argv):
 
 
 def check_finite(args):
-    """Every float flag (or list of them) must be finite: NaN passes every range check and inf every lower bound,
-    and either would fail hours later or train on nothing. Every script, before the ranges."""
+    """Every float flag (or list of them) is finite: NaN passes every range check, and inf every lower bound."""
     for name, value in vars(args).items():
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
 
 
-# The range of every number flag of the six scripts, as the sentence that refuses a value outside it (the
-# value fills {}); check_ranges applies the entries of the flags a script has. A flag left at None (a
-# --max-steps or --image-size not given) is not checked.
+# The range of every number flag of the six scripts, as the sentence that refuses a value outside it (the value
+# fills {}). check_ranges applies the entries of the flags a script has; a flag left at None is not checked.
 AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1 (got {})")
 NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0 (got {})")
 POSITIVE = (lambda v: v > 0, "must be positive (got {})")
@@ -185,8 +173,7 @@ def check_fit_flags(args):
 
 
 def check_attack_flags(eps, alpha, steps, steps_flag="--pgd-steps"):
-    """alpha > 0 when the attack takes steps (alpha 0 would leave it at its random start and call that PGD); the
-    ranges of eps (in /255 units, 255 is the whole pixel range) and alpha are RANGES'."""
+    """alpha > 0 when the attack takes steps: alpha 0 would leave it at its random start and call that PGD."""
     if alpha == 0 and eps > 0 and steps > 0:
         raise UserError(f"--pgd-alpha 0 would leave the PGD attack (eps {eps:g}/255, {steps} steps) at its random "
                         f"start; give a positive step in /255 units, e.g. --pgd-alpha 2, or {steps_flag} 0 for the "
@@ -248,34 +235,12 @@ def parse_and_resume(parser, argv, method):
     return args, checkpoint
 
 
-# The training script of each method a checkpoint can record. eval_linear.py writes files whose
-# method has a '+': '<method>++' (--post-process) and '<method>+<mode>' (a fine-tuned model).
+# The script of each method a training checkpoint records; eval_linear.py's files record '<method>++' (--post-process)
+# or '<method>+<mode>' (a fine-tuned model).
 SCRIPTS = {"acl": "acl.py", "air": "air.py", "a_infonce": "a_infonce.py", "supervised": "supervised.py"}
-
-
-def check_resumable(checkpoint, path, method):
-    """Only a checkpoint of this script's runs, whole (check_entries), resumes; any other file is refused in one
-    sentence saying what it is and what to do with it."""
-    recorded = checkpoint.get("method") if isinstance(checkpoint, dict) else None
-    if recorded == method:
-        return check_entries(checkpoint, path)
-    if recorded in SCRIPTS:
-        raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
-                        f"with {SCRIPTS[recorded]}, or start a new run")
-    written = isinstance(checkpoint, dict) and ("fine_tune" in checkpoint or "post_process" in checkpoint)
-    if written or (isinstance(recorded, str) and "+" in recorded):  # also one made from a released file (method None)
-        post_processed = "post_process" in checkpoint if written else recorded.endswith("++")
-        what = ("an encoder post-processed by eval_linear.py --post-process" if post_processed
-                else "a model fine-tuned by eval_linear.py")
-        raise UserError(f"{path} is {what} (method {recorded!r}), not a training run's checkpoint: it cannot be "
-                        "resumed, only evaluated with eval_linear.py")
-    recorded = "records no method" if recorded is None else f"records the method {recorded!r}"
-    raise UserError(f"{path} is not a checkpoint of this project's training scripts (it {recorded}; a released "
-                    "checkpoint, for example): it cannot be resumed, only evaluated with eval_linear.py")
-
-
-# What a resume reads from a training checkpoint (make_checkpoint), and what each entry must be. The weights and
-# the optimiser's state are checked against the network in Run (check_weights, check_optimizer_state).
+# What a resume reads from a training checkpoint (Run), and what each entry must be ('log' may be absent: older
+# checkpoints). The weights and the optimiser's state are checked against the network in Run.
+INTACT = "resume an intact copy of the checkpoint, or start a new run"  # what to do about a damaged checkpoint
 RESUMED_ENTRIES = {
     "args": (lambda v: isinstance(v, dict), "a dict of the run's arguments"),
     "model": (lambda v: isinstance(v, dict), "a state dict of the network"),
@@ -290,16 +255,30 @@ RESUMED_ENTRIES = {
 }
 
 
-def check_entries(checkpoint, path):
-    """Every entry of RESUMED_ENTRIES is there ('log' may be absent: older checkpoints) and of its kind."""
+def check_resumable(checkpoint, path, method):
+    """Only a whole checkpoint of this script's runs resumes; any other file is refused in one sentence saying what
+    it is and what to do with it."""
+    recorded = checkpoint.get("method") if isinstance(checkpoint, dict) else None
+    if recorded in SCRIPTS and recorded != method:
+        raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
+                        f"with {SCRIPTS[recorded]}, or start a new run")
+    written = isinstance(checkpoint, dict) and ("fine_tune" in checkpoint or "post_process" in checkpoint)
+    if recorded != method and (written or (isinstance(recorded, str) and "+" in recorded)):  # also of a released file
+        post_processed = "post_process" in checkpoint if written else recorded.endswith("++")
+        what = ("an encoder post-processed by eval_linear.py --post-process" if post_processed
+                else "a model fine-tuned by eval_linear.py")
+        raise UserError(f"{path} is {what} (method {recorded!r}), not a training run's checkpoint: it cannot be "
+                        "resumed, only evaluated with eval_linear.py")
+    if recorded != method:
+        recorded = "records no method" if recorded is None else f"records the method {recorded!r}"
+        raise UserError(f"{path} is not a checkpoint of this project's training scripts (it {recorded}; a released "
+                        "checkpoint, for example): it cannot be resumed, only evaluated with eval_linear.py")
     for key, (fits, what) in RESUMED_ENTRIES.items():
         if key not in checkpoint and key != "log":
-            raise UserError(f"{path} is damaged: it has no {key!r} ({what}), so it cannot be resumed; resume an intact "
-                            "copy of the checkpoint, or start a new run")
+            raise UserError(f"{path} is damaged: it has no {key!r} ({what}), so it cannot be resumed; {INTACT}")
         if not fits(checkpoint.get(key)):
             got = f" (got {checkpoint[key]!r})" if key == "step" else ""
-            raise UserError(f"{path} is damaged: its {key!r} is not {what}{got}, so it cannot be resumed; resume an "
-                            "intact copy of the checkpoint, or start a new run")
+            raise UserError(f"{path} is damaged: its {key!r} is not {what}{got}, so it cannot be resumed; {INTACT}")
 
 
 def checkpoint_file(path):
@@ -312,9 +291,13 @@ def checkpoint_file(path):
     return os.path.join(path, "checkpoint.pt")
 
 
-# =============================================================================================
-# Device and CPU threads
-# =============================================================================================
+# --- Device and CPU threads ------------------------------------------------------------------------------------
+
+# OpenMP threads that wait for each other spin: beside another CPU-heavy process a run on one thread per core
+# slows down by far more than its lost share of the CPU (docs/speed.md: 3x to 100x). So the scripts use as many
+# threads as there are idle cores when they start.
+TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before any change
+
 
 def pick_device(name):
     """The device; on the GPU the cuDNN settings, on the CPU as many threads as there are idle cores."""
@@ -326,15 +309,15 @@ def pick_device(name):
         # TF32 convolutions (with --no-amp; autocast runs them in bf16). Matrix products stay fp32 (PyTorch's default):
         # the losses' and the views' resampling are fp32 under autocast too; TF32 would move pixels by up to 0.35 level.
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        use_idle_cores()
+        return device
+    threads, idle = idle_threads()
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    if threads is not None and threads < TORCH_THREADS:
+        print(f"CPU: {threads} thread{'s' * (threads > 1)}, not {TORCH_THREADS}: {idle:.1f} of "
+              f"{len(os.sched_getaffinity(0))} cores are idle (other processes use the rest); "
+              "set OMP_NUM_THREADS to choose", flush=True)
     return device
-
-
-# OpenMP threads that wait for each other spin: beside another CPU-heavy process a run on one thread per core
-# slows down by far more than its lost share of the CPU (docs/speed.md: 3x to 100x). So the scripts use as many
-# threads as there are idle cores when they start.
-TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before any change
 
 
 def read_proc_stat():
@@ -350,11 +333,9 @@ def read_proc_stat():
 
 
 def idle_threads(environ=None, read_stat=None, allowed=None, default=None, interval=0.2):
-    """(threads, idle cores) to use now: the idle shares of the cores this process may run on, from two readings of
-    /proc/stat `interval` s apart, threads = max(1, round(idle)) <= PyTorch's default. (None, None), PyTorch's
-    choice, under OMP_NUM_THREADS (the user's or torchrun's) or where either cannot be read (not Linux)."""
-    environ = os.environ if environ is None else environ
-    if "OMP_NUM_THREADS" in environ:
+    """(threads, idle cores): the idle shares of the cores this process may run on over `interval` s, threads =
+    max(1, round(idle)) <= PyTorch's default; (None, None) under OMP_NUM_THREADS or where /proc/stat is missing."""
+    if "OMP_NUM_THREADS" in (os.environ if environ is None else environ):
         return None, None
     read_stat, default = read_stat or read_proc_stat, default or TORCH_THREADS
     try:
@@ -372,37 +353,8 @@ def idle_threads(environ=None, read_stat=None, allowed=None, default=None, inter
     return min(default, max(1, round(idle))), idle
 
 
-def use_idle_cores():
-    """torch.set_num_threads(idle_threads()), saying so in one line when it is fewer than the default."""
-    threads, idle = idle_threads()
-    if threads is not None and threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
-    if threads is not None and threads < TORCH_THREADS:
-        print(f"CPU: {threads} thread{'s' * (threads > 1)}, not {TORCH_THREADS}: {idle:.1f} of "
-              f"{len(os.sched_getaffinity(0))} cores are idle (other processes use the rest); "
-              "set OMP_NUM_THREADS to choose", flush=True)
+# --- Output guards of eval_linear.py and representations.py ----------------------------------------------------
 
-
-def run_dir_for(args, method, checkpoint_path=None):
-    """A resumed run's own folder; a new one gets <method>_<dataset>_<seed>_<time>/."""
-    if checkpoint_path:
-        return os.path.dirname(os.path.abspath(checkpoint_path))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out_dir, f"{method}_{args.dataset}_{args.seed}_{stamp}")
-    suffix = 1
-    while os.path.exists(path):
-        suffix += 1
-        path = os.path.join(args.out_dir, f"{method}_{args.dataset}_{args.seed}_{stamp}-{suffix}")
-    try:
-        os.makedirs(path)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {path} ({e.strerror}); choose another --out-dir") from None
-    return path
-
-
-# =============================================================================================
-# Output guards of eval_linear.py and representations.py
-# =============================================================================================
 # A training run's files and those --post-process writes beside its checkpoint: never a report's name.
 RUN_FILES = ("checkpoint.pt", "args.json", "metrics.jsonl", "benchmark.json", "postprocessed.pt", "postprocessed.json")
 
@@ -413,10 +365,9 @@ def _same_file(a, b):
 
 
 def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
-    """Refuse before any work, in one sentence, an output that would lose a file. `paths`: what will be written
-    (report=True: first the .json report given to `flag`, then the models and figures beside it); `inputs`: the
-    files read. No path may be an input, a folder or (report=True) a name of RUN_FILES, and each one's folder
-    must be writable or possible to make."""
+    """Before any work, refuse an output that would lose a file. `paths`: what will be written (report=True: first
+    the .json report given to `flag`, then the files beside it); `inputs`: the files read. No path may be an input,
+    a folder or (report=True) a name of RUN_FILES, and each one's folder must be writable or possible to make."""
     what = f"{flag} {paths[0]}" if report else flag
     remedy = remedy or f"choose another {flag}"
     if report and not paths[0].endswith(".json"):
@@ -430,35 +381,11 @@ def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
         if any(_same_file(path, other) for other in inputs):
             raise UserError(f"{what} {f'would overwrite {path}, which' if beside else 'is a file that'} this run reads; "
                             f"{remedy}")
-        missing = _first_missing_folder(os.path.dirname(os.path.abspath(path)))
-        folder = os.path.dirname(missing) if missing else os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-            why = ("it is a folder" if os.path.isdir(path) else
-                   f"{folder} is not a folder" if not os.path.isdir(folder) else f"{folder} is not writable")
+        folder = os.path.dirname(_first_missing_folder(os.path.dirname(os.path.abspath(path))) or os.path.abspath(path))
+        why = ("it is a folder" if os.path.isdir(path) else f"{folder} is not a folder" if not os.path.isdir(folder)
+               else None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable")
+        if why:
             raise UserError(f"cannot write {path}: {why}; {remedy}")
-
-
-def earlier_output(path):
-    """(script, input, where it was written, record) of a file at `path`: ('eval_linear.py', checkpoint, a kept
-    model's path, record) for its report or a model it kept, ('representations.py', first model, its --out,
-    report) for its report; Nones for any other file (another program's, or a damaged one)."""
-    try:
-        if path.endswith(".json"):
-            with open(path) as f:
-                record = json.load(f)
-        else:
-            record = load_checkpoint(path)
-            record = record.get("fine_tune") if isinstance(record, dict) else None
-    except (OSError, ValueError, UserError):
-        record = None
-    if isinstance(record, dict) and isinstance(record.get("checkpoint"), str) and "mode" in record:
-        entry = (record.get("results") or [record])[0]  # --mode all: the first mode's entry names its model
-        written_at = entry.get("fine_tuned") if isinstance(entry, dict) else None
-        return "eval_linear.py", record["checkpoint"], written_at, record
-    first = record.get("model") if isinstance(record, dict) else None
-    if isinstance(first, dict) and isinstance(first.get("checkpoint"), str) and "cka" in record:
-        return "representations.py", first["checkpoint"], record.get("out"), record
-    return None, None, None, None
 
 
 def check_replaced(path, script, source, out):
@@ -467,12 +394,27 @@ def check_replaced(path, script, source, out):
     other file is refused in one sentence naming whose it is. Returns the replaced file's record."""
     if not os.path.exists(path):
         return None
-    owner, recorded, written_at, record = earlier_output(path)
-    what = ("a model fine-tuned by eval_linear.py from" if owner and not path.endswith(".json") else
-            f"{owner}'s report on" if owner else "")
+    try:  # the record of an earlier report, or of a model eval_linear.py kept (its 'fine_tune' entry)
+        if path.endswith(".json"):
+            with open(path) as f:
+                record = json.load(f)
+        else:
+            record = load_checkpoint(path)
+            record = record.get("fine_tune") if isinstance(record, dict) else None
+    except (OSError, ValueError, UserError):
+        record = None
+    record, owner = record if isinstance(record, dict) else {}, None
+    first = record.get("model")
+    if isinstance(record.get("checkpoint"), str) and "mode" in record:
+        entry = (record.get("results") or [record])[0]  # --mode all: the first mode's entry names its model
+        owner, recorded = "eval_linear.py", record["checkpoint"]
+        written_at = entry.get("fine_tuned") if isinstance(entry, dict) else None
+    elif isinstance(first, dict) and isinstance(first.get("checkpoint"), str) and "cka" in record:
+        owner, recorded, written_at = "representations.py", first["checkpoint"], record.get("out")
     if owner is None:
         raise UserError(f"--out {out} would replace {path}, which is not a file of {script} (another program's, or a "
                         "damaged one); choose another --out")
+    what = f"{owner}'s report on" if path.endswith(".json") else "a model fine-tuned by eval_linear.py from"
     if owner != script:
         raise UserError(f"--out {out} would replace {path}, {what} {recorded}; {script} does not replace {owner}'s "
                         "files: choose another --out")
@@ -484,9 +426,7 @@ def check_replaced(path, script, source, out):
     return record
 
 
-# =============================================================================================
-# Checkpoints: atomic files, checks of what a resume or an evaluation loads, random state
-# =============================================================================================
+# --- Checkpoints: atomic files, what a resume or an evaluation loads, random state -----------------------------
 
 @contextlib.contextmanager
 def atomic_file(path, mode):
@@ -546,9 +486,12 @@ def _listed(keys, most=3):
     return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
+def _finite(tensors):
+    return all(torch.isfinite(v).all() for v in tensors if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
 def check_weights(state, expected, path, network, remedy, optional=("num_batches_tracked",)):
-    """Refuse in one sentence weights `state` that do not fit `expected` (the state dict of `network`): a missing
-    key, an unexpected one (`remedy` says what to do), another shape or not a tensor, a NaN or infinite value.
+    """Refuse weights `state` that do not fit `expected`, the state dict of `network` (`remedy`: for unexpected keys).
     Keys ending in `optional` may be missing: num_batches_tracked, a BN counter that old checkpoints lack."""
     missing = [k for k in expected if k not in state and not k.endswith(optional)]
     unexpected = [k for k in state if k not in expected]
@@ -563,7 +506,7 @@ def check_weights(state, expected, path, network, remedy, optional=("num_batches
                         f"{remedy}")
     if mismatched:
         raise UserError(f"{path} has weights whose shapes do not fit {network}: {_listed(mismatched)}")
-    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+    if not _finite(state.values()):
         raise UserError(f"{path} contains NaN or infinite weights; use an earlier checkpoint")
 
 
@@ -579,39 +522,23 @@ def check_optimizer_state(state, optimizer, path):
     fits = fits and all(not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape == p.shape for p, v in buffers)
     if not fits:
         raise UserError(f"{path} is damaged: its optimiser state does not fit the network of its arguments, so it cannot "
-                        "be resumed; resume an intact copy of the checkpoint, or start a new run")
-    if not all(torch.isfinite(v).all() for _, v in buffers if isinstance(v, torch.Tensor) and v.is_floating_point()):
+                        f"be resumed; {INTACT}")
+    if not _finite(v for _, v in buffers):
         raise UserError(f"{path} contains NaN or infinite optimiser state; use an earlier checkpoint")
-
-
-def rng_state():
-    """The CPU generator's state and the current GPU's (every torchrun process draws the same numbers)."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def set_rng_state(state):
     """Restore the random state. Without a CUDA state (saved on the CPU; older files hold a list of every GPU's,
     used only with as many GPUs) the CUDA generator keeps its seed: the run continues, not bit for bit."""
     torch.set_rng_state(state["cpu"])
-    cuda = state.get("cuda")
-    if torch.cuda.is_available() and isinstance(cuda, torch.Tensor):
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    if isinstance(cuda, torch.Tensor):
         torch.cuda.set_rng_state(cuda)
-    elif torch.cuda.is_available() and cuda is not None and len(cuda) == torch.cuda.device_count():
+    elif cuda is not None and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
 
 
-def make_checkpoint(method, args, model, optimizer, epoch, step, log=None):
-    """Plain types and tensors only (torch.load(weights_only=True) reads it); `log`: the open log window's sums."""
-    return {"method": method, "args": dict(vars(args)), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng_state(), "log": log}
-
-
-# =============================================================================================
-# Signals, the non-finite watch, the log, the benchmark
-# =============================================================================================
+# --- Signals, the non-finite watch, the log, the benchmark -----------------------------------------------------
 
 class StopSignal:
     """Ctrl-C and SIGTERM set a flag (said at once where `announce`); the loop checkpoints after this step and
@@ -634,9 +561,8 @@ class StopSignal:
                 pass
 
     def agreed(self):
-        """The signal any process received (the highest number), or None: under torchrun one all-reduce of a CPU
-        integer per step over gloo (no GPU sync), so every process stops after this step; agreeing only on log
-        steps could answer past torchrun's 30 s grace before it kills the workers."""
+        """The signal any process received (the highest number), or None. Under torchrun one all-reduce of a CPU
+        integer per step (gloo): agreeing only on log steps could answer past torchrun's 30 s grace."""
         if rank_and_world()[1] == 1:
             return self.received
         code = torch.tensor([signal.Signals[self.received].value if self.received else 0])
@@ -668,10 +594,13 @@ class NonFiniteWatch:
             step, weights_bad = (int(flags[0]) if int(flags[0]) < never else -1), int(flags[1]) < 0
         if step < 0 and weights_bad:
             fail(f"the network's weights became non-finite by step {self.last_step} although the loss stayed finite; "
-                 f"training stopped and the last good checkpoint is {checkpoint_path}; lower --lr", status=1, everywhere=True)
+                 f"training stopped and the last good checkpoint is {checkpoint_path}; lower --lr", status=1,
+                 everywhere=True)
         if step >= 0:
-            values = ", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist())) if own_step == step else "on another process"
-            kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint was written yet"
+            values = (", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist())) if own_step == step
+                      else "on another process")
+            kept = (f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path)
+                    else "no checkpoint was written yet")
             fail(f"the loss became non-finite at step {step} ({values}); training stopped and {kept}; "
                  "lower --lr or check the data", status=1, everywhere=True)
 
@@ -682,10 +611,9 @@ class RunLog:
 
     def __init__(self, run_dir, total_steps, start_step, batch_size, device, log_every=1, state=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.total_steps, self.batch_size, self.device, self.log_every = total_steps, batch_size, device, log_every
+        self.total_steps, self.batch_size, self.log_every = total_steps, batch_size, log_every
         self.sum, self.count = (None, 0) if state is None else (state["sum"], state["count"])
-        if self.sum is not None:
-            self.sum = self.sum.to(device)
+        self.sum = None if self.sum is None else self.sum.to(device)
         self.last_time, self.last_step = time.perf_counter(), start_step
 
     def state(self):
@@ -696,27 +624,20 @@ class RunLog:
         self.count += 1
 
     def write(self, step, epoch, epochs, lr, names):
-        if self.count == 0:
-            return None
         means = (self.sum / self.count).tolist()  # the one host-device sync of a log step
         now = time.perf_counter()
         images_per_s = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
-        eta = (self.total_steps - step) * self.batch_size / max(images_per_s, 1e-9)
+        eta = int((self.total_steps - step) * self.batch_size / max(images_per_s, 1e-9))
         record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, means)), "images_per_s": images_per_s}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         losses = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+        eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
         print(f"epoch {epoch}/{epochs} step {step}/{self.total_steps} | {losses} | lr {lr:.4g} | "
-              f"{images_per_s:.0f} img/s | eta {format_seconds(eta)}", flush=True)
+              f"{images_per_s:.0f} img/s | eta {eta}", flush=True)
         if step % self.log_every == 0:
             self.sum, self.count = None, 0
         self.last_time, self.last_step = now, step
-        return record
-
-
-def format_seconds(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def synchronize(device):
@@ -724,28 +645,21 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-class _GlobalOnly(contextlib.nullcontext):
-    """In place of FlopCounterMode's module tracker: every operation counts towards the total ('Global')."""
-    parents = {"Global"}
-
-
 class Benchmark:
-    """Steady-state throughput of a --max-steps run: timed from the end of a warm-up to the last step,
-    with the peak GPU memory and, with --benchmark, the rate of the data loader alone and the FLOPs of
-    one training step, so that the run shows whether the device or the data pipeline is the limit."""
+    """Steady-state throughput of a --max-steps run, from the end of a warm-up to the last step, with the peak GPU
+    memory and, with --benchmark, the loader's rate alone and one step's FLOPs: is the device or the data the limit?"""
 
     def __init__(self, device, batch_size, warmup_steps):
         self.device, self.batch_size, self.warmup_steps = device, batch_size, warmup_steps
-        self.steps_done, self.start, self.start_steps = 0, None, 0
-        self.loader_images_per_s = self.loader_images_per_s_per_worker = None
-        self.flop_counter = self.flops_per_image = None
+        self.steps_done, self.start = 0, None
+        self.loader_images_per_s = self.loader_images_per_s_per_worker = self.flop_counter = self.flops_per_image = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def time_loader(self, loader, sampler, batches, world=1):
+    def time_loader(self, loader, batches, world):
         """This process's loader alone over `batches` batches; its rate times the processes (they load side by side),
         comparable with the training images/s, and per loader worker (None without: --workers 0, --augment batched)."""
-        sampler.set_epoch(1)
+        loader.batch_sampler.set_epoch(1)
         start, images = time.perf_counter(), 0
         for n, batch in enumerate(loader, 1):
             images += len(batch[0])
@@ -757,15 +671,14 @@ class Benchmark:
         self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, workers and rate / workers
 
     def count_flops(self, images):
-        """Count the floating-point operations of everything until the next step() with PyTorch's
-        FlopCounterMode (matrix products and convolutions, forward and backward: the attack's
-        forwards and input gradients, the training forwards, the backward), per image of the
-        `images` this process trains on in a step. The counted step is a warm-up step: untimed."""
+        """FLOPs (matrix products, convolutions) of everything until the next step(), attack and backward included, per
+        image of the `images` this process trains on; FlopCounterMode slows that step, a warm-up step (untimed)."""
         from torch.utils.flop_counter import FlopCounterMode
         self.flop_counter, self.flop_images = FlopCounterMode(display=False), images
-        # Totals only: the counter's per-module attribution registers backward hooks that fail under the
-        # attack's torch.autograd.grad on a leaf input (pytorch/pytorch#131753); the totals are the same.
-        self.flop_counter.mod_tracker = _GlobalOnly()
+        # Totals only, every operation under 'Global': the counter's per-module attribution registers backward hooks
+        # that fail under the attack's torch.autograd.grad on a leaf input (pytorch/pytorch#131753).
+        self.flop_counter.mod_tracker = contextlib.nullcontext()
+        self.flop_counter.mod_tracker.parents = {"Global"}
         self.flop_counter.__enter__()
 
     def step(self):
@@ -776,18 +689,18 @@ class Benchmark:
             self.flop_counter = None
         if self.steps_done == self.warmup_steps:
             synchronize(self.device)
-            self.start, self.start_steps = time.perf_counter(), self.steps_done
+            self.start = time.perf_counter()
 
     def summary(self, run_dir, method):
         synchronize(self.device)
-        timed = self.steps_done - self.start_steps
+        timed = self.steps_done - self.warmup_steps
         if self.start is None or timed < 1:
-            return None
+            return
         images_per_s = timed * self.batch_size / (time.perf_counter() - self.start)
-        flops = self.flops_per_image
-        result = {"method": method, "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+        flops, cuda = self.flops_per_image, self.device.type == "cuda"
+        result = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu",
                   "timed_steps": timed, "batch_size": self.batch_size, "images_per_s": images_per_s,
-                  "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None,
+                  "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                   "loader_images_per_s": self.loader_images_per_s,
                   "loader_images_per_s_per_worker": self.loader_images_per_s_per_worker,
                   "flops_per_image": flops, "tflops_per_s": flops * images_per_s / 1e12 if flops else None}
@@ -797,9 +710,8 @@ class Benchmark:
         loader = f", data loader alone {self.loader_images_per_s:.0f} img/s" if self.loader_images_per_s else ""
         per_worker = self.loader_images_per_s_per_worker
         loader += f" ({per_worker:.0f} per worker)" if per_worker else ""
-        print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.start_steps} warm-up steps on "
+        print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.warmup_steps} warm-up steps on "
               f"{result['device']}{compute}{memory}{loader}", flush=True)
-        return result
 
 
 def main_guard(main):
@@ -813,9 +725,7 @@ def main_guard(main):
             dist.destroy_process_group()
 
 
-# =============================================================================================
-# Several processes (torchrun): process group, DDP (the slices and the gather are common.py's)
-# =============================================================================================
+# --- Several processes (torchrun): process group, DDP (the slices and the gather are common.py's) --------------
 
 _CPU_GROUP = None  # a gloo group for small CPU collectives; None = the default group (gloo already)
 
@@ -858,12 +768,10 @@ def init_distributed(args):
 
 
 def parallel(model, compile, device, find_unused=False):
-    """(net, train_net): `net`, the model (torch.compile'd with --compile), for the attack; `train_net` for the
-    training forwards: under torchrun DDP over net, with every BN a SyncBatchNorm on CUDA, so batch statistics are
-    the global batch's (on the CPU each process normalises its slice). broadcast_buffers=False: DDP would copy
-    rank 0's buffers in place between the forwards that share one backward; with SyncBatchNorm the running
-    statistics agree anyway (on the CPU rank 0's are saved). find_unused: supervised.py --eps 0 leaves the
-    adversarial BN copies without gradient."""
+    """(net, train_net): the model (torch.compile'd with --compile) for the attack, and for the training forwards
+    under torchrun DDP over it, with SyncBatchNorm on CUDA (on the CPU each process normalises its slice).
+    broadcast_buffers=False: DDP would copy rank 0's buffers in place between forwards that share one backward.
+    find_unused: supervised.py --eps 0 leaves the adversarial BN copies without gradient."""
     world = rank_and_world()[1]
     if world > 1 and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN children in place, same parameters
@@ -875,24 +783,32 @@ def parallel(model, compile, device, find_unused=False):
                                                     find_unused_parameters=find_unused)
 
 
-# =============================================================================================
-# Run bookkeeping: one object per training run, one call per step
-# =============================================================================================
+# --- Run bookkeeping: one object per training run, one call per step ------------------------------------------
 
-def check_writable(run_dir):
-    """A resumed run's folder must be writable, or the resume is refused before anything is done."""
+def new_run_dir(args, method):
+    """A new run's folder <out-dir>/<method>_<dataset>_<seed>_<time>/ (-2, -3... when that is taken)."""
+    path = base = os.path.join(args.out_dir, f"{method}_{args.dataset}_{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = f"{base}-{suffix}"
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {path} ({e.strerror}); choose another --out-dir") from None
+    return path
+
+
+def metrics_to_keep(run_dir, step, log_every):
+    """On resume, before any write: the run folder is writable, and the records of its metrics.jsonl up to the
+    checkpoint's step (less one there that closed a partial window), so the file reads as if the run was never
+    interrupted (None without the file). A last line cut by a crash is dropped; any other non-record is refused."""
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise UserError(f"cannot resume in {run_dir}: the run folder is not writable (a read-only file system, or "
                         "no permission); make it writable, or copy the run folder somewhere writable and resume the copy")
-
-
-def metrics_to_keep(path, step, log_every):
-    """On resume, the records of metrics.jsonl up to the checkpoint's step (less one there that closed a partial
-    window), so the file reads as if the run was never interrupted; None without the file. A last line cut by a
-    crash is dropped; any other line that is not a record is refused in one sentence naming it."""
+    path, records = os.path.join(run_dir, "metrics.jsonl"), []
     if not os.path.exists(path):
         return None
-    records = []
     try:
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
@@ -911,51 +827,52 @@ def metrics_to_keep(path, step, log_every):
     return [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
 
 
-def write_metrics(path, records):
-    with atomic_file(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 class Run:
-    """Everything a training loop does besides training, made once, then `end_of_step()` once per step: resume,
-    the run folder and args.json, the log, the non-finite watch, checkpoints (epoch ends, --save-every, the last
-    step, Ctrl-C/SIGTERM) and the benchmark. Under torchrun rank 0 alone writes; all stop at the same step."""
+    """Everything a training loop does besides training: resume, run folder, args.json, log, non-finite watch,
+    checkpoints (epoch ends, --save-every, last step, Ctrl-C/SIGTERM), benchmark. Under torchrun rank 0 writes."""
 
     def __init__(self, method, args, checkpoint, model, optimizer, loader, device, amp):
         self.method, self.args, self.model, self.optimizer = method, args, model, optimizer
-        self.nothing_to_do = False
-        self.rank, world = rank_and_world()
+        self.rank, self.world = rank_and_world()
         self.steps_per_epoch = loader.batch_sampler.batches_per_epoch
         total_steps = args.epochs * self.steps_per_epoch
         self.stop_step = min(total_steps, args.max_steps or total_steps)
-        self.step, log_state = 0, None
-        self.dir = self._on_rank0(world, lambda: run_dir_for(args, method, args.resume))  # the same on every process
+        self.step, log_state, kept, self.log, self.bench, self.nothing_to_do = 0, None, None, None, None, False
+        self.dir = (os.path.dirname(os.path.abspath(args.resume)) if checkpoint else
+                    self._on_rank0(lambda: new_run_dir(args, method)))  # the same on every process
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
-        metrics_path, kept = os.path.join(self.dir, "metrics.jsonl"), None
-        self.log = self.bench = None
         if checkpoint:  # every check comes before the first write: a refused resume leaves the run folder as it is
-            network = f"the {method}.py network of width {args.width} with the {model.stem} stem that its arguments " \
-                      "describe"
-            check_weights(checkpoint["model"], model.state_dict(), args.resume, network, "resume an intact copy of the "
-                          "checkpoint, or start a new run", optional=())
+            network = (f"the {method}.py network of width {args.width} with the {model.stem} stem that its "
+                       "arguments describe")
+            check_weights(checkpoint["model"], model.state_dict(), args.resume, network, INTACT, optional=())
             check_optimizer_state(checkpoint["optimizer"], optimizer, args.resume)
             self.step, log_state = checkpoint["step"], checkpoint.get("log")
-            self.nothing_to_do = self._check_resume_point(total_steps)
-            if self.nothing_to_do:  # nothing is loaded or written: the run folder stays as it is
+            if self.stop_step == total_steps:
+                where, more = f"the end of its --epochs {args.epochs}", "start a new run to train longer"
+            else:
+                where, more = f"--max-steps {self.stop_step}", f"give a --max-steps above {self.step} to train further"
+            if self.step > self.stop_step:
+                raise UserError(f"{args.resume} is at step {self.step}, already past step {self.stop_step} ({where}); "
+                                f"{more}")
+            if self.step == self.stop_step:  # nothing is loaded or written: the run folder stays as it is
+                if self.rank == 0:
+                    print(f"nothing to do: {args.resume} is at step {self.step}, where this run stops ({where}); "
+                          f"{more}", flush=True)
+                self.nothing_to_do = True
                 return
-            self._on_rank0(world, lambda: check_writable(self.dir))
             log_every = checkpoint["args"].get("log_every", args.log_every)
-            kept = self._on_rank0(world, lambda: metrics_to_keep(metrics_path, self.step, log_every))
+            kept = self._on_rank0(lambda: metrics_to_keep(self.dir, self.step, log_every))
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             set_rng_state(checkpoint["rng"])
         if self.rank == 0:
             write_json(os.path.join(self.dir, "args.json"), vars(args))
             if kept is not None:
-                write_metrics(metrics_path, kept)
+                with atomic_file(os.path.join(self.dir, "metrics.jsonl"), "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
             if checkpoint:
                 print(f"resumed {args.resume} at step {self.step}", flush=True)
-            processes = f", {world} processes" if world > 1 else ""
+            processes = f", {self.world} processes" if self.world > 1 else ""
             print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
                   f"{self.stop_step - self.step} steps to step {self.stop_step} of {total_steps}, "
                   f"{self.steps_per_epoch} per epoch; writing {self.dir}", flush=True)
@@ -965,24 +882,11 @@ class Run:
         self.watch = NonFiniteWatch(device)
         self.stop = StopSignal(announce=self.rank == 0)
         if self.bench and args.benchmark:
-            self.bench.time_loader(loader, loader.batch_sampler, min(50, self.steps_per_epoch), world)
+            self.bench.time_loader(loader, min(50, self.steps_per_epoch), self.world)
             if not args.compile:  # FlopCounterMode counts eager operations: not a compiled graph's
-                self.bench.count_flops(args.batch_size // world)
+                self.bench.count_flops(args.batch_size // self.world)
 
-    def _check_resume_point(self, total_steps):
-        """True when a resumed run stops at its checkpoint's step (said in one line); a stop below it is refused."""
-        step, stop, args = self.step, self.stop_step, self.args
-        if stop == total_steps:
-            where, more = f"the end of its --epochs {args.epochs}", "start a new run to train longer"
-        else:
-            where, more = f"--max-steps {stop}", f"give a --max-steps above {step} to train further"
-        if step > stop:
-            raise UserError(f"{args.resume} is at step {step}, already past step {stop} ({where}); {more}")
-        if step == stop and self.rank == 0:
-            print(f"nothing to do: {args.resume} is at step {step}, where this run stops ({where}); {more}", flush=True)
-        return step == stop
-
-    def _on_rank0(self, world, compute):
+    def _on_rank0(self, compute):
         """compute() on rank 0 alone; every process gets its result, or its error, so all stop together."""
         shared = [None, None]
         if self.rank == 0:
@@ -990,7 +894,7 @@ class Run:
                 shared[0] = compute()
             except UserError as e:
                 shared[1] = str(e)
-        if world > 1:
+        if self.world > 1:
             dist.broadcast_object_list(shared, src=0, group=_CPU_GROUP)
         if shared[1]:
             raise UserError(shared[1])
@@ -1019,9 +923,14 @@ class Run:
             self.watch.check(names, self.checkpoint_path, self.model)
         if log_step and self.log:
             self.log.write(step, epoch, args.epochs, lr, names)
-        if save_step and self.rank == 0:
-            save_checkpoint(self.checkpoint_path, make_checkpoint(self.method, args, self.model, self.optimizer,
-                                                                  epoch, step, self.log.state()))
+        if save_step and self.rank == 0:  # plain types and tensors only: torch.load(weights_only=True) reads it
+            rng = {"cpu": torch.get_rng_state()}  # every torchrun process draws the same numbers
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_checkpoint(self.checkpoint_path, {
+                "method": self.method, "args": dict(vars(args)), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng,
+                "log": self.log.state()})
         if received:
             barrier()  # rank 0's checkpoint is complete before any process exits and torchrun stops the rest
             if self.rank == 0:
