@@ -381,10 +381,11 @@ def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
         if any(_same_file(path, other) for other in inputs):
             raise UserError(f"{what} {f'would overwrite {path}, which' if beside else 'is a file that'} this run reads; "
                             f"{remedy}")
+        # the folder it is written in, or where its missing folders would be made
         folder = os.path.dirname(_first_missing_folder(os.path.dirname(os.path.abspath(path))) or os.path.abspath(path))
-        why = ("it is a folder" if os.path.isdir(path) else f"{folder} is not a folder" if not os.path.isdir(folder)
-               else None if os.access(folder, os.W_OK | os.X_OK) else f"{folder} is not writable")
-        if why:
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            why = ("it is a folder" if os.path.isdir(path) else
+                   f"{folder} is not a folder" if not os.path.isdir(folder) else f"{folder} is not writable")
             raise UserError(f"cannot write {path}: {why}; {remedy}")
 
 

@@ -3919,35 +3919,74 @@ def test_bad_input_through_the_command_line(tmp_path):
                        "no folder", str(tmp_path))
     assert_clean_error(run_cli("air.py", "--dataset", "synthetic", "--batch-size", "1"), "--batch-size")
     assert_clean_error(run_cli("a_infonce.py", "--dataset", "synthetic", "--tau-plus", "1"), "--tau-plus")
+    result = run_cli("acl.py", "--dataset", "stl10", "--supcon", "--data-dir", str(tmp_path / "data"),
+                     "--out-dir", str(tmp_path / "runs"))
+    assert_clean_error(result, "--supcon needs labels", "--dataset stl10", "unlabelled")
+    assert not os.listdir(tmp_path)  # refused before any folder was made or any data was read
 
 
-OUT_OF_RANGE = {
-    ("--eps", "-1"): "must be in [0, 255] (got -1); it is in /255 units, e.g. --eps 8",
-    ("--batch-size", "1"): "must be at least 2 (got 1): contrastive losses need other images as negatives, and batch "
-                           "norm needs more than one image",
-    ("--pgd-steps", "-1"): "must be >= 0 (got -1)", ("--pgd-alpha", "-2"): "must be >= 0 (got -2)",
-    ("--temperature", "0"): "must be positive (got 0.0)", ("--epochs", "0"): "must be at least 1 (got 0)",
-    ("--lr", "-1"): "must be positive (got -1.0)",
-    ("--lambda1", "-0.5"): "must be >= 0 (got -0.5)", ("--lambda2", "-1"): "must be >= 0 (got -1.0)",
-    ("--clean-grad-share", "1.5"): "must be in [0, 1] (got 1.5)",
-    ("--clean-grad-share", "-0.1"): "must be in [0, 1] (got -0.1)",
-    ("--tau-plus", "1"): "must be in [0, 1) (got 1.0)", ("--tau-plus", "-0.1"): "must be in [0, 1) (got -0.1)",
-    ("--ip-weight", "-1"): "must be >= 0 (got -1.0)",
-}
+def bad_command_line(module, argv, sentence, *marks):
+    return pytest.param(module, argv, sentence, marks=marks, id=f"{module.METHOD} {' '.join(argv)}")
 
 
-@pytest.mark.parametrize("module, flag, value", [
-    (acl, "--eps", "-1"), (acl, "--batch-size", "1"), (acl, "--pgd-steps", "-1"), (acl, "--pgd-alpha", "-2"),
-    (acl, "--temperature", "0"), (acl, "--epochs", "0"), (acl, "--lr", "-1"),
-    (air, "--lambda1", "-0.5"), (air, "--lambda2", "-1"),
-    (a_infonce, "--clean-grad-share", "1.5"), (a_infonce, "--clean-grad-share", "-0.1"),
-    (a_infonce, "--tau-plus", "1"), (a_infonce, "--tau-plus", "-0.1"), (a_infonce, "--ip-weight", "-1"),
-])
-def test_out_of_range_flags_are_refused(module, flag, value, tmp_path, capsys):
-    """The command line -> the sentence of machinery.RANGES (TRAINING_RANGES for --batch-size), word for word."""
-    status, err = in_process_error(module.main, TINY + [flag, value, "--out-dir", str(tmp_path)], capsys)
-    assert (status, err) == (2, f"error: {flag} {OUT_OF_RANGE[flag, value]}\n")
-    assert not os.listdir(tmp_path)  # refused before anything was written
+ATTACK_STEP_ZERO = ("--pgd-alpha 0 would leave the PGD attack (eps 8/255, 2 steps) at its random start; give a positive "
+                    "step in /255 units, e.g. --pgd-alpha 2, or --pgd-steps 0 for the random start alone")
+NOT_FINITE = "{} must be a finite number (got {})"
+# A training script's command line (after TINY) -> its one sentence, word for word: machinery.RANGES (TRAINING_RANGES
+# for --batch-size), the finite check before them, the attack's step, the flags a method lacks, --device.
+BAD_TRAINING_COMMAND_LINES = [
+    *[bad_command_line(acl, [flag, value], f"{flag} {sentence}") for flag, value, sentence in (
+        ("--eps", "-1", "must be in [0, 255] (got -1); it is in /255 units, e.g. --eps 8"),
+        ("--batch-size", "1", "must be at least 2 (got 1): contrastive losses need other images as negatives, and "
+                              "batch norm needs more than one image"),
+        ("--pgd-steps", "-1", "must be >= 0 (got -1)"), ("--pgd-alpha", "-2", "must be >= 0 (got -2)"),
+        ("--temperature", "0", "must be positive (got 0.0)"), ("--epochs", "0", "must be at least 1 (got 0)"),
+        ("--lr", "-1", "must be positive (got -1.0)"))],
+    bad_command_line(air, ["--lambda1", "-0.5"], "--lambda1 must be >= 0 (got -0.5)"),
+    bad_command_line(air, ["--lambda2", "-1"], "--lambda2 must be >= 0 (got -1.0)"),
+    *[bad_command_line(a_infonce, [flag, value], f"{flag} {sentence}") for flag, value, sentence in (
+        ("--clean-grad-share", "1.5", "must be in [0, 1] (got 1.5)"),
+        ("--clean-grad-share", "-0.1", "must be in [0, 1] (got -0.1)"),
+        ("--tau-plus", "1", "must be in [0, 1) (got 1.0)"), ("--tau-plus", "-0.1", "must be in [0, 1) (got -0.1)"),
+        ("--ip-weight", "-1", "must be >= 0 (got -1.0)"))],
+    *[bad_command_line(module, argv, NOT_FINITE.format(flag, got)) for module, argv, flag, got in (
+        (acl, ["--eps", "nan"], "--eps", "nan"), (acl, ["--eps", "inf"], "--eps", "inf"),
+        (acl, ["--eps=-inf"], "--eps", "-inf"), (acl, ["--temperature", "inf"], "--temperature", "inf"),
+        (acl, ["--lr", "nan"], "--lr", "nan"), (acl, ["--pgd-alpha", "nan"], "--pgd-alpha", "nan"),
+        (air, ["--lambda2", "nan"], "--lambda2", "nan"), (air, ["--weight-decay", "inf"], "--weight-decay", "inf"),
+        (a_infonce, ["--beta", "inf"], "--beta", "inf"), (a_infonce, ["--ip-weight", "nan"], "--ip-weight", "nan"),
+        (a_infonce, ["--tau-plus", "nan"], "--tau-plus", "nan"), (supervised, ["--lr", "inf"], "--lr", "inf"),
+        (supervised, ["--eps", "1e999"], "--eps", "inf"))],
+    *[bad_command_line(module, ["--eps", "256"], "--eps must be in [0, 255] (got 256); it is in /255 units, e.g. --eps 8")
+      for module in (acl, air, a_infonce, supervised)],
+    *[bad_command_line(module, ["--pgd-alpha", "0"], ATTACK_STEP_ZERO) for module in (acl, air, a_infonce, supervised)],
+    bad_command_line(air, ["--dataset", "stl10", "--supcon"], "--supcon needs labels, but --dataset stl10 pre-trains "
+                     "on STL-10's unlabelled images; use a labelled dataset (cifar10, cifar100, imagefolder, digits) or "
+                     "drop --supcon"),
+    *[bad_command_line(module, ["--supcon"], f"--supcon applies to acl.py and air.py (their NT-Xent terms and "
+                       f"attack), not to {module.METHOD}.py; drop --supcon") for module in (a_infonce, supervised)],
+    bad_command_line(supervised, ["--dynacl"], "--dynacl changes the contrastive augmentation and loss weights, which "
+                     "supervised.py does not have; drop --dynacl"),
+    *[bad_command_line(supervised, argv, "--temperature is the contrastive losses' temperature, which supervised.py "
+                       "(cross-entropy) does not have; drop --temperature")  # no use for it, even at its default
+      for argv in (["--temperature", "0.5"], ["--temperature=0.2"])],
+    bad_command_line(acl, ["--device", "cuda"], "--device cuda was asked for, but PyTorch sees no CUDA GPU here; use "
+                     "--device cpu or auto", pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+]
+
+
+@pytest.mark.parametrize("module, argv, sentence", BAD_TRAINING_COMMAND_LINES)
+def test_a_bad_training_command_line_is_one_sentence_before_anything_is_written(module, argv, sentence, tmp_path,
+                                                                                capsys):
+    status, err = in_process_error(module.main, TINY + argv + ["--out-dir", str(tmp_path)], capsys)
+    assert (status, err) == (2, f"error: {sentence}\n")
+    assert not os.listdir(tmp_path)  # no run folder, no data read
+
+
+def test_an_attack_step_of_zero_is_accepted_without_an_attack_or_its_steps(tmp_path):
+    for argv in (["--eps", "0"], ["--pgd-steps", "0"]):  # no attack, or the random start alone: nothing to refuse
+        run_dir = acl.main(TINY + ["--pgd-alpha", "0", *argv, "--max-steps", "1", "--out-dir", str(tmp_path)])
+        assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 1
 
 
 def test_imagefolder_errors_in_the_training_script(tmp_path, capsys):
@@ -4024,12 +4063,6 @@ def test_autoattack_without_torchattacks_is_refused_before_training(pretrained, 
     captured = capsys.readouterr()
     assert info.value.code == 2 and "torchattacks" in captured.err and "Traceback" not in captured.err
     assert "epoch" not in captured.out  # refused before any fine-tuning
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_requested_without_a_gpu_is_refused(tmp_path, capsys):
-    status, err = in_process_error(acl.main, TINY + ["--device", "cuda", "--out-dir", str(tmp_path)], capsys)
-    assert status == 2 and "--device cuda" in err and "no CUDA GPU" in err
 
 
 @pytest.mark.parametrize("kind, argv, fragments", [
@@ -4192,26 +4225,6 @@ def test_earlier_outputs_are_only_this_programs_names_and_never_inputs(tmp_path)
     found = eval_linear.earlier_outputs(str(tmp_path / "e.json"), keep, representations.FIGURE_SUFFIX)  # the figures
     assert [os.path.basename(p) for p in found] == ["e_clean_x_adv_eps4.png", "e_compare3_adv_x_adv.png",
                                                      "e_diagonal.png", "e_probes.png"]
-
-
-def test_supcon_without_labels_or_with_another_loss_is_refused(tmp_path, capsys):
-    result = run_cli("acl.py", "--dataset", "stl10", "--supcon", "--data-dir", str(tmp_path / "data"),
-                     "--out-dir", str(tmp_path / "runs"))
-    assert_clean_error(result, "--supcon needs labels", "--dataset stl10", "unlabelled")
-    status, err = in_process_error(air.main, TINY + ["--dataset", "stl10", "--supcon", "--data-dir", str(tmp_path / "data"),
-                                                     "--out-dir", str(tmp_path / "runs")], capsys)
-    assert status == 2 and err.startswith("error: --supcon needs labels") and err.count("\n") == 1
-    for module in (a_infonce, supervised):
-        status, err = in_process_error(module.main, TINY + ["--supcon", "--out-dir", str(tmp_path / "runs")], capsys)
-        assert status == 2 and err == (f"error: --supcon applies to acl.py and air.py (their NT-Xent terms and attack), "
-                                       f"not to {module.METHOD}.py; drop --supcon\n")
-    status, err = in_process_error(supervised.main, TINY + ["--dynacl", "--out-dir", str(tmp_path / "runs")], capsys)
-    assert status == 2 and err.startswith("error: --dynacl") and err.count("\n") == 1
-    for argv in (["--temperature", "0.5"], ["--temperature=0.2"]):  # a flag supervised.py has no use for, even at its default
-        status, err = in_process_error(supervised.main, TINY + argv + ["--out-dir", str(tmp_path / "runs")], capsys)
-        assert status == 2 and err == ("error: --temperature is the contrastive losses' temperature, which supervised.py "
-                                       "(cross-entropy) does not have; drop --temperature\n")
-    assert not os.listdir(tmp_path)  # refused before any folder was made or any data was read
 
 
 def test_resume_refuses_a_flag_the_checkpoint_predates_and_names_fine_tuned_files_of_released_encoders(tmp_path, capsys):
@@ -4398,24 +4411,6 @@ def test_a_damaged_digits_file_is_one_sentence_that_says_how_to_get_it_back(kind
     assert all_files(tmp_path) == files
 
 
-NON_FINITE = [
-    (acl, "--eps", "nan"), (acl, "--eps", "inf"), (acl, "--eps=-inf", None), (acl, "--temperature", "inf"),
-    (acl, "--lr", "nan"), (acl, "--pgd-alpha", "nan"), (air, "--lambda2", "nan"), (air, "--weight-decay", "inf"),
-    (a_infonce, "--beta", "inf"), (a_infonce, "--ip-weight", "nan"), (a_infonce, "--tau-plus", "nan"),
-    (supervised, "--lr", "inf"), (supervised, "--eps", "1e999"),
-]
-
-
-@pytest.mark.parametrize("module, flag, value", NON_FINITE)
-def test_non_finite_training_flags_are_refused(module, flag, value, tmp_path, capsys):
-    argv = [flag] if value is None else [flag, value]
-    status, err = in_process_error(module.main, TINY + argv + ["--out-dir", str(tmp_path)], capsys)
-    name, got = (flag.split("=") if value is None else (flag, value))
-    expected = {"1e999": "inf"}.get(got, got)
-    assert_one_sentence(status, err, f"error: {name} must be a finite number (got {expected})\n")
-    assert err == f"error: {name} must be a finite number (got {expected})\n" and not os.listdir(tmp_path)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--eps", "nan"], "--eps must be a finite number (got nan)"),
     (["--trades-beta", "inf"], "--trades-beta must be a finite number (got inf)"),
@@ -4446,19 +4441,6 @@ def test_non_finite_and_out_of_range_analysis_flags_are_refused(argv, message, p
                                    capsys)
     assert_one_sentence(status, err, "error: " + message)
     assert not os.listdir(tmp_path)
-
-
-def test_eps_above_255_and_a_zero_step_attack_are_refused_in_training(tmp_path, capsys):
-    for module in (acl, air, a_infonce, supervised):
-        status, err = in_process_error(module.main, TINY + ["--eps", "256", "--out-dir", str(tmp_path)], capsys)
-        assert err == "error: --eps must be in [0, 255] (got 256); it is in /255 units, e.g. --eps 8\n" and status == 2
-        status, err = in_process_error(module.main, TINY + ["--pgd-alpha", "0", "--out-dir", str(tmp_path)], capsys)
-        assert_one_sentence(status, err, "error: --pgd-alpha 0 would leave the PGD attack (eps 8/255, 2 steps) at its "
-                            "random start; give a positive step in /255 units, e.g. --pgd-alpha 2, or --pgd-steps 0")
-    assert not os.listdir(tmp_path)
-    for argv in (["--eps", "0"], ["--pgd-steps", "0"]):  # no attack, or the random start alone: nothing to refuse
-        run_dir = acl.main(TINY + ["--pgd-alpha", "0", *argv, "--max-steps", "1", "--out-dir", str(tmp_path)])
-        assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 1
 
 
 def test_non_finite_values_through_the_command_line_of_every_script(pretrained, tmp_path):
@@ -4533,7 +4515,7 @@ def test_a_diverging_probe_is_an_error(pretrained, tmp_path, capsys, monkeypatch
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("module", [air, a_infonce, supervised, eval_linear, representations])
 def test_device_cuda_without_a_gpu_is_refused_by_every_script(module, pretrained, tmp_path, capsys):
-    """--device reaches the device choice of every script (acl.py: test_cuda_requested_without_a_gpu_is_refused);
+    """--device reaches the device choice of every script (acl.py: BAD_TRAINING_COMMAND_LINES);
     a script that ignored it would run a few quick steps on the CPU and fail here."""
     if module in (eval_linear, representations):
         argv = [pretrained, *QUICK, "--pgd-steps", "1", "--cka-samples", "16", "--device", "cuda",
