@@ -235,8 +235,7 @@ def parse_and_resume(parser, argv, method):
     return args, checkpoint
 
 
-# The script of each method a training checkpoint records; eval_linear.py's files record '<method>++' (--post-process)
-# or '<method>+<mode>' (a fine-tuned model).
+# Each training method's script; eval_linear.py's files record '<method>++' (--post-process) or '<method>+<mode>'.
 SCRIPTS = {"acl": "acl.py", "air": "air.py", "a_infonce": "a_infonce.py", "supervised": "supervised.py"}
 # What a resume reads from a training checkpoint (Run), and what each entry must be ('log' may be absent: older
 # checkpoints). The weights and the optimiser's state are checked against the network in Run.
@@ -256,8 +255,7 @@ RESUMED_ENTRIES = {
 
 
 def check_resumable(checkpoint, path, method):
-    """Only a whole checkpoint of this script's runs resumes; any other file is refused in one sentence saying what
-    it is and what to do with it."""
+    """Only a whole checkpoint of this script's runs resumes; any other file is refused, saying what it is."""
     recorded = checkpoint.get("method") if isinstance(checkpoint, dict) else None
     if recorded in SCRIPTS and recorded != method:
         raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
@@ -293,9 +291,8 @@ def checkpoint_file(path):
 
 # --- Device and CPU threads ------------------------------------------------------------------------------------
 
-# OpenMP threads that wait for each other spin: beside another CPU-heavy process a run on one thread per core
-# slows down by far more than its lost share of the CPU (docs/speed.md: 3x to 100x). So the scripts use as many
-# threads as there are idle cores when they start.
+# OpenMP threads that wait for each other spin: beside another CPU-heavy process, one thread per core slows a run far
+# more than its lost share of the CPU (docs/speed.md: 3x to 100x). So the scripts use the cores idle when they start.
 TORCH_THREADS = torch.get_num_threads()  # PyTorch's own choice (one per physical core), before any change
 
 
@@ -365,9 +362,8 @@ def _same_file(a, b):
 
 
 def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
-    """Before any work, refuse an output that would lose a file. `paths`: what will be written (report=True: first
-    the .json report given to `flag`, then the files beside it); `inputs`: the files read. No path may be an input,
-    a folder or (report=True) a name of RUN_FILES, and each one's folder must be writable or possible to make."""
+    """Before any work, refuse `paths` (report=True: the .json report given to `flag`, then the files beside it) that
+    are an input, a folder, a name of RUN_FILES (report=True), or in a folder that cannot be written or made."""
     what = f"{flag} {paths[0]}" if report else flag
     remedy = remedy or f"choose another {flag}"
     if report and not paths[0].endswith(".json"):
@@ -390,9 +386,8 @@ def check_outputs(paths, inputs, flag="--out", report=True, remedy=None):
 
 
 def check_replaced(path, script, source, out):
-    """An existing `path` that `script` would write for its report `out` is replaced only when it is `script`'s
-    output from the same input `source` (by path, or relative to the file when its folder was moved); any
-    other file is refused in one sentence naming whose it is. Returns the replaced file's record."""
+    """An existing `path` (for the report `out`) is replaced only if it is `script`'s output from the same `source`
+    (by path, or relative to it when the folder was moved), else refused naming whose it is; returns its record."""
     if not os.path.exists(path):
         return None
     try:  # the record of an earlier report, or of a model eval_linear.py kept (its 'fine_tune' entry)
@@ -801,9 +796,8 @@ def new_run_dir(args, method):
 
 
 def metrics_to_keep(run_dir, step, log_every):
-    """On resume, before any write: the run folder is writable, and the records of its metrics.jsonl up to the
-    checkpoint's step (less one there that closed a partial window), so the file reads as if the run was never
-    interrupted (None without the file). A last line cut by a crash is dropped; any other non-record is refused."""
+    """On resume, before any write: the run folder is writable; the records of its metrics.jsonl up to the checkpoint's
+    step, less one there that closed a partial window (None without the file; a last line cut by a crash is dropped)."""
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise UserError(f"cannot resume in {run_dir}: the run folder is not writable (a read-only file system, or "
                         "no permission); make it writable, or copy the run folder somewhere writable and resume the copy")
