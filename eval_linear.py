@@ -13,20 +13,17 @@ supervised.py) and the released ACL / DynACL / AIR pre-training checkpoints.
 Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
 per mode. Our choice: an image counts as robust only when its clean version is also classified correctly
 (it lies in the eps-ball), so robust accuracy <= clean accuracy. Each mode's fine-tuned network is kept
-beside the JSON as <json stem>_<mode>.pt, which representations.py (seed 002's analysis: CKA maps within and
-across models, probes, figures; it imports this file, never the other way round) reads as it is.
+beside the JSON as <json stem>_<mode>.pt, which representations.py maps as it is (it imports this file).
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode all --cka   # keeps eval_all_cifar10_{slf,alf,aff}.pt
-    python representations.py eval_all_cifar10_slf.pt eval_all_cifar10_alf.pt eval_all_cifar10_aff.pt --plot
     python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
     python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
 
 --recipe paper takes batch size, lr, epochs, milestones and BN copy per (method, dataset/size, mode)
-from the authors' released fine-tuning code (PAPER_RECIPES); --post-process lpaft is LPAFT (Luo et al.,
-ICLR 2023): k-means pseudo labels on clean-BN features of the unaugmented pre-training images, a linear
-probe on them, then TRADES on the whole encoder; it writes postprocessed.pt next to the checkpoint.
+from the authors' released fine-tuning code (PAPER_RECIPES); --post-process lpaft (LPAFT, below)
+writes postprocessed.pt next to the checkpoint.
 """
 import argparse
 import copy
@@ -57,21 +54,17 @@ MODE_DEFAULTS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Recipes: the authors' fine-tuning settings per method, dataset and mode (--recipe paper)
-# ---------------------------------------------------------------------------------------------
+# ---- Recipes: the authors' fine-tuning settings per method, dataset and mode (--recipe paper) ----
 # The published tables (and the RobustSSL leaderboard) were fine-tuned with the AIR authors'
 # finetuning_utils.setup_hyperparameter; these are its values as they take effect. A row holds the lr
 # milestones, the BN copy and one cell per dataset/image size: (batch, lr), (batch, lr, epochs) or
-# (batch, lr, epochs, milestones); 25 epochs unless given. A cell the released code leaves unset
-# (None) keeps its command-line defaults, batch 128, lr 0.1, 25 epochs. Always SGD, momentum 0.9,
-# weight decay 2e-4 (the flags' defaults). "stl10/32" is STL-10 resized to 32 px.
-# Departure: our AFF starts from the checkpoint's BN weights and statistics. The released AFF builds a
-# dual-BN network but loads the BN weights under names that network does not have, so it starts from
-# freshly initialised batch norms; that is a loading bug, not a recipe, and is not copied.
+# (batch, lr, epochs, milestones); 25 epochs unless given. Always SGD, momentum 0.9, weight decay 2e-4
+# (the flags' defaults). "stl10/32" is STL-10 resized to 32 px.
+# Departure: our AFF starts from the checkpoint's BN weights and statistics. The released AFF loads them under
+# names its dual-BN network does not have, so it starts from fresh batch norms: a loading bug, not copied.
 RECIPE_SIZES = ["cifar10/32", "cifar100/32", "stl10/96", "stl10/32"]
 RECIPE_METHODS = ["acl", "dynacl", "dynacl++", "acl-air", "dynacl-air", "dynacl-air++", "a-infonce"]
-UNSET_CELL = (128, 0.1)
+UNSET_CELL = (128, 0.1)  # a cell the released code leaves unset (None): the command-line defaults
 PAPER_RECIPES = {
     # (method, mode):        (milestones, BN,   [cifar10/32,   cifar100/32,  stl10/96,              stl10/32])
     ("acl", "slf"):          ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
@@ -124,8 +117,7 @@ def paper_settings(method, mode, dataset, image_size):
 # Method names. Every name this program records, reads back with --method and shows in figures is
 #     <base>[-supcon][++][+<mode>]
 #   base      acl, dynacl (acl.py [--dynacl]), acl-air, dynacl-air (air.py [--dynacl]), a-infonce, supervised
-#   -supcon   pre-trained with --supcon (acl.py / air.py: SupCon's loss instead of NT-Xent); never after a-infonce
-#             or supervised, whose scripts refuse --supcon
+#   -supcon   pre-trained with acl.py / air.py --supcon (SupCon's loss instead of NT-Xent); the others refuse it
 #   ++        post-processed by --post-process lpaft: DynACL++ and DynACL-AIR++ are the authors'; any other ++
 #             is our extension of LPAFT, for which the authors published no fine-tuning recipe
 #   +<mode>   a fine-tuned model written by this program (<json stem>_<mode>.pt), e.g. acl+aff, dynacl-air+++slf
@@ -137,9 +129,8 @@ METHOD_GRAMMAR = (f"<base>[-supcon][++][+<mode>] with <base> one of {', '.join(M
 
 
 def recorded_method(checkpoint):
-    """The name (above) of the method a checkpoint of this project records: acl.py -> 'acl', acl.py --dynacl ->
-    'dynacl', air.py --dynacl --supcon -> 'dynacl-air-supcon', supervised.py -> 'supervised'. Post-processed
-    and fine-tuned files record theirs already ('dynacl++', 'acl+aff'). None for released files."""
+    """The name (above) of the method a checkpoint records, e.g. air.py --dynacl --supcon -> 'dynacl-air-supcon';
+    post-processed and fine-tuned files record theirs ('dynacl++', 'acl+aff'); None for released files."""
     method = checkpoint.get("method") if isinstance(checkpoint, dict) else None
     if method not in ("acl", "air", "a_infonce", "supervised"):
         return method
@@ -173,8 +164,7 @@ def resolve_method(args, recorded):
 
 
 def check_recipe(method):
-    """--recipe paper exists for the methods of PAPER_RECIPES; any other (supervised, -supcon, a ++ the authors
-    did not make) is refused before any work."""
+    """Refuse --recipe paper for a method PAPER_RECIPES lacks (supervised, -supcon, a ++ the authors did not make)."""
     if (method, "slf") not in PAPER_RECIPES:
         raise UserError(f"--recipe paper has no settings for {method}: the authors published recipes for "
                         f"{', '.join(RECIPE_METHODS)} only; use --recipe uniform")
@@ -280,10 +270,8 @@ def check_args(args):
 
 
 def resolve_data(args, run_args):
-    """--dataset and --data-dir default to the pre-training run's (this project's checkpoints record them), so a
-    model pre-trained on an ImageFolder is evaluated on that folder; a released checkpoint records none: CIFAR-10
-    in ./data. Another --dataset than the checkpoint's is a transfer evaluation (--data-dir default ./data).
-    Returns how the header line names the data and where it came from."""
+    """--dataset and --data-dir default to the pre-training run's, else CIFAR-10 in ./data (a released checkpoint
+    records none); another --dataset is a transfer evaluation. Returns the header line's words for the data."""
     recorded = (run_args or {}).get("dataset")
     given = args.dataset is not None
     args.dataset = args.dataset or recorded or "cifar10"
@@ -311,10 +299,8 @@ def dataset_classes(dataset, data_dir):
 
 
 def only_clean_bn_trained(encoder, mode):
-    """True for a supervised.py --eps 0 checkpoint in SLF or ALF: standard training sends every image through
-    the clean batch norms, so its adversarial copy is still at its initialisation and the frozen encoder is
-    evaluated through the clean one (unless --bn says otherwise). AFF trains the adversarial copy on its
-    adversarial images and reports that route, as for every other checkpoint."""
+    """True for a supervised.py --eps 0 checkpoint in SLF or ALF: its adversarial BN copy was never trained, so the
+    frozen encoder is read through the clean one (unless --bn says otherwise); AFF trains the adversarial one."""
     return mode != "aff" and encoder.method == "supervised" and (encoder.run_args or {}).get("eps") == 0
 
 
@@ -328,10 +314,7 @@ def mode_settings(args, mode, method=None, image_size=None):
     return settings
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading a pre-trained encoder
-# ---------------------------------------------------------------------------------------------
-
+# ---- Loading a pre-trained encoder ----------------------------------------------------------
 class Encoder(nn.Module):
     """Backbone without its projection head: images in [0, 1] -> pooled features through the chosen BN
     copy (`adv=None`), or the other copy when `adv` is given (AFF trains both)."""
@@ -370,8 +353,6 @@ def load_encoder(path, bn="adv"):
     """The encoder of a checkpoint in eval mode, with the BN copy `bn` ('adv' or 'clean'). Width and stem
     come from conv1.weight ([width, 3, k, k]; k = 3: CIFAR stem, k = 7: ImageNet stem). Any missing,
     unexpected or mis-shaped key is refused: a partly loaded encoder would be evaluated silently."""
-    if bn not in ("adv", "clean"):
-        raise UserError(f"bn must be 'adv' or 'clean' (got {bn!r})")
     checkpoint = load_checkpoint(path)
     state, run_args = _state_dict_of(checkpoint, path)
     conv1 = state.get("conv1.weight")
@@ -380,7 +361,6 @@ def load_encoder(path, bn="adv"):
                         "it is not an ACL/DynACL/AIR pre-training checkpoint")
     width, stem = conv1.shape[0], "cifar" if conv1.shape[2] == 3 else "imagenet"
     model = ResNet18(width, stem, head=False)
-    # Our departure from strictness: num_batches_tracked may be missing (machinery.check_weights)
     check_weights(state, model.state_dict(), path, f"a dual-BN ResNet-18 of width {width} with the {stem} stem",
                   "it is not an ACL/DynACL/AIR pre-training checkpoint")
     model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
@@ -393,12 +373,12 @@ def load_encoder(path, bn="adv"):
 
 
 class Classifier(nn.Module):
-    """Encoder + zero-initialised linear classifier on the pooled feature."""
+    """Encoder + zero-initialised linear classifier on the pooled feature (or on `dim` features: a probe's)."""
 
-    def __init__(self, encoder, num_classes):
+    def __init__(self, encoder, num_classes, dim=None):
         super().__init__()
         self.encoder = encoder
-        self.fc = nn.Linear(encoder.model.feature_dim, num_classes)
+        self.fc = nn.Linear(dim or encoder.model.feature_dim, num_classes)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
@@ -406,17 +386,17 @@ class Classifier(nn.Module):
         return self.fc(self.encoder(x, adv))
 
 
-def fine_tuned_checkpoint(model, method, run_args, entry):
+def fine_tuned_checkpoint(model, entry):
     """What <json stem>_<mode>.pt holds, in plain types and tensors (torch.load(weights_only=True) reads it):
     'method' <method>+<mode>; 'args' the pre-training run's (with image_size); 'model' the backbone's weights in
     the pre-training checkpoints' layout (no projection head) plus 'classifier.weight' and 'classifier.bias';
     'bn' the BN copy the classifier was trained and evaluated with; 'num_classes'; 'fine_tune' the JSON entry's
     settings and accuracies (not its CKA)."""
-    state = {k: v.detach().cpu().clone() for k, v in model.encoder.model.state_dict().items()}
-    state.update({"classifier.weight": model.fc.weight.detach().cpu().clone(),
-                  "classifier.bias": model.fc.bias.detach().cpu().clone()})
-    return {"method": method, "args": run_args, "model": state, "bn": entry["bn"], "num_classes": entry["num_classes"],
-            "fine_tune": {k: v for k, v in entry.items() if k != "cka"}}
+    state = {**model.encoder.model.state_dict(), **{f"classifier.{k}": v for k, v in model.fc.state_dict().items()}}
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    return {"method": derived_method(entry["method"], f"+{entry['mode']}"),
+            "args": dict(model.encoder.run_args or {}, image_size=entry["image_size"]), "model": state, "bn": entry["bn"],
+            "num_classes": entry["num_classes"], "fine_tune": {k: v for k, v in entry.items() if k != "cka"}}
 
 
 FINE_TUNED_SUFFIX = r"_(?:slf|alf|aff)\.pt"  # the names this program writes beside <stem>.json (fine_tuned_path's)
@@ -442,24 +422,20 @@ def check_output_files(args, out):
     """Before any work: the JSON `out` and each mode's fine-tuned model overwrite no input of the run and no file
     of a training run (machinery.check_outputs), and replace only this program's files from the same checkpoint
     (machinery.check_replaced); nor do --post-process's files overwrite an input."""
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    postprocessed = [os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")]
     if args.mode:  # --post-process alone writes no JSON
-        modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
-        check_outputs([out] + [fine_tuned_path(out, mode) for mode in modes], [args.checkpoint])
-        source = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "postprocessed.pt") \
-            if args.post_process else args.checkpoint  # what the JSON and the models will record
-        for path in [out] + [fine_tuned_path(out, mode) for mode in modes]:
-            check_replaced(path, "eval_linear.py", source, out)
+        modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
+        written = [out] + [fine_tuned_path(out, mode) for mode in modes]
+        check_outputs(written, [args.checkpoint])
+        for path in written:  # the checkpoint they will record: postprocessed.pt after --post-process
+            check_replaced(path, "eval_linear.py", postprocessed[0] if args.post_process else args.checkpoint, out)
     if args.post_process:
-        folder = os.path.dirname(os.path.abspath(args.checkpoint))
-        check_outputs([os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")],
-                      [args.checkpoint], "--post-process", report=False,
+        check_outputs(postprocessed, [args.checkpoint], "--post-process", report=False,
                       remedy="post-process a copy of the checkpoint in another folder")
 
 
-# ---------------------------------------------------------------------------------------------
-# Fine-tuning
-# ---------------------------------------------------------------------------------------------
-
+# ---- Fine-tuning ----------------------------------------------------------------------------
 def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
     """TRADES' inner maximisation of KL(f(x) || f(x')) from x + 0.001 N(0, I), in eval mode, input
     gradients only: f(x) through the clean BN (the adversarial one with `natural_adv`, as in LPAFT),
@@ -483,9 +459,8 @@ def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
 
 
 def say_if_one_step(loader, flag):
-    """One line when the training split fits in one batch. Unlike pre-training, which drops an incomplete batch
-    and so refuses a batch larger than the dataset, fine-tuning keeps it: such a run is valid, but each epoch is a
-    single step on the whole split, which a reader of the numbers should know."""
+    """One line when the training split fits in one batch: fine-tuning keeps an incomplete batch (pre-training drops
+    it), so each epoch is then one step on the whole split, which a reader of the numbers should know."""
     if len(loader) == 1:
         print(f"note: the {len(loader.dataset)} training images fit in one batch of {loader.batch_size}: one step an "
               f"epoch (lower {flag})", flush=True)
@@ -556,16 +531,11 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
     return seen / seconds
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-
+# ---- Metrics --------------------------------------------------------------------------------
 def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memory_format=torch.contiguous_format,
                       adversarial=None):
-    """Per-image correctness (bool tensors on the CPU) of the clean and the PGD images of a loader.
-    An image counts as robust only if its clean version is also classified correctly: the clean image
-    is inside the eps-ball, so the worst case over the ball cannot be better (PGD acc <= clean acc).
-    `adversarial`: adversarial images made earlier, one tensor per batch of the loader, used instead of PGD."""
+    """Per-image correctness (bool tensors on the CPU) of the clean and the PGD images of a loader, robust only where
+    the clean image is correct too (our choice, above). `adversarial`: PGD images made earlier, one tensor per batch."""
     model.eval()
     clean, robust = [], []
     for i, (x, y) in enumerate(loader):
@@ -729,9 +699,7 @@ def print_table(results):
             print(f"  mean cosine similarity of the pooled features, clean vs PGD: {cka['pooled_cosine']:.3f}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Post-processing (DynACL++ / DynACL-AIR++)
-# ---------------------------------------------------------------------------------------------
+# ---- Post-processing (DynACL++ / DynACL-AIR++) ----------------------------------------------
 # LPAFT (Luo et al., ICLR 2023; used by AIR for DynACL-AIR++): pooled clean-BN features of the
 # unaugmented pre-training images -> k-means pseudo labels -> linear probing on them -> TRADES
 # fine-tuning of the whole encoder on them. The result is a pre-training checkpoint again.
@@ -797,11 +765,6 @@ def cluster_quality(labels, clusters):
     return float(purity), float(min(1.0, max(0.0, 2 * mutual / h)) if h > 0 else 1.0)
 
 
-def _stop_post_processing(signum, frame):
-    # SystemExit unwinds through machinery.atomic_file, which removes a half-written temporary file
-    fail("post-processing was stopped by SIGTERM; no partial file was left", status=128 + signum)
-
-
 def post_process(args, method, image_size, num_classes, device, amp, memory_format):
     """LPAFT on --dataset's pre-training split; writes postprocessed.pt (this project's checkpoint format,
     method '<method>++') and postprocessed.json next to the checkpoint; returns (.pt path, the JSON's record)."""
@@ -809,7 +772,9 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
         raise UserError(f"{args.checkpoint} is already post-processed ({method}); post-process the original checkpoint")
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
     path, report_path = os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")
-    previous_handler = signal.signal(signal.SIGTERM, _stop_post_processing)
+    # SIGTERM ends it at once: SystemExit unwinds through machinery.atomic_file, which removes a half-written file
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: fail(
+        "post-processing was stopped by SIGTERM; no partial file was left", status=128 + signum))
     try:
         seconds, start = {}, time.perf_counter()
         torch.manual_seed(args.seed)
@@ -831,8 +796,7 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
         seconds["features"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        # Departure: k-means++ with restarts, keeping the lowest inertia; the released code runs one
-        # random-initialised k-means (tolerance 1e-5).
+        # Departure: k-means++, the lowest inertia of restarts kept; the released code runs one random-initialised k-means
         pseudo, _, inertia = kmeans(torch.cat(features), num_classes, args.kmeans_restarts, seed=args.seed)
         pseudo = pseudo.cpu().numpy()
         purity, nmi = cluster_quality(labels, pseudo) if (labels >= 0).all() else (None, None)  # STL-10: unlabelled
@@ -870,10 +834,7 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
     return path, record
 
 
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
-
+# ---- Main -----------------------------------------------------------------------------------
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
@@ -920,7 +881,7 @@ def main(argv=None):
           f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
 
-    modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
+    modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
     results, fine_tuned, stopped = [], [], None
     for mode in modes:
         mode_start = time.perf_counter()
@@ -961,8 +922,7 @@ def main(argv=None):
                                                      args.pgd_steps, amp, memory_format, mode)
         entry["seconds"] = time.perf_counter() - mode_start
         results.append(entry)
-        run_args = dict(pretrained.run_args or {}, image_size=image_size)
-        fine_tuned.append(fine_tuned_checkpoint(model, derived_method(method, f"+{mode}"), run_args, entry))
+        fine_tuned.append(fine_tuned_checkpoint(model, entry))
 
     if stopped and not results:
         raise stopped
