@@ -94,13 +94,27 @@ def parse_args(argv=None):
       "<dataset>.json)")
     args = parser.parse_args(argv)
     args.given = given_flags(parser, argv)  # for check_flags_used
-    check_args(args)
+    check_finite(args)
+    args.models = [checkpoint_file(path) for path in args.models]
+    check_ranges(args)
+    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
+    check_fit_flags(args)
+    if args.cka_samples < 4:
+        raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): the unbiased CKA estimator "
+                        "needs n > 3 images")
+    if args.test_batch_size < 4:
+        raise UserError(f"--test-batch-size must be at least 4 (got {args.test_batch_size}): the unbiased CKA "
+                        "estimator needs n > 3 images per batch")
+    if args.cka_eps is not None and not 0 <= min(args.cka_eps) <= max(args.cka_eps) <= 255:
+        raise UserError(f"--cka-eps must be in [0, 255] (got {' '.join(f'{e:g}' for e in args.cka_eps)}); it is in "
+                        "/255 units, e.g. --cka-eps 2 8")
+    if args.labels is not None and len(args.labels) != len(args.models):
+        raise UserError(f"--labels takes one label per model, {len(args.models)} here, but {len(args.labels)} were given")
     return args
 
 
 # Flags that set only the classifier fitted on a pre-training checkpoint's encoder, that classifier and the probes,
-# or the probes: given where nothing uses them (no fitted classifier, no --probes) they would change nothing, and
-# check_flags_used refuses them in one sentence: the user meant them to change something.
+# or the probes: given where nothing uses them, they would change nothing; check_flags_used refuses them.
 FIT_FLAGS = ["bn", "epochs"]
 FIT_AND_PROBE_FLAGS = ["batch_size", "lr", "milestones", "momentum", "weight_decay", "train_size"]
 PROBE_FLAGS = ["probe_features", "probe_attack", "probe_epochs"]
@@ -118,25 +132,6 @@ def check_flags_used(args, fitted):
                             "nothing; drop it")
 
 
-def check_args(args):
-    check_finite(args)
-    args.models = [checkpoint_file(path) for path in args.models]
-    check_ranges(args)
-    check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
-    check_fit_flags(args)
-    if args.cka_samples < 4:
-        raise UserError(f"--cka-samples must be at least 4 (got {args.cka_samples}): the unbiased CKA estimator "
-                        "needs n > 3 images")
-    if args.test_batch_size < 4:
-        raise UserError(f"--test-batch-size must be at least 4 (got {args.test_batch_size}): the unbiased CKA "
-                        "estimator needs n > 3 images per batch")
-    if args.cka_eps is not None and not 0 <= min(args.cka_eps) <= max(args.cka_eps) <= 255:
-        raise UserError(f"--cka-eps must be in [0, 255] (got {' '.join(f'{e:g}' for e in args.cka_eps)}); it is in "
-                        "/255 units, e.g. --cka-eps 2 8")
-    if args.labels is not None and len(args.labels) != len(args.models):
-        raise UserError(f"--labels takes one label per model, {len(args.models)} here, but {len(args.labels)} were given")
-
-
 # ---- Points of a network and the minibatch CKA estimator ------------------------------------
 # As in the authors' released code: the estimator below, models in eval mode, clean and adversarial images aligned
 # image by image; the probes read flattened features and are scored on PGD images made once against the first model.
@@ -149,10 +144,9 @@ class _PointReached(Exception):
 
 
 def point_features(encoder, x, points="blocks", stop_at=None):
-    """{name: output} of the encoder's points for images x, in forward order, through its BN copy.
-    'blocks': stem (the input of layer1.0), layer1.0 ... layer4.1 (block outputs), pooled. 'all' adds every
-    convolution and batch-norm output (layerN.0.downsample.bn is the shortcut of a downsampling block).
-    With `stop_at`, the forward pass ends at that point: the layers after it are not run."""
+    """{name: output} of the encoder's points for images x, in forward order, through its BN copy. 'blocks': stem
+    (the input of layer1.0), layer1.0 ... layer4.1 (block outputs), pooled; 'all' adds every convolution and batch-norm
+    output (layerN.0.downsample.bn: a downsampling block's shortcut). `stop_at`: the forward pass ends at that point."""
     model, found, hooks = encoder.model, {}, []
 
     def keep(name, value):
@@ -262,9 +256,7 @@ def fine_tuned_model(encoder):
     part = encoder.fine_tuned
     model = Classifier(encoder, part["num_classes"])
     model.encoder.adv = part["bn"] == "adv"
-    with torch.no_grad():
-        model.fc.weight.copy_(part["weight"])
-        model.fc.bias.copy_(part["bias"])
+    model.fc.load_state_dict({"weight": part["weight"], "bias": part["bias"]})
     return model
 
 
@@ -301,11 +293,10 @@ def attacked_model(path, encoder, label, args, num_classes, image_size, device, 
 
 # ---- The maps and the probes ----------------------------------------------------------------
 def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_format):
-    """One pass over the test images. Each batch gets its PGD images against the first model's classifier, made
-    once and returned (one CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes; the first
-    --cka-samples images add their Gram matrices to the maps: the first model on clean and PGD images, PGD at
-    each --cka-eps, and each compared model on the clean images, the first model's PGD images and PGD images
-    against its own classifier. A batch of fewer than 4 images is left out of the maps (the estimator: n > 3)."""
+    """One pass over the test images. Each batch gets PGD images against the first model's classifier, returned (one
+    CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes; the first --cka-samples images add to
+    the maps: the first model on clean and PGD images and PGD at each --cka-eps; each compared model on the clean, the
+    first model's PGD and its own PGD images. A batch of fewer than 4 images is left out (the estimator: n > 3)."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     radii = [e for e in args.cka_eps or [] if e != args.eps]
     pairs = [("clean", "adv"), ("clean", "clean"), ("adv", "adv")] + [("clean", f"adv@{e:g}") for e in radii]
@@ -428,10 +419,9 @@ def _point_ticks(ax, points, axes="x"):
 
 
 def plot_analysis(result, out):
-    """PNG figures next to the JSON `out`, each titled with its estimator and naming the models by their labels:
-    a heatmap per minibatch CKA map (colour scale 0..1); the maps' clean-vs-adversarial diagonal of every model
-    and the full-batch per-stage CKA, both as 1 - CKA on a log axis (0.993 against 0.984 is a factor of 2
-    there, and two coinciding lines on 0..1); the probe accuracies in percent. Returns the paths written."""
+    """PNG figures next to the JSON `out`, titled with their estimator and the models' labels: a heatmap per minibatch
+    CKA map (0..1); every model's clean-vs-adversarial diagonal and the full-batch per-stage CKA as 1 - CKA on a log
+    axis (0.993 against 0.984 is a factor of 2 there, two coinciding lines on 0..1); the probe accuracies in percent."""
     import matplotlib.pyplot as plt  # main() chose the Agg backend
 
     base, label, written = os.path.splitext(out)[0], result["model"]["label"], []
@@ -543,8 +533,7 @@ def main(argv=None):
                                              if first.fine_tuned and first.fine_tuned["record"].get("dataset") else {}))
     data = resolve_data(args, recorded)
     out = args.out or f"{os.path.splitext(args.models[0])[0]}_representations_{args.dataset}.json"
-    # the JSON and any figure of its name overwrite no model read and no training run's file (machinery.check_outputs),
-    # and the JSON replaces only this program's report on the same first model (machinery.check_replaced)
+    # nothing written overwrites a model read or a run's file; the JSON replaces only our report on the same model
     figure = re.compile(re.escape(os.path.splitext(os.path.abspath(out))[0]) + FIGURE_SUFFIX)
     check_outputs([out] + [path for path in args.models if args.plot and figure.fullmatch(os.path.abspath(path))],
                   args.models)
