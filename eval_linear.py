@@ -6,27 +6,19 @@
          CE(f(x), y) + beta * KL(f(x) || f(x')), clean x through the clean BN, x' through the adversarial BN
 
 Reported: clean accuracy, PGD-20 accuracy, optionally AutoAttack (torchattacks), CIFAR-10-C style
-corruptions and per-stage linear CKA between clean and adversarial representations (--cka, the model of the
-last mode run: AFF with --mode all). Reads this project's checkpoints (acl.py, a_infonce.py, air.py,
-supervised.py) and the released ACL / DynACL / AIR pre-training checkpoints.
+corruptions and per-stage linear CKA between clean and adversarial representations (--cka). Reads this
+project's checkpoints and the released ACL / DynACL / AIR pre-training checkpoints.
 
 Output: a table on stdout and a JSON file (--out); with --mode all, its "results" list holds one entry
 per mode. Our choice: an image counts as robust only when its clean version is also classified correctly
 (it lies in the eps-ball), so robust accuracy <= clean accuracy. Each mode's fine-tuned network is kept
-beside the JSON as <json stem>_<mode>.pt, which representations.py (seed 002's analysis: CKA maps within and
-across models, probes, figures; it imports this file, never the other way round) reads as it is.
+beside the JSON as <json stem>_<mode>.pt, which representations.py maps as it is (it imports this file).
 
     python eval_linear.py runs/acl_cifar10_0_<time>/checkpoint.pt --mode all --autoattack
     python eval_linear.py ACL_DS.pt --mode slf --dataset stl10 --image-size 32   # transfer to STL-10
     python eval_linear.py checkpoint.pt --mode all --cka   # keeps eval_all_cifar10_{slf,alf,aff}.pt
-    python representations.py eval_all_cifar10_slf.pt eval_all_cifar10_alf.pt eval_all_cifar10_aff.pt --plot
     python eval_linear.py runs/air_cifar10_0_<time>/checkpoint.pt --mode all --recipe paper   # the authors' settings
     python eval_linear.py DynACL.pt --method dynacl --post-process lpaft --mode all --recipe paper   # DynACL++
-
---recipe paper takes batch size, lr, epochs, milestones and BN copy per (method, dataset/size, mode)
-from the authors' released fine-tuning code (PAPER_RECIPES); --post-process lpaft is LPAFT (Luo et al.,
-ICLR 2023): k-means pseudo labels on clean-BN features of the unaugmented pre-training images, a linear
-probe on them, then TRADES on the whole encoder; it writes postprocessed.pt next to the checkpoint.
 """
 import argparse
 import copy
@@ -57,21 +49,15 @@ MODE_DEFAULTS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Recipes: the authors' fine-tuning settings per method, dataset and mode (--recipe paper)
-# ---------------------------------------------------------------------------------------------
+# ---- Recipes: the authors' fine-tuning settings per method, dataset and mode (--recipe paper) ----
 # The published tables (and the RobustSSL leaderboard) were fine-tuned with the AIR authors'
 # finetuning_utils.setup_hyperparameter; these are its values as they take effect. A row holds the lr
 # milestones, the BN copy and one cell per dataset/image size: (batch, lr), (batch, lr, epochs) or
-# (batch, lr, epochs, milestones); 25 epochs unless given. A cell the released code leaves unset
-# (None) keeps its command-line defaults, batch 128, lr 0.1, 25 epochs. Always SGD, momentum 0.9,
-# weight decay 2e-4 (the flags' defaults). "stl10/32" is STL-10 resized to 32 px.
-# Departure: our AFF starts from the checkpoint's BN weights and statistics. The released AFF builds a
-# dual-BN network but loads the BN weights under names that network does not have, so it starts from
-# freshly initialised batch norms; that is a loading bug, not a recipe, and is not copied.
+# (batch, lr, epochs, milestones), 25 epochs unless given; None, unset in the released code: batch 128, lr 0.1.
+# Always SGD, momentum 0.9, weight decay 2e-4 (the flags' defaults). "stl10/32" is STL-10 resized to 32 px.
+# Departure: AFF starts from the checkpoint's BN weights; the released AFF loads them under names its network lacks.
 RECIPE_SIZES = ["cifar10/32", "cifar100/32", "stl10/96", "stl10/32"]
 RECIPE_METHODS = ["acl", "dynacl", "dynacl++", "acl-air", "dynacl-air", "dynacl-air++", "a-infonce"]
-UNSET_CELL = (128, 0.1)
 PAPER_RECIPES = {
     # (method, mode):        (milestones, BN,   [cifar10/32,   cifar100/32,  stl10/96,              stl10/32])
     ("acl", "slf"):          ([10, 20], "adv",   [(512, 0.01),  (512, 0.05),  (512, 0.1),            (128, 0.01)]),
@@ -95,11 +81,9 @@ PAPER_RECIPES = {
     ("dynacl-air++", "alf"): ([10, 20], "clean", [(512, 0.01, 4), (512, 0.1), (128, 0.1),            None]),
     # the released AFF says epoch = 19, a typo that its loop turns into 25 epochs
     ("dynacl-air++", "aff"): ([15, 20], "clean", [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
-    # "anything else" in the released code. It would also catch ACL++, ACL-AIR++ and A-InfoNCE++, which the
-    # authors never made or evaluated: those (like supervised and -supcon) are refused (check_recipe).
-    ("a-infonce", "slf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
-    ("a-infonce", "alf"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
-    ("a-infonce", "aff"):    ([15, 20], "adv",   [(128, 0.1),   (128, 0.1),   (128, 0.1),            (128, 0.1)]),
+    # "anything else" in the released code, one setting for every mode and size. It would also catch ACL++, ACL-AIR++
+    # and A-InfoNCE++, which the authors never made or evaluated: those (like supervised and -supcon) are refused.
+    **{("a-infonce", mode): ([15, 20], "adv", [(128, 0.1)] * len(RECIPE_SIZES)) for mode in MODE_DEFAULTS},
 }
 
 
@@ -116,7 +100,7 @@ def paper_settings(method, mode, dataset, image_size):
     """The released recipe's batch_size, lr, epochs, milestones and BN copy for a method, mode and dataset."""
     check_recipe(method)
     milestones, bn, cells = PAPER_RECIPES[(method, mode)]
-    cell = cells[RECIPE_SIZES.index(recipe_size(dataset, image_size))] or UNSET_CELL
+    cell = cells[RECIPE_SIZES.index(recipe_size(dataset, image_size))] or (128, 0.1)
     batch_size, lr, epochs, milestones = cell + (25, milestones)[len(cell) - 2:]  # a short cell keeps the defaults
     return dict(epochs=epochs, batch_size=batch_size, lr=lr, milestones=milestones, bn=bn)
 
@@ -124,10 +108,8 @@ def paper_settings(method, mode, dataset, image_size):
 # Method names. Every name this program records, reads back with --method and shows in figures is
 #     <base>[-supcon][++][+<mode>]
 #   base      acl, dynacl (acl.py [--dynacl]), acl-air, dynacl-air (air.py [--dynacl]), a-infonce, supervised
-#   -supcon   pre-trained with --supcon (acl.py / air.py: SupCon's loss instead of NT-Xent); never after a-infonce
-#             or supervised, whose scripts refuse --supcon
-#   ++        post-processed by --post-process lpaft: DynACL++ and DynACL-AIR++ are the authors'; any other ++
-#             is our extension of LPAFT, for which the authors published no fine-tuning recipe
+#   -supcon   pre-trained with acl.py / air.py --supcon (SupCon's loss instead of NT-Xent); the others refuse it
+#   ++        post-processed (--post-process lpaft): DynACL++, DynACL-AIR++ are the authors'; any other is ours
 #   +<mode>   a fine-tuned model written by this program (<json stem>_<mode>.pt), e.g. acl+aff, dynacl-air+++slf
 METHOD_BASES = ["acl", "dynacl", "acl-air", "dynacl-air", "a-infonce", "supervised"]
 SUPCON_BASES = METHOD_BASES[:4]  # acl.py and air.py
@@ -137,9 +119,8 @@ METHOD_GRAMMAR = (f"<base>[-supcon][++][+<mode>] with <base> one of {', '.join(M
 
 
 def recorded_method(checkpoint):
-    """The name (above) of the method a checkpoint of this project records: acl.py -> 'acl', acl.py --dynacl ->
-    'dynacl', air.py --dynacl --supcon -> 'dynacl-air-supcon', supervised.py -> 'supervised'. Post-processed
-    and fine-tuned files record theirs already ('dynacl++', 'acl+aff'). None for released files."""
+    """The name (above) of the method a checkpoint records, e.g. air.py --dynacl --supcon -> 'dynacl-air-supcon';
+    post-processed and fine-tuned files record theirs ('dynacl++', 'acl+aff'); None for released files."""
     method = checkpoint.get("method") if isinstance(checkpoint, dict) else None
     if method not in ("acl", "air", "a_infonce", "supervised"):
         return method
@@ -173,8 +154,7 @@ def resolve_method(args, recorded):
 
 
 def check_recipe(method):
-    """--recipe paper exists for the methods of PAPER_RECIPES; any other (supervised, -supcon, a ++ the authors
-    did not make) is refused before any work."""
+    """Refuse --recipe paper for a method PAPER_RECIPES lacks (supervised, -supcon, a ++ the authors did not make)."""
     if (method, "slf") not in PAPER_RECIPES:
         raise UserError(f"--recipe paper has no settings for {method}: the authors published recipes for "
                         f"{', '.join(RECIPE_METHODS)} only; use --recipe uniform")
@@ -189,8 +169,7 @@ def recipe_record(args, method, mode, settings):
     return recipe
 
 
-# The representation analysis's flags, which moved to representations.py, each answered with a command there that
-# runs once its two file names are given (--compare has no flag there: the models after the first are compared).
+# The representation analysis's flags, which moved to representations.py, each answered with a command there.
 MOVED_FLAGS = {"--compare": "OTHER.pt", "--probes": "--probes", "--probe-features": "--probes --probe-features pool",
                "--probe-attack": "--probes --probe-attack probe", "--probe-epochs": "--probes --probe-epochs 30",
                "--cka-eps": "--cka-eps 2 8", "--cka-points": "--cka-points all", "--labels": "OTHER.pt --labels A B",
@@ -260,11 +239,6 @@ def parse_args(argv=None):
     a("--lpaft-weight-decay", type=float, default=1e-4, help="post-processing: SGD weight decay of both training stages")
     a("--kmeans-restarts", type=int, default=5, help="post-processing: k-means++ runs; the lowest inertia is kept")
     args = parser.parse_args(argv)
-    check_args(args)
-    return args
-
-
-def check_args(args):
     check_finite(args)
     args.checkpoint = checkpoint_file(args.checkpoint)
     check_ranges(args)
@@ -277,13 +251,12 @@ def check_args(args):
         raise UserError(f"--method {args.method} is not a method name; write {METHOD_GRAMMAR} (e.g. dynacl-air++)")
     if args.mode is None and not args.post_process:
         args.mode = "slf"
+    return args
 
 
 def resolve_data(args, run_args):
-    """--dataset and --data-dir default to the pre-training run's (this project's checkpoints record them), so a
-    model pre-trained on an ImageFolder is evaluated on that folder; a released checkpoint records none: CIFAR-10
-    in ./data. Another --dataset than the checkpoint's is a transfer evaluation (--data-dir default ./data).
-    Returns how the header line names the data and where it came from."""
+    """--dataset and --data-dir default to the pre-training run's, else CIFAR-10 in ./data (a released checkpoint
+    records none); another --dataset is a transfer evaluation. Returns the header line's words for the data."""
     recorded = (run_args or {}).get("dataset")
     given = args.dataset is not None
     args.dataset = args.dataset or recorded or "cifar10"
@@ -311,10 +284,8 @@ def dataset_classes(dataset, data_dir):
 
 
 def only_clean_bn_trained(encoder, mode):
-    """True for a supervised.py --eps 0 checkpoint in SLF or ALF: standard training sends every image through
-    the clean batch norms, so its adversarial copy is still at its initialisation and the frozen encoder is
-    evaluated through the clean one (unless --bn says otherwise). AFF trains the adversarial copy on its
-    adversarial images and reports that route, as for every other checkpoint."""
+    """True for a supervised.py --eps 0 checkpoint in SLF or ALF: its adversarial BN copy was never trained, so the
+    frozen encoder is read through the clean one (unless --bn says otherwise); AFF trains the adversarial one."""
     return mode != "aff" and encoder.method == "supervised" and (encoder.run_args or {}).get("eps") == 0
 
 
@@ -328,13 +299,9 @@ def mode_settings(args, mode, method=None, image_size=None):
     return settings
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading a pre-trained encoder
-# ---------------------------------------------------------------------------------------------
-
+# ---- Loading a pre-trained encoder ----------------------------------------------------------
 class Encoder(nn.Module):
-    """Backbone without its projection head: images in [0, 1] -> pooled features through the chosen BN
-    copy (`adv=None`), or the other copy when `adv` is given (AFF trains both)."""
+    """Backbone without projection head: images in [0, 1] -> pooled features through its BN copy, or `adv` if given."""
 
     def __init__(self, model, bn="adv"):
         super().__init__()
@@ -359,19 +326,15 @@ def _state_dict_of(checkpoint, path):
     else:
         raise UserError(f"{path} is not a pre-training checkpoint: expected this project's checkpoint (key 'model'), "
                         "a dict with 'state_dict', or a bare state dict of tensors")
-    # DataParallel prefixes every key with 'module.'. The projection head 'fc.*' is not evaluated, nor is a
-    # classifier 'classifier.*' (supervised.py's; a fine-tuned file's is read by representations.kept_part).
+    # drop DataParallel's 'module.' prefix, the projection head and a classifier (supervised.py's, a kept model's)
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     return state, run_args if isinstance(run_args, dict) else None
 
 
 def load_encoder(path, bn="adv"):
-    """The encoder of a checkpoint in eval mode, with the BN copy `bn` ('adv' or 'clean'). Width and stem
-    come from conv1.weight ([width, 3, k, k]; k = 3: CIFAR stem, k = 7: ImageNet stem). Any missing,
-    unexpected or mis-shaped key is refused: a partly loaded encoder would be evaluated silently."""
-    if bn not in ("adv", "clean"):
-        raise UserError(f"bn must be 'adv' or 'clean' (got {bn!r})")
+    """The encoder of a checkpoint in eval mode through the BN copy `bn`, width and stem read from conv1.weight [width,
+    3, k, k] (k = 3: CIFAR stem, 7: ImageNet). A missing, unexpected or mis-shaped key is refused (check_weights)."""
     checkpoint = load_checkpoint(path)
     state, run_args = _state_dict_of(checkpoint, path)
     conv1 = state.get("conv1.weight")
@@ -380,7 +343,6 @@ def load_encoder(path, bn="adv"):
                         "it is not an ACL/DynACL/AIR pre-training checkpoint")
     width, stem = conv1.shape[0], "cifar" if conv1.shape[2] == 3 else "imagenet"
     model = ResNet18(width, stem, head=False)
-    # Our departure from strictness: num_batches_tracked may be missing (machinery.check_weights)
     check_weights(state, model.state_dict(), path, f"a dual-BN ResNet-18 of width {width} with the {stem} stem",
                   "it is not an ACL/DynACL/AIR pre-training checkpoint")
     model.load_state_dict(state, strict=False)  # strict=False only for num_batches_tracked, checked above
@@ -393,12 +355,12 @@ def load_encoder(path, bn="adv"):
 
 
 class Classifier(nn.Module):
-    """Encoder + zero-initialised linear classifier on the pooled feature."""
+    """Encoder + zero-initialised linear classifier on the pooled feature (or on `dim` features: a probe's)."""
 
-    def __init__(self, encoder, num_classes):
+    def __init__(self, encoder, num_classes, dim=None):
         super().__init__()
         self.encoder = encoder
-        self.fc = nn.Linear(encoder.model.feature_dim, num_classes)
+        self.fc = nn.Linear(dim or encoder.model.feature_dim, num_classes)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
@@ -406,17 +368,15 @@ class Classifier(nn.Module):
         return self.fc(self.encoder(x, adv))
 
 
-def fine_tuned_checkpoint(model, method, run_args, entry):
-    """What <json stem>_<mode>.pt holds, in plain types and tensors (torch.load(weights_only=True) reads it):
-    'method' <method>+<mode>; 'args' the pre-training run's (with image_size); 'model' the backbone's weights in
-    the pre-training checkpoints' layout (no projection head) plus 'classifier.weight' and 'classifier.bias';
-    'bn' the BN copy the classifier was trained and evaluated with; 'num_classes'; 'fine_tune' the JSON entry's
-    settings and accuracies (not its CKA)."""
-    state = {k: v.detach().cpu().clone() for k, v in model.encoder.model.state_dict().items()}
-    state.update({"classifier.weight": model.fc.weight.detach().cpu().clone(),
-                  "classifier.bias": model.fc.bias.detach().cpu().clone()})
-    return {"method": method, "args": run_args, "model": state, "bn": entry["bn"], "num_classes": entry["num_classes"],
-            "fine_tune": {k: v for k, v in entry.items() if k != "cka"}}
+def fine_tuned_checkpoint(model, entry):
+    """What <json stem>_<mode>.pt holds, in plain types and tensors (torch.load(weights_only=True) reads it): 'method'
+    <method>+<mode>; 'args' the pre-training run's (with image_size); 'model' the backbone in the pre-training layout
+    plus classifier.*; 'bn' the classifier's BN copy; 'num_classes'; 'fine_tune' the JSON entry less its CKA."""
+    state = {**model.encoder.model.state_dict(), **{f"classifier.{k}": v for k, v in model.fc.state_dict().items()}}
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    return {"method": derived_method(entry["method"], f"+{entry['mode']}"),
+            "args": dict(model.encoder.run_args or {}, image_size=entry["image_size"]), "model": state, "bn": entry["bn"],
+            "num_classes": entry["num_classes"], "fine_tune": {k: v for k, v in entry.items() if k != "cka"}}
 
 
 FINE_TUNED_SUFFIX = r"_(?:slf|alf|aff)\.pt"  # the names this program writes beside <stem>.json (fine_tuned_path's)
@@ -428,9 +388,8 @@ def fine_tuned_path(out, mode):
 
 
 def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
-    """The files beside the JSON `out` named <json stem><suffix> (the names a program writes for it: this one's
-    fine-tuned models, representations.py's figures), except those in `keep` (what this run wrote, and what it
-    read): an earlier run's, which the JSON no longer describes."""
+    """The files beside the JSON `out` named <json stem><suffix> (this program's fine-tuned models, representations.py's
+    figures) except those in `keep` (what this run wrote and read): an earlier run's, not described by the JSON."""
     folder, name = os.path.split(out)
     pattern = re.compile(re.escape(os.path.splitext(name)[0]) + suffix)
     keep = {os.path.realpath(path) for path in keep}
@@ -439,32 +398,25 @@ def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
 
 
 def check_output_files(args, out):
-    """Before any work: the JSON `out` and each mode's fine-tuned model overwrite no input of the run and no file
-    of a training run (machinery.check_outputs), and replace only this program's files from the same checkpoint
-    (machinery.check_replaced); nor do --post-process's files overwrite an input."""
+    """Before any work: no file written overwrites an input or a run's file, or replaces another program's file."""
+    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    postprocessed = [os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")]
     if args.mode:  # --post-process alone writes no JSON
-        modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
-        check_outputs([out] + [fine_tuned_path(out, mode) for mode in modes], [args.checkpoint])
-        source = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "postprocessed.pt") \
-            if args.post_process else args.checkpoint  # what the JSON and the models will record
-        for path in [out] + [fine_tuned_path(out, mode) for mode in modes]:
-            check_replaced(path, "eval_linear.py", source, out)
+        modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
+        written = [out] + [fine_tuned_path(out, mode) for mode in modes]
+        check_outputs(written, [args.checkpoint])
+        for path in written:  # the checkpoint they will record: postprocessed.pt after --post-process
+            check_replaced(path, "eval_linear.py", postprocessed[0] if args.post_process else args.checkpoint, out)
     if args.post_process:
-        folder = os.path.dirname(os.path.abspath(args.checkpoint))
-        check_outputs([os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")],
-                      [args.checkpoint], "--post-process", report=False,
+        check_outputs(postprocessed, [args.checkpoint], "--post-process", report=False,
                       remedy="post-process a copy of the checkpoint in another folder")
 
 
-# ---------------------------------------------------------------------------------------------
-# Fine-tuning
-# ---------------------------------------------------------------------------------------------
-
+# ---- Fine-tuning ----------------------------------------------------------------------------
 def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
-    """TRADES' inner maximisation of KL(f(x) || f(x')) from x + 0.001 N(0, I), in eval mode, input
-    gradients only: f(x) through the clean BN (the adversarial one with `natural_adv`, as in LPAFT),
-    f(x') through the adversarial BN. Like TRADES' code the start is not uniform; unlike it
-    we clamp the start to [0, 1] too."""
+    """TRADES' inner maximisation of KL(f(x) || f(x')) from x + 0.001 N(0, I), in eval mode, input gradients only:
+    f(x) through the clean BN (the adversarial one with `natural_adv`, as in LPAFT), f(x') through the adversarial
+    BN. The start is not uniform, as in TRADES' code; departure: we clamp it to [0, 1]."""
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(amp):
@@ -483,26 +435,22 @@ def trades_attack(model, x, eps, alpha, steps, amp=False, natural_adv=False):
 
 
 def say_if_one_step(loader, flag):
-    """One line when the training split fits in one batch. Unlike pre-training, which drops an incomplete batch
-    and so refuses a batch larger than the dataset, fine-tuning keeps it: such a run is valid, but each epoch is a
-    single step on the whole split, which a reader of the numbers should know."""
+    """One line when the training split fits in one batch (fine-tuning keeps an incomplete batch): one step an epoch."""
     if len(loader) == 1:
         print(f"note: the {len(loader.dataset)} training images fit in one batch of {loader.batch_size}: one step an "
               f"epoch (lower {flag})", flush=True)
 
 
 class Diverged(UserError):
-    """Fine-tuning (a mode, a probe, post-processing) whose loss or weights became NaN or infinite: one sentence
-    and exit status 1, as pre-training's non-finite loss; its model is not kept."""
+    """A fine-tuning whose loss or weights went NaN or infinite: one sentence, exit status 1; its model is not kept."""
     status = 1
 
 
 def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
-    """Train `model` (a Classifier) by `mode` for settings['epochs']; the last epoch is kept (no
-    selection on the test set). SLF/ALF: encoder frozen in eval mode, only the classifier learns.
-    Optional settings (post-processing): 'weight_decay' (else --weight-decay), 'natural_bn' ('adv': AFF
-    sends the natural images through the adversarial BN too) and 'label' (of the progress lines and messages).
-    A loss or weight (or BN statistic) that is NaN or infinite at the end of an epoch raises Diverged."""
+    """Train `model` (a Classifier) by `mode` for settings['epochs'], keeping the last epoch (no selection on the test
+    set). Optional settings: 'weight_decay' (else --weight-decay), 'natural_bn' ('adv': AFF sends the natural images
+    through the adversarial BN too), 'label' (of the progress lines and messages). A loss or weight (or BN
+    statistic) that is NaN or infinite at the end of an epoch raises Diverged."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     frozen = mode in ("slf", "alf")
     natural_adv, label = settings.get("natural_bn") == "adv", settings.get("label", mode)
@@ -556,16 +504,11 @@ def fine_tune(model, mode, loader, settings, args, device, amp, memory_format):
     return seen / seconds
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-
+# ---- Metrics --------------------------------------------------------------------------------
 def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memory_format=torch.contiguous_format,
                       adversarial=None):
-    """Per-image correctness (bool tensors on the CPU) of the clean and the PGD images of a loader.
-    An image counts as robust only if its clean version is also classified correctly: the clean image
-    is inside the eps-ball, so the worst case over the ball cannot be better (PGD acc <= clean acc).
-    `adversarial`: adversarial images made earlier, one tensor per batch of the loader, used instead of PGD."""
+    """Per-image correctness (bool tensors on the CPU) of the clean and the PGD images of a loader, robust only where
+    the clean image is correct too (our choice, above). `adversarial`: PGD images made earlier, one tensor per batch."""
     model.eval()
     clean, robust = [], []
     for i, (x, y) in enumerate(loader):
@@ -583,8 +526,8 @@ def correct_per_image(model, loader, device, eps, alpha, steps, amp=False, memor
     return torch.cat(clean).cpu(), torch.cat(robust).cpu()
 
 
-def autoattack_correct(model, loader, num_classes, eps, device, seed):
-    """Per-image robustness under AutoAttack (standard, L-inf), again counted only on clean-correct images."""
+def autoattack_accuracy(model, loader, num_classes, eps, device, seed):
+    """Accuracy under AutoAttack (standard, L-inf), again counted only on clean-correct images."""
     import torchattacks
     net = model.eval()  # fp32 logits of the evaluated route: no autocast here
     attack = torchattacks.AutoAttack(net, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)
@@ -594,7 +537,7 @@ def autoattack_correct(model, loader, num_classes, eps, device, seed):
         x_adv = attack(x, y)
         with torch.no_grad():
             robust.append((net(x).argmax(1) == y) & (net(x_adv).argmax(1) == y))
-    return torch.cat(robust).cpu()
+    return torch.cat(robust).float().mean().item()
 
 
 def read_corruptions(folder):
@@ -642,8 +585,7 @@ def corruption_accuracy(model, labels, images, batch_size, device, image_size, a
 
 
 def _gram(x, centre=False, chunk=8192):
-    """K = X X^T of the flattened rows (column-centred first when `centre`), in float64, built from column
-    chunks to bound memory."""
+    """K = X X^T of the flattened rows (column-centred first when `centre`) in float64, from column chunks (memory)."""
     x = x.flatten(1)
     gram = torch.zeros(len(x), len(x), dtype=torch.float64, device=x.device)
     for c in range(0, x.shape[1], chunk):
@@ -662,9 +604,8 @@ def linear_cka(x, y):
 
 def representation_similarity(model, loader, samples, device, eps, alpha, steps, amp, memory_format, mode,
                               adversarial=None):
-    """Per-stage linear CKA and pooled cosine similarity between the first `samples` test images and
-    their PGD versions against the fine-tuned classifier, through the evaluated BN copy.
-    `adversarial`: those PGD images made earlier, one tensor per batch of the loader."""
+    """Per-stage linear CKA and pooled cosine similarity of the first `samples` test images and their PGD versions
+    against the classifier, through the evaluated BN copy (`adversarial`: those made earlier, one tensor per batch)."""
     model.eval()
     clean, adv, seen = [[] for _ in STAGE_NAMES], [[] for _ in STAGE_NAMES], 0
     for i, (x, y) in enumerate(loader):
@@ -691,8 +632,7 @@ LINE_WIDTH = 110  # console tables wrap here; only a long path makes a line long
 
 
 def print_wrapped(pieces, first="  ", sep="  ", indent="  "):
-    """Print `pieces` after `first`, joined by `sep`, on as few lines of at most LINE_WIDTH characters as
-    they fit; continuation lines start with `indent`."""
+    """Print `pieces` after `first`, joined by `sep`, in lines of <= LINE_WIDTH; continuation lines start `indent`."""
     lines, line, empty = [], first, True
     for piece in pieces:
         if not empty and len(line) + len(sep) + len(piece) > LINE_WIDTH:
@@ -721,20 +661,16 @@ def print_table(results):
             print(f"\ncorruptions ({r['mode']}), accuracy % at severity 1..5:")
             for name, accs in r["corruption_acc"]["by_corruption"].items():
                 print(f"  {name:<20} " + " ".join(f"{100 * a:6.2f}" for a in accs))
-        if r["cka"]:
-            cka = r["cka"]
+        if cka := r["cka"]:
             print(f"\nfull-batch linear CKA per stage, clean vs PGD images ({r['mode']} model; {cka['samples']} images "
                   "at once):")
             print_values(cka["linear_cka"])
             print(f"  mean cosine similarity of the pooled features, clean vs PGD: {cka['pooled_cosine']:.3f}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Post-processing (DynACL++ / DynACL-AIR++)
-# ---------------------------------------------------------------------------------------------
-# LPAFT (Luo et al., ICLR 2023; used by AIR for DynACL-AIR++): pooled clean-BN features of the
-# unaugmented pre-training images -> k-means pseudo labels -> linear probing on them -> TRADES
-# fine-tuning of the whole encoder on them. The result is a pre-training checkpoint again.
+# ---- Post-processing (DynACL++ / DynACL-AIR++) ----------------------------------------------
+# LPAFT (Luo et al., ICLR 2023; used by AIR for DynACL-AIR++): pooled clean-BN features of the unaugmented
+# pre-training images -> k-means pseudo labels -> linear probing on them -> TRADES on the whole encoder.
 
 def _squared_distances(x, centres):
     return ((x * x).sum(1, keepdim=True) - 2 * x @ centres.T + (centres * centres).sum(1)).clamp_(min=0)
@@ -797,11 +733,6 @@ def cluster_quality(labels, clusters):
     return float(purity), float(min(1.0, max(0.0, 2 * mutual / h)) if h > 0 else 1.0)
 
 
-def _stop_post_processing(signum, frame):
-    # SystemExit unwinds through machinery.atomic_file, which removes a half-written temporary file
-    fail("post-processing was stopped by SIGTERM; no partial file was left", status=128 + signum)
-
-
 def post_process(args, method, image_size, num_classes, device, amp, memory_format):
     """LPAFT on --dataset's pre-training split; writes postprocessed.pt (this project's checkpoint format,
     method '<method>++') and postprocessed.json next to the checkpoint; returns (.pt path, the JSON's record)."""
@@ -809,7 +740,9 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
         raise UserError(f"{args.checkpoint} is already post-processed ({method}); post-process the original checkpoint")
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
     path, report_path = os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")
-    previous_handler = signal.signal(signal.SIGTERM, _stop_post_processing)
+    # SIGTERM ends it at once: SystemExit unwinds through machinery.atomic_file, which removes a half-written file
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: fail(
+        "post-processing was stopped by SIGTERM; no partial file was left", status=128 + signum))
     try:
         seconds, start = {}, time.perf_counter()
         torch.manual_seed(args.seed)
@@ -831,8 +764,7 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
         seconds["features"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        # Departure: k-means++ with restarts, keeping the lowest inertia; the released code runs one
-        # random-initialised k-means (tolerance 1e-5).
+        # Departure: k-means++, the lowest inertia of restarts kept; the released code runs one random-initialised k-means
         pseudo, _, inertia = kmeans(torch.cat(features), num_classes, args.kmeans_restarts, seed=args.seed)
         pseudo = pseudo.cpu().numpy()
         purity, nmi = cluster_quality(labels, pseudo) if (labels >= 0).all() else (None, None)  # STL-10: unlabelled
@@ -870,10 +802,7 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
     return path, record
 
 
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
-
+# ---- Main -----------------------------------------------------------------------------------
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
@@ -920,7 +849,7 @@ def main(argv=None):
           f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
 
-    modes = ["slf", "alf", "aff"] if args.mode == "all" else [args.mode]
+    modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
     results, fine_tuned, stopped = [], [], None
     for mode in modes:
         mode_start = time.perf_counter()
@@ -952,8 +881,7 @@ def main(argv=None):
                  "autoattack_acc": None, "corruption_acc": None, "cka": None,
                  "method": method, "fine_tuned": os.path.abspath(fine_tuned_path(out, mode))}
         if args.autoattack:
-            robust_aa = autoattack_correct(model, test_loader, num_classes, eps, device, args.seed)
-            entry["autoattack_acc"] = robust_aa.float().mean().item()
+            entry["autoattack_acc"] = autoattack_accuracy(model, test_loader, num_classes, eps, device, args.seed)
         if corruptions:
             entry["corruption_acc"] = corruption_accuracy(model, *corruptions, args.test_batch_size, device, image_size, amp)
         if args.cka and mode == modes[-1]:  # the last mode's fine-tuned model (AFF with --mode all)
@@ -961,8 +889,7 @@ def main(argv=None):
                                                      args.pgd_steps, amp, memory_format, mode)
         entry["seconds"] = time.perf_counter() - mode_start
         results.append(entry)
-        run_args = dict(pretrained.run_args or {}, image_size=image_size)
-        fine_tuned.append(fine_tuned_checkpoint(model, derived_method(method, f"+{mode}"), run_args, entry))
+        fine_tuned.append(fine_tuned_checkpoint(model, entry))
 
     if stopped and not results:
         raise stopped

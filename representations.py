@@ -13,9 +13,8 @@ Every MODEL is one of
     so one is fitted here first: a linear classifier on the frozen encoder with SLF's settings and seed (what
     eval_linear.py --mode slf trains, not kept); its adversarial images are PGD-20 against encoder + that
     classifier. The JSON names the choice per model under "attacked".
-Nothing else is trained, except the probes of --probes. Fine-tune once with eval_linear.py (it keeps every model)
-and map the kept models here as often as needed. Evaluation (SLF/ALF/AFF, PGD-20, AutoAttack, corruptions and the
-per-stage clean-vs-adversarial --cka line) is eval_linear.py's; this file imports it, never the other way round.
+Nothing else is trained, except the probes of --probes: fine-tune once with eval_linear.py (it keeps every model)
+and map the kept models here as often as needed. This file imports eval_linear.py, never the other way round.
 
     python eval_linear.py runs/acl_cifar10_0_<time>/ --mode all           # keeps eval_all_cifar10_{slf,alf,aff}.pt
     python representations.py runs/acl_cifar10_0_<time>/eval_all_cifar10_slf.pt --plot       # within-model maps
@@ -39,9 +38,9 @@ from common import BasicBlock, DATASETS, DualBN, UserError, autocast, eval_loade
 from machinery import (DefaultsHelpFormatter, atomic_file, check_attack_flags, check_finite, check_fit_flags,
                        check_outputs, check_ranges, check_replaced, checkpoint_file, default_workers, given_flags,
                        main_guard, pick_device, write_json)
-from eval_linear import (MODE_DEFAULTS, Classifier, _gram, correct_per_image, dataset_classes, fine_tune, load_encoder,
-                         only_clean_bn_trained, print_values, print_wrapped, representation_similarity, resolve_data,
-                         say_if_one_step)
+from eval_linear import (MODE_DEFAULTS, Classifier, _gram, correct_per_image, dataset_classes, earlier_outputs, fine_tune,
+                         load_encoder, only_clean_bn_trained, print_values, print_wrapped, representation_similarity,
+                         resolve_data, say_if_one_step)
 
 SLF = MODE_DEFAULTS["slf"]  # the fitted classifiers' and the probes' settings (eval_linear.py's SLF)
 
@@ -95,32 +94,6 @@ def parse_args(argv=None):
       "<dataset>.json)")
     args = parser.parse_args(argv)
     args.given = given_flags(parser, argv)  # for check_flags_used
-    check_args(args)
-    return args
-
-
-# Flags that set only the classifier fitted on a pre-training checkpoint's encoder, that classifier and the probes,
-# or the probes: given where nothing uses them they would change nothing, and are refused (check_flags_used).
-FIT_FLAGS = ["bn", "epochs"]
-FIT_AND_PROBE_FLAGS = ["batch_size", "lr", "milestones", "momentum", "weight_decay", "train_size"]
-PROBE_FLAGS = ["probe_features", "probe_attack", "probe_epochs"]
-
-
-def check_flags_used(args, fitted):
-    """A flag given that changes nothing in this run (no model gets a fitted classifier, no --probes) is refused
-    in one sentence: the user meant it to change something."""
-    for name in [n for n in FIT_FLAGS + FIT_AND_PROBE_FLAGS + PROBE_FLAGS if n in args.given]:
-        flag = "--" + name.replace("_", "-")
-        if name in PROBE_FLAGS and not args.probes:
-            raise UserError(f"{flag} sets the probes, but --probes was not given; add --probes or drop {flag}")
-        if name not in PROBE_FLAGS and not fitted and not (args.probes and name in FIT_AND_PROBE_FLAGS):
-            probes = " and the probes (no --probes here)" if name in FIT_AND_PROBE_FLAGS else ""
-            raise UserError(f"{flag} sets the classifier fitted on a pre-training checkpoint's encoder{probes}, but "
-                            f"every model here is kept by eval_linear.py with its own classifier: {flag} would change "
-                            "nothing; drop it")
-
-
-def check_args(args):
     check_finite(args)
     args.models = [checkpoint_file(path) for path in args.models]
     check_ranges(args)
@@ -137,15 +110,31 @@ def check_args(args):
                         "/255 units, e.g. --cka-eps 2 8")
     if args.labels is not None and len(args.labels) != len(args.models):
         raise UserError(f"--labels takes one label per model, {len(args.models)} here, but {len(args.labels)} were given")
+    return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Points of a network and the minibatch CKA estimator
-# ---------------------------------------------------------------------------------------------
-# As in the authors' released code the maps use minibatch linear CKA with the unbiased HSIC estimator on
-# flattened features, models in eval mode, clean and adversarial images aligned image by image; the probes
-# read flattened features by default and are scored on adversarial images made once against the first model.
+# Flags that set only the classifier fitted on a pre-training checkpoint's encoder, that classifier and the probes,
+# or the probes: given where nothing uses them, they would change nothing; check_flags_used refuses them.
+FIT_FLAGS = ["bn", "epochs"]
+FIT_AND_PROBE_FLAGS = ["batch_size", "lr", "milestones", "momentum", "weight_decay", "train_size"]
+PROBE_FLAGS = ["probe_features", "probe_attack", "probe_epochs"]
 
+
+def check_flags_used(args, fitted):
+    for name in [n for n in FIT_FLAGS + FIT_AND_PROBE_FLAGS + PROBE_FLAGS if n in args.given]:
+        flag = "--" + name.replace("_", "-")
+        if name in PROBE_FLAGS and not args.probes:
+            raise UserError(f"{flag} sets the probes, but --probes was not given; add --probes or drop {flag}")
+        if name not in PROBE_FLAGS and not fitted and not (args.probes and name in FIT_AND_PROBE_FLAGS):
+            probes = " and the probes (no --probes here)" if name in FIT_AND_PROBE_FLAGS else ""
+            raise UserError(f"{flag} sets the classifier fitted on a pre-training checkpoint's encoder{probes}, but "
+                            f"every model here is kept by eval_linear.py with its own classifier: {flag} would change "
+                            "nothing; drop it")
+
+
+# ---- Points of a network and the minibatch CKA estimator ------------------------------------
+# As in the authors' released code: the estimator below, models in eval mode, clean and adversarial images aligned
+# image by image; the probes read flattened features and are scored on PGD images made once against the first model.
 CKA_ESTIMATOR = ("minibatch linear CKA with the unbiased HSIC estimator (Nguyen, Raghu & Kornblith, ICLR 2021), "
                  "HSIC sums over test batches in float64, features flattened per image")
 
@@ -155,10 +144,9 @@ class _PointReached(Exception):
 
 
 def point_features(encoder, x, points="blocks", stop_at=None):
-    """{name: output} of the encoder's points for images x, in forward order, through its BN copy.
-    'blocks': stem (the input of layer1.0), layer1.0 ... layer4.1 (block outputs), pooled. 'all' adds every
-    convolution and batch-norm output (layerN.0.downsample.bn is the shortcut of a downsampling block).
-    With `stop_at`, the forward pass ends at that point: the layers after it are not run."""
+    """{name: output} of the encoder's points for images x, in forward order, through its BN copy. 'blocks': stem
+    (the input of layer1.0), layer1.0 ... layer4.1 (block outputs), pooled; 'all' adds every convolution and batch-norm
+    output (layerN.0.downsample.bn: a downsampling block's shortcut). `stop_at`: the forward pass ends at that point."""
     model, found, hooks = encoder.model, {}, []
 
     def keep(name, value):
@@ -178,12 +166,6 @@ def point_features(encoder, x, points="blocks", stop_at=None):
         for hook in hooks:
             hook.remove()
     return found
-
-
-def point_names(encoder, image_size, points):
-    device = next(encoder.parameters()).device
-    with torch.no_grad():
-        return list(point_features(encoder, torch.zeros(1, 3, image_size, image_size, device=device), points))
 
 
 def unbiased_hsic(k, l):
@@ -221,20 +203,15 @@ class CKAMaps:
 
 
 def _point_grams(encoder, images, points, amp):
-    with torch.no_grad():
-        with autocast(amp):
-            features = point_features(encoder, images, points)
-        return torch.stack([_gram(f.float()) for f in features.values()])
+    with torch.no_grad(), autocast(amp):
+        features = point_features(encoder, images, points)
+    return torch.stack([_gram(f.float()) for f in features.values()])
 
 
-# ---------------------------------------------------------------------------------------------
-# Models as they are, and what is attacked
-# ---------------------------------------------------------------------------------------------
-
+# ---- Models as they are, and what is attacked -----------------------------------------------
 def model_label(method, run_args, path, mode=None):
-    """How tables and figures name a model: its method (+ the mode it was fine-tuned in) and the pre-training
-    eps its checkpoint records, e.g. 'acl+slf, eps 8/255', 'acl+slf, eps 0' (a standard encoder) or
-    'acl+aff, eps 8/255' (a kept file); a released file records neither: its file name."""
+    """How tables and figures name a model: its method (+ the mode it was fine-tuned in) and the pre-training eps it
+    records, e.g. 'acl+slf, eps 8/255' or 'acl+slf, eps 0' (a standard encoder); a released file: its file name."""
     name = (method or os.path.basename(path)) + (f"+{mode}" if mode else "")
     eps = (run_args or {}).get("eps")
     if eps is None:
@@ -243,9 +220,8 @@ def model_label(method, run_args, path, mode=None):
 
 
 def kept_part(checkpoint, path, feature_dim):
-    """What a kept model (eval_linear.fine_tuned_checkpoint; load_encoder leaves it as read in encoder.fine_tuned)
-    adds to its backbone: {'weight', 'bias', 'bn', 'num_classes', 'record'}, checked; None for a pre-training
-    checkpoint."""
+    """What a kept model (eval_linear.fine_tuned_checkpoint, as read into encoder.fine_tuned) adds to its backbone:
+    {'weight', 'bias', 'bn', 'num_classes', 'record'}, checked; None for a pre-training checkpoint."""
     if checkpoint is None:
         return None
     state = checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else {}
@@ -280,29 +256,24 @@ def fine_tuned_model(encoder):
     part = encoder.fine_tuned
     model = Classifier(encoder, part["num_classes"])
     model.encoder.adv = part["bn"] == "adv"
-    with torch.no_grad():
-        model.fc.weight.copy_(part["weight"])
-        model.fc.bias.copy_(part["bias"])
+    model.fc.load_state_dict({"weight": part["weight"], "bias": part["bias"]})
     return model
 
 
-def fit_settings(args, epochs):
-    """SLF's optimiser settings as the flags give them, for `epochs`."""
-    return dict(epochs=epochs, batch_size=args.batch_size, lr=args.lr, milestones=args.milestones,
-                momentum=args.momentum, weight_decay=args.weight_decay)
-
-
-def train_loader(args, image_size, batch_size, device):
-    loader = eval_loader(args.dataset, args.data_dir, "train", image_size, batch_size, args.workers, device, args.seed,
-                         subset=args.train_size)
+def fit_slf(model, epochs, label, args, image_size, device, amp, memory_format):
+    """Train `model`'s linear layer as SLF for `epochs` with the flags' settings, which it returns."""
+    settings = dict(epochs=epochs, batch_size=args.batch_size, lr=args.lr, milestones=args.milestones,
+                    momentum=args.momentum, weight_decay=args.weight_decay)
+    loader = eval_loader(args.dataset, args.data_dir, "train", image_size, args.batch_size, args.workers, device,
+                         args.seed, subset=args.train_size)
     say_if_one_step(loader, "--batch-size")
-    return loader
+    fine_tune(model, "slf", loader, dict(settings, label=label), args, device, amp, memory_format)
+    return settings
 
 
 def attacked_model(path, encoder, label, args, num_classes, image_size, device, amp, memory_format):
-    """(encoder + classifier, its record). A kept model is used as it is; a pre-training encoder gets a linear
-    classifier on its frozen encoder, trained with SLF's settings and seed (the same classifier as eval_linear.py
-    --mode slf trains), the thing attacked, which is not kept."""
+    """(encoder + classifier, its record): a kept model as it is, or a pre-training encoder with a linear classifier
+    fitted here with SLF's settings and seed (the classifier eval_linear.py --mode slf trains; not kept)."""
     record = {"checkpoint": os.path.abspath(path), "label": label, "method": encoder.method, "width": encoder.width,
               "fine_tuned": bool(encoder.fine_tuned)}
     if encoder.fine_tuned:
@@ -312,27 +283,20 @@ def attacked_model(path, encoder, label, args, num_classes, image_size, device, 
         print(f"{path}: {label}; kept by eval_linear.py, attacked through its own classifier", flush=True)
         return model, record
     print(f"{path}: {label}; attacked through a linear classifier fitted here (SLF)", flush=True)
-    settings = fit_settings(args, args.epochs)
     torch.manual_seed(args.seed)  # as eval_linear.py before each mode: the same classifier as its SLF
     model = Classifier(encoder, num_classes).to(device, memory_format=memory_format)
-    fine_tune(model, "slf", train_loader(args, image_size, settings["batch_size"], device), settings, args, device,
-              amp, memory_format)
+    settings = fit_slf(model, args.epochs, "slf", args, image_size, device, amp, memory_format)
     record.update(mode="slf", bn="adv" if encoder.adv else "clean", fitted=settings,
                   attacked="a linear classifier fitted here on the frozen encoder with SLF's settings (not kept)")
     return model, record
 
 
-# ---------------------------------------------------------------------------------------------
-# The maps and the probes
-# ---------------------------------------------------------------------------------------------
-
+# ---- The maps and the probes ----------------------------------------------------------------
 def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_format):
-    """One pass over the test images. Each batch gets its PGD images against the first model's classifier, made
-    once and returned (one CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes; the first
-    --cka-samples images add their Gram matrices to the maps: the first model on clean and PGD images, PGD at
-    each --cka-eps, and each compared model on the clean images, on the first model's PGD images and on PGD
-    images against its own classifier. A batch of fewer than 4 images is left out of the maps (the estimator
-    needs n > 3)."""
+    """One pass over the test images. Each batch gets PGD images against the first model's classifier, returned (one
+    CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes; the first --cka-samples images add to
+    the maps: the first model on clean and PGD images and PGD at each --cka-eps; each compared model on the clean, the
+    first model's PGD and its own PGD images. A batch of fewer than 4 images is left out (the estimator: n > 3)."""
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     radii = [e for e in args.cka_eps or [] if e != args.eps]
     pairs = [("clean", "adv"), ("clean", "clean"), ("adv", "adv")] + [("clean", f"adv@{e:g}") for e in radii]
@@ -378,35 +342,28 @@ class PointFeatures(nn.Module):
         return out.mean((2, 3)) if self.features == "pool" and out.ndim == 4 else out.flatten(1)
 
 
-class Probe(nn.Module):
-    """A linear probe at one point: PointFeatures and a zero-initialised linear layer. It has Classifier's
-    attribute names (encoder, fc), so fine_tune trains it as SLF and correct_per_image scores it; at 'pooled'
-    it is Classifier itself, up to the names of its modules."""
+class Probe(Classifier):
+    """A linear probe at one point: Classifier on PointFeatures, so fine_tune trains it as SLF and correct_per_image
+    scores it; at 'pooled' it is Classifier itself, up to the names of its modules."""
 
     def __init__(self, encoder, point, features, num_classes, image_size):
-        super().__init__()
-        self.encoder = PointFeatures(encoder, point, features)
-        device = next(encoder.parameters()).device
+        points, device = PointFeatures(encoder, point, features), next(encoder.parameters()).device
         with torch.no_grad():
-            dim = self.encoder(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
-        self.fc = nn.Linear(dim, num_classes)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
+            dim = points(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1]
+        super().__init__(points, num_classes, dim)
 
-    def forward(self, x):
+    def forward(self, x):  # the point's own BN copy: no `adv`
         return self.fc(self.encoder(x))
 
 
 def probe_accuracies(model, names, adversarial, test_loader, num_classes, image_size, args, device, amp, memory_format):
     """A probe at every point of the first model's encoder (SLF's settings, --probe-epochs): {point: {clean,
     adversarial}}, scored on the fixed PGD images or by attacking each probe."""
-    settings = fit_settings(args, args.probe_epochs)
     accuracy = {}
     for point in names:
         torch.manual_seed(args.seed)  # as each fit: the probe at 'pooled' of a fitted model repeats its classifier
         probe = Probe(model.encoder, point, args.probe_features, num_classes, image_size).to(device)
-        fine_tune(probe, "slf", train_loader(args, image_size, settings["batch_size"], device),
-                  dict(settings, label=f"probe {point}"), args, device, amp, memory_format)
+        settings = fit_slf(probe, args.probe_epochs, f"probe {point}", args, image_size, device, amp, memory_format)
         clean, robust = correct_per_image(probe, test_loader, device, args.eps / 255, args.pgd_alpha / 255,
                                           args.pgd_steps, amp, memory_format,
                                           adversarial if args.probe_attack == "fixed" else None)
@@ -415,10 +372,7 @@ def probe_accuracies(model, names, adversarial, test_loader, num_classes, image_
             "accuracy": accuracy}
 
 
-# ---------------------------------------------------------------------------------------------
-# Tables and figures
-# ---------------------------------------------------------------------------------------------
-
+# ---- Tables and figures ---------------------------------------------------------------------
 def print_analysis(result):
     """The tables on stdout; the JSON has the same numbers. Each CKA table names its estimator."""
     cka, label = result["cka"], result["model"]["label"]
@@ -465,13 +419,10 @@ def _point_ticks(ax, points, axes="x"):
 
 
 def plot_analysis(result, out):
-    """PNG figures next to the JSON `out`, each titled with its estimator and naming the models by their labels:
-    a heatmap per minibatch CKA map (colour scale 0..1); the maps' clean-vs-adversarial diagonal of every model
-    and the full-batch per-stage CKA, both as 1 - CKA on a log axis (0.993 against 0.984 is a factor of 2
-    there, and two coinciding lines on 0..1); the probe accuracies in percent. Returns the paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """PNG figures next to the JSON `out`, titled with their estimator and the models' labels: a heatmap per minibatch
+    CKA map (0..1); every model's clean-vs-adversarial diagonal and the full-batch per-stage CKA as 1 - CKA on a log
+    axis (0.993 against 0.984 is a factor of 2 there, two coinciding lines on 0..1); the probe accuracies in percent."""
+    import matplotlib.pyplot as plt  # main() chose the Agg backend
 
     base, label, written = os.path.splitext(out)[0], result["model"]["label"], []
     along = "point of the network (input to output)"
@@ -508,30 +459,28 @@ def plot_analysis(result, out):
 
     with plt.rc_context({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9, "xtick.labelsize": 8,
                          "ytick.labelsize": 8}):
-        cka = result["cka"]
-        if cka:
-            points = cka["points"]
-            minibatch = f"minibatch linear CKA (unbiased HSIC), {cka['map_samples']} images"
-            attack = f"PGD-{result['pgd_steps']} at eps {cka['eps']:g}/255"
-            for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv"):
-                rows, columns = ("clean" if k == "clean" else "adversarial" for k in key.split("_x_"))
-                heatmap(key, f"{label}\n{rows} x {columns} images\n{minibatch}", cka[key], points,
-                        f"{rows} images", f"{columns} images")
-            if len(cka["clean_x_adv_per_eps"]) > 1:
-                for e, matrix in cka["clean_x_adv_per_eps"].items():
-                    heatmap(f"clean_x_adv_eps{e}", f"{label}\nclean x adversarial images (eps {e}/255)\n{minibatch}",
-                            matrix, points, "clean images", f"adversarial images (eps {e}/255)")
-            for i, other in enumerate(result["compare"]):
-                for key, kind in (("clean_x_clean", "clean"), ("adv_x_adv", "adversarial")):
-                    heatmap(f"compare{i}_{key}", f"rows: {label}\ncolumns: {other['label']}\n{kind} images\n{minibatch}",
-                            other[key], points, f"{label}, {kind} images", f"{other['label']}, {kind} images")
-            curves = [(label, np.diag(cka["clean_x_adv"]))]
-            curves += [(o["label"], np.diag(o["own_clean_x_adv"])) for o in result["compare"]]
-            distance_lines("diagonal", f"Clean vs adversarial images, diagonal of the clean x adversarial map\n"
-                           f"{minibatch}; {attack}, each model through its own classifier", points, curves)
-            distance_lines("stages", f"Clean vs adversarial images per stage: full-batch linear CKA\n"
-                           f"{cka['samples']} test images at once; {attack}", list(cka["linear_cka"]),
-                           [(label, list(cka["linear_cka"].values()))], "stage of the network (input to output)")
+        cka, points = result["cka"], result["cka"]["points"]
+        minibatch = f"minibatch linear CKA (unbiased HSIC), {cka['map_samples']} images"
+        attack = f"PGD-{result['pgd_steps']} at eps {cka['eps']:g}/255"
+        for key in ("clean_x_adv", "clean_x_clean", "adv_x_adv"):
+            rows, columns = ("clean" if k == "clean" else "adversarial" for k in key.split("_x_"))
+            heatmap(key, f"{label}\n{rows} x {columns} images\n{minibatch}", cka[key], points,
+                    f"{rows} images", f"{columns} images")
+        if len(cka["clean_x_adv_per_eps"]) > 1:
+            for e, matrix in cka["clean_x_adv_per_eps"].items():
+                heatmap(f"clean_x_adv_eps{e}", f"{label}\nclean x adversarial images (eps {e}/255)\n{minibatch}",
+                        matrix, points, "clean images", f"adversarial images (eps {e}/255)")
+        for i, other in enumerate(result["compare"]):
+            for key, kind in (("clean_x_clean", "clean"), ("adv_x_adv", "adversarial")):
+                heatmap(f"compare{i}_{key}", f"rows: {label}\ncolumns: {other['label']}\n{kind} images\n{minibatch}",
+                        other[key], points, f"{label}, {kind} images", f"{other['label']}, {kind} images")
+        curves = [(label, np.diag(cka["clean_x_adv"]))]
+        curves += [(o["label"], np.diag(o["own_clean_x_adv"])) for o in result["compare"]]
+        distance_lines("diagonal", f"Clean vs adversarial images, diagonal of the clean x adversarial map\n"
+                       f"{minibatch}; {attack}, each model through its own classifier", points, curves)
+        distance_lines("stages", f"Clean vs adversarial images per stage: full-batch linear CKA\n"
+                       f"{cka['samples']} test images at once; {attack}", list(cka["linear_cka"]),
+                       [(label, list(cka["linear_cka"].values()))], "stage of the network (input to output)")
         if result["probes"]:
             probes = result["probes"]
             fixed = "made once against the first model" if probes["attack"] == "fixed" else "against each probe"
@@ -549,18 +498,15 @@ def plot_analysis(result, out):
     return written
 
 
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
-
+# ---- Main -----------------------------------------------------------------------------------
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
     # Everything that can fail is checked before the first fit: plotting package, models, flags, data, output.
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UserError("--plot needs the matplotlib package, which is not installed; run 'pip install matplotlib' "
-                        "or drop --plot (the numbers are in the JSON either way)")
     if args.plot:  # imported, not only found: an installed but broken matplotlib fails here, not after the work
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UserError("--plot needs the matplotlib package, which is not installed; run 'pip install matplotlib' "
+                            "or drop --plot (the numbers are in the JSON either way)")
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -587,8 +533,7 @@ def main(argv=None):
                                              if first.fine_tuned and first.fine_tuned["record"].get("dataset") else {}))
     data = resolve_data(args, recorded)
     out = args.out or f"{os.path.splitext(args.models[0])[0]}_representations_{args.dataset}.json"
-    # the JSON and any figure of its name overwrite no model read and no training run's file (machinery.check_outputs),
-    # and the JSON replaces only this program's report on the same first model (machinery.check_replaced)
+    # nothing written overwrites a model read or a run's file; the JSON replaces only our report on the same model
     figure = re.compile(re.escape(os.path.splitext(os.path.abspath(out))[0]) + FIGURE_SUFFIX)
     check_outputs([out] + [path for path in args.models if args.plot and figure.fullmatch(os.path.abspath(path))],
                   args.models)
@@ -609,16 +554,16 @@ def main(argv=None):
     print(f"{len(args.models)} model{'s' * (len(args.models) > 1)} on {data} at {image_size} px, {num_classes} classes, "
           f"{len(test_loader.dataset)} test images ({device.type}{', bf16' if amp else ''})", flush=True)
 
-    models, records = [], []
-    for path, encoder, label in zip(args.models, encoders, labels):
-        model, record = attacked_model(path, encoder, label, args, num_classes, image_size, device, amp, memory_format)
-        models.append(model)
-        records.append(record)
+    attacked = [attacked_model(path, encoder, label, args, num_classes, image_size, device, amp, memory_format)
+                for path, encoder, label in zip(args.models, encoders, labels)]
+    models, records = zip(*attacked)
     model, compared = models[0], models[1:]
     torch.manual_seed(args.seed)  # the attacks' random starts do not depend on which models were fitted
     keep_all = args.probes and args.probe_attack == "fixed"
     adversarial, maps = analysis_pass(model, compared, test_loader, args, keep_all, device, amp, memory_format)
-    names = point_names(model.encoder, image_size, args.cka_points)
+    with torch.no_grad():  # the names of the points, in forward order
+        names = list(point_features(model.encoder, torch.zeros(1, 3, image_size, image_size, device=device),
+                                    args.cka_points))
     cka = representation_similarity(model, test_loader, args.cka_samples, device, args.eps / 255, args.pgd_alpha / 255,
                                     args.pgd_steps, amp, memory_format, records[0]["mode"], adversarial)
     per_eps = {f"{e:g}": maps.map("clean", "adv" if e == args.eps else f"adv@{e:g}").tolist()
@@ -655,10 +600,9 @@ def main(argv=None):
         print(f"wrote {path}", flush=True)
     # The figures the replaced JSON recorded that this run did not redraw would no longer match the JSON: removed.
     # Only those: a file this program did not write, even one named like a figure, is never removed.
-    for name in replaced.get("figures") or []:
-        path = os.path.join(os.path.dirname(out), os.path.basename(name))
-        if (figure.fullmatch(os.path.abspath(path)) and os.path.isfile(path) and name not in result["figures"]
-                and os.path.realpath(path) not in {os.path.realpath(model) for model in args.models}):
+    recorded = {os.path.basename(name) for name in replaced.get("figures") or []}
+    for path in earlier_outputs(out, figures + args.models, FIGURE_SUFFIX):
+        if os.path.basename(path) in recorded and os.path.isfile(path):
             os.remove(path)
             print(f"removed {path}: an earlier run's figure that {os.path.basename(out)} no longer describes", flush=True)
     return result
