@@ -23,6 +23,7 @@ beside the JSON as <json stem>_<mode>.pt, which representations.py maps as it is
 import argparse
 import copy
 import importlib.util
+import json
 import math
 import os
 import re
@@ -37,9 +38,10 @@ import torch.nn.functional as F
 
 from common import (DATASETS, NUM_CLASSES, ResNet18, STAGE_NAMES, UserError, autocast, check_classes, eval_loader,
                     load_dataset, pgd_attack, step_and_project)
-from machinery import (DefaultsHelpFormatter, check_attack_flags, check_data_dir_is_read, check_finite, check_fit_flags,
-                       check_outputs, check_ranges, check_replaced, check_weights, checkpoint_file, default_workers,
-                       fail, load_checkpoint, main_guard, pick_device, save_checkpoint, synchronize, write_json)
+from machinery import (DefaultsHelpFormatter, add_shared_flags, check_attack_flags, check_data_dir_is_read,
+                       check_finite, check_fit_flags, check_outputs, check_ranges, check_replaced, check_weights,
+                       checkpoint_file, default_workers, fail, load_checkpoint, main_guard, pick_device,
+                       save_checkpoint, synchronize, write_json)
 
 # The modes' own defaults (docs/evaluation.md); a flag given on the command line overrides them for every mode.
 MODE_DEFAULTS = {
@@ -132,6 +134,25 @@ def recorded_method(checkpoint):
     return name + "-supcon" if run_args.get("supcon") else name  # older checkpoints predate --supcon
 
 
+# What an evaluation JSON records of the pre-training beside its script's own flags (results.py tabulates it).
+PRETRAINING = ["dataset", "image_size", "epochs", "batch_size", "eps", "pgd_alpha", "pgd_steps", "seed", "width",
+               "dynacl", "supcon"]
+SCRIPT_OF_BASE = {"acl": "acl.py", "dynacl": "acl.py", "acl-air": "air.py", "dynacl-air": "air.py",
+                  "a-infonce": "a_infonce.py", "supervised": "supervised.py"}
+
+
+def pretraining_record(encoder, method):
+    """The evaluated encoder's pre-training: the script that ran it and the method's name, the PRETRAINING settings
+    and the flags of that script alone (e.g. air.py's lambda1); released checkpoints record only --method's name."""
+    run_args, shared = encoder.run_args or {}, argparse.ArgumentParser()
+    add_shared_flags(shared)
+    base = method and method.split("+")[0].replace("-supcon", "")
+    ran = "epochs" in run_args  # a training script's arguments (a released file's post-processing records less)
+    return {"script": SCRIPT_OF_BASE.get(base) if ran else None, "method": method,
+            **{k: run_args.get(k) for k in PRETRAINING},
+            "flags": {k: v for k, v in run_args.items() if k not in {a.dest for a in shared._actions}}}
+
+
 def derived_method(method, suffix):
     """The name of a model made from a `method` model: suffix '++' (post-processed) or '+<mode>' (fine-tuned)."""
     return None if method is None else method + suffix
@@ -205,8 +226,10 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
     a("--trades-beta", type=float, default=6.0, help="AFF: weight of TRADES' KL term")
     a("--eps", type=float, default=8, help="L-inf radius of every attack, in /255 units")
-    a("--pgd-alpha", type=float, default=2, help="step size of every PGD attack, in /255 units")
-    a("--pgd-steps", type=int, default=20, help="steps of the test PGD attack (pgd20_acc)")
+    a("--pgd-alpha", type=float, default=None, help="step size of every attack, test and training, in /255 units "
+      "(default: eps / 4, 2 at the default --eps 8: the papers' step)")
+    a("--pgd-steps", type=int, default=20, help="steps of the test PGD attack (pgd20_acc); the training attacks take "
+      "--train-pgd-steps")
     a("--train-pgd-steps", type=int, default=10, help="steps of the ALF (PGD) and AFF (TRADES) training attacks")
     a("--test-batch-size", type=int, default=512, help="batch of the evaluation passes (clean, PGD, corruptions, CKA)")
     a("--train-size", type=int, default=None, help="use only the first N training images "
@@ -222,6 +245,8 @@ def parse_args(argv=None):
     a("--workers", type=int, default=default_workers(), help="data-loader worker processes (0 = load in the main process)")
     a("--no-amp", action="store_true", help="CUDA: fp32 instead of bf16 autocast (the CPU always uses fp32)")
     a("--out", default=None, help="JSON file for the results (default: <checkpoint folder>/eval_<mode>_<dataset>.json)")
+    a("--tensorboard", action="store_true", help="also add each mode's settings and accuracies to the TensorBoard "
+      "HParams table, in <checkpoint folder>/<json stem>_<mode>/ (needs the tensorboard package)")
     # Recipes and post-processing (DynACL++ / DynACL-AIR++): the authors' settings, LPAFT
     a("--recipe", default="uniform", choices=["uniform", "paper"], help="fine-tuning settings: 'uniform' (the modes' "
       "defaults) or 'paper' (the authors' per method, dataset and mode); a flag given overrides either")
@@ -242,6 +267,8 @@ def parse_args(argv=None):
     check_finite(args)
     args.checkpoint = checkpoint_file(args.checkpoint)
     check_ranges(args)
+    if args.pgd_alpha is None:
+        args.pgd_alpha = args.eps / 4
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     check_attack_flags(args.eps, args.pgd_alpha, args.train_pgd_steps, "--train-pgd-steps")
     check_fit_flags(args)
@@ -668,6 +695,29 @@ def print_table(results):
             print(f"  mean cosine similarity of the pooled features, clean vs PGD: {cka['pooled_cosine']:.3f}")
 
 
+def add_to_tensorboard(results, out):
+    """Each mode as one row of TensorBoard's HParams table (pre-training and evaluation settings against the
+    accuracies), in <checkpoint folder>/<json stem>_<mode>/, beside the run's curves; `tensorboard --logdir runs`
+    shows them all. That folder's earlier events are replaced, as the JSON they came from was."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+    for r in results:
+        folder = os.path.join(os.path.dirname(r["checkpoint"]), f"{os.path.splitext(os.path.basename(out))[0]}_{r['mode']}")
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(folder, name))
+        pretraining = {k: v for k, v in r["pretraining"].items() if k != "flags"} | r["pretraining"]["flags"]
+        settings = {**{f"pretraining/{k}": v for k, v in pretraining.items()},
+                    **{k: r[k] for k in ("mode", "bn", "epochs", "lr", "eps", "pgd_alpha", "pgd_steps", "seed")}}
+        settings = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()}
+        accuracies = {f"eval/{k}": r[k] for k in ("clean_acc", "pgd20_acc", "autoattack_acc") if r[k] is not None}
+        with SummaryWriter(folder) as writer:
+            for summary in hparams(settings, accuracies):
+                writer.file_writer.add_summary(summary)
+            for tag, value in accuracies.items():
+                writer.add_scalar(tag, value)
+
+
 # ---- Post-processing (DynACL++ / DynACL-AIR++) ----------------------------------------------
 # LPAFT (Luo et al., ICLR 2023; used by AIR for DynACL-AIR++): pooled clean-BN features of the unaugmented
 # pre-training images -> k-means pseudo labels -> linear probing on them -> TRADES on the whole encoder.
@@ -806,10 +856,11 @@ def post_process(args, method, image_size, num_classes, device, amp, memory_form
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
-    # Everything that can fail is checked before hours of fine-tuning: attack package, corruptions, output.
-    if args.autoattack and importlib.util.find_spec("torchattacks") is None:
-        raise UserError("--autoattack needs the torchattacks package, which is not installed; "
-                        "run 'pip install torchattacks' or drop --autoattack")
+    # Everything that can fail is checked before hours of fine-tuning: packages, corruptions, output.
+    for flag, package in (("autoattack", "torchattacks"), ("tensorboard", "tensorboard")):
+        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+            raise UserError(f"--{flag} needs the {package} package, which is not installed; run 'pip install "
+                            f"{package}' or drop --{flag}")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     device = pick_device(args.device)
@@ -848,8 +899,14 @@ def main(argv=None):
     print(f"{args.checkpoint}: {method or 'method not recorded'}, width {pretrained.width}, {pretrained.stem} stem; "
           f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
-
     modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
+    ball = f"eps {args.eps:g}/255, step {args.pgd_alpha:g}/255"
+    print(f"test attack: PGD, {args.pgd_steps} steps (--pgd-steps), {ball}", flush=True)
+    trained = [{"alf": "ALF's PGD", "aff": "AFF's TRADES"}[m] for m in modes if m != "slf"]
+    if trained:
+        print(f"training attack ({' and '.join(trained)}): {args.train_pgd_steps} steps (--train-pgd-steps), {ball}",
+              flush=True)
+    pretraining = pretraining_record(pretrained, method)
     results, fine_tuned, stopped = [], [], None
     for mode in modes:
         mode_start = time.perf_counter()
@@ -879,7 +936,7 @@ def main(argv=None):
                  "device": device.type, "amp": amp, "train_images_per_s": images_per_s,
                  "clean_acc": clean.float().mean().item(), "pgd20_acc": robust.float().mean().item(),
                  "autoattack_acc": None, "corruption_acc": None, "cka": None,
-                 "method": method, "fine_tuned": os.path.abspath(fine_tuned_path(out, mode))}
+                 "method": method, "fine_tuned": os.path.abspath(fine_tuned_path(out, mode)), "pretraining": pretraining}
         if args.autoattack:
             entry["autoattack_acc"] = autoattack_accuracy(model, test_loader, num_classes, eps, device, args.seed)
         if corruptions:
@@ -907,6 +964,8 @@ def main(argv=None):
         raise UserError(f"cannot write {out} and the fine-tuned models beside it ({e.strerror}); choose another "
                         "--out") from None
     print("", *(f"wrote {path}" for path in written), sep="\n", flush=True)
+    if args.tensorboard:
+        add_to_tensorboard(results, out)
     # An earlier fine-tuned model of this JSON's name is left (it has its own record, may have cost hours), and said
     for path in earlier_outputs(out, written + [args.checkpoint]):
         print(f"left {path}: a model fine-tuned by an earlier run, not described by {os.path.basename(out)}", flush=True)

@@ -58,7 +58,8 @@ def parse_args(argv=None):
       "first model's for its own dataset, else ./data)")
     a("--image-size", type=int, default=None, help="input size in px (default: the first model's)")
     a("--eps", type=float, default=8, help="L-inf radius of the attack, in /255 units")
-    a("--pgd-alpha", type=float, default=2, help="step size of the PGD attack, in /255 units")
+    a("--pgd-alpha", type=float, default=None, help="step size of the PGD attacks, in /255 units (default: a quarter "
+      "of each attack's radius, --eps and every --cka-eps: 2 at eps 8, the papers' step)")
     a("--pgd-steps", type=int, default=20, help="steps of the PGD attack")
     a("--cka-samples", type=int, default=1000, help="test images of the maps (the first ones)")
     a("--cka-points", default="blocks", choices=["blocks", "all"], help="points of the maps and probes: stem, the 8 "
@@ -97,6 +98,8 @@ def parse_args(argv=None):
     check_finite(args)
     args.models = [checkpoint_file(path) for path in args.models]
     check_ranges(args)
+    if args.pgd_alpha is None:
+        args.pgd_alpha = args.eps / 4
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     check_fit_flags(args)
     if args.cka_samples < 4:
@@ -292,6 +295,11 @@ def attacked_model(path, encoder, label, args, num_classes, image_size, device, 
 
 
 # ---- The maps and the probes ----------------------------------------------------------------
+def step_at(args, eps):
+    """The PGD step at radius eps (both in /255): --pgd-alpha when given, else eps / 4 (so --cka-eps 2 8 steps 0.5, 2)."""
+    return args.pgd_alpha if "pgd_alpha" in args.given else eps / 4
+
+
 def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_format):
     """One pass over the test images. Each batch gets PGD images against the first model's classifier, returned (one
     CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes; the first --cka-samples images add to
@@ -319,7 +327,7 @@ def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_f
         grams = {"clean": _point_grams(model.encoder, x, args.cka_points, amp),
                  "adv": _point_grams(model.encoder, x_adv, args.cka_points, amp)}
         for e in radii:
-            x_eps = pgd_attack(model, x, y, e / 255, alpha, args.pgd_steps, amp)
+            x_eps = pgd_attack(model, x, y, e / 255, step_at(args, e) / 255, args.pgd_steps, amp)
             grams[f"adv@{e:g}"] = _point_grams(model.encoder, x_eps, args.cka_points, amp)
         for i, other in enumerate(compared):
             x_own = pgd_attack(other, x, y, eps, alpha, args.pgd_steps, amp)
@@ -553,6 +561,9 @@ def main(argv=None):
                         f"{len(test_loader.dataset)} are used (--test-size, or the {args.dataset} test split); use more")
     print(f"{len(args.models)} model{'s' * (len(args.models) > 1)} on {data} at {image_size} px, {num_classes} classes, "
           f"{len(test_loader.dataset)} test images ({device.type}{', bf16' if amp else ''})", flush=True)
+    radii = "".join(f", {e:g}/255 step {step_at(args, e):g}/255" for e in args.cka_eps or [] if e != args.eps)
+    print(f"attack: PGD-{args.pgd_steps} through each model's classifier, eps {args.eps:g}/255 step {args.pgd_alpha:g}/255"
+          f"{radii and '; --cka-eps also at' + radii[1:]}", flush=True)
 
     attacked = [attacked_model(path, encoder, label, args, num_classes, image_size, device, amp, memory_format)
                 for path, encoder, label in zip(args.models, encoders, labels)]
@@ -568,10 +579,12 @@ def main(argv=None):
                                     args.pgd_steps, amp, memory_format, records[0]["mode"], adversarial)
     per_eps = {f"{e:g}": maps.map("clean", "adv" if e == args.eps else f"adv@{e:g}").tolist()
                for e in args.cka_eps or [args.eps]}
+    steps = {f"{e:g}": step_at(args, e) for e in args.cka_eps or [args.eps]}
     cka.update({"estimator": CKA_ESTIMATOR, "points_mode": args.cka_points, "points": names,
                 "map_samples": maps.samples, "batch_size": args.test_batch_size, "eps": args.eps,
                 "clean_x_adv": maps.map("clean", "adv").tolist(), "clean_x_clean": maps.map("clean", "clean").tolist(),
-                "adv_x_adv": maps.map("adv", "adv").tolist(), "clean_x_adv_per_eps": per_eps})
+                "adv_x_adv": maps.map("adv", "adv").tolist(), "clean_x_adv_per_eps": per_eps,
+                "pgd_alpha_per_eps": steps})
     # rows: the first model's points; columns: the other model's
     compare = [dict(record, clean_x_clean=maps.map("clean", f"{i}:clean").tolist(),
                     adv_x_adv=maps.map("adv", f"{i}:adv").tolist(),

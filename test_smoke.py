@@ -37,6 +37,7 @@ import common
 import eval_linear
 import machinery
 import representations
+import results
 import supervised
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -4056,13 +4057,13 @@ def test_bad_flag_values_are_refused(flag, value, capsys):
     assert (info.value.code, err) == (2, f"error: {flag} {BAD_EVALUATION_FLAGS[flag, value]}\n")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchattacks") is not None, reason="torchattacks is installed")
-def test_autoattack_without_torchattacks_is_refused_before_training(pretrained, capsys):
-    with pytest.raises(SystemExit) as info:
-        machinery.main_guard(lambda: eval_linear.main([pretrained, *QUICK, "--autoattack"]))
-    captured = capsys.readouterr()
-    assert info.value.code == 2 and "torchattacks" in captured.err and "Traceback" not in captured.err
-    assert "epoch" not in captured.out  # refused before any fine-tuning
+@pytest.mark.parametrize("flag, package", [("autoattack", "torchattacks"), ("tensorboard", "tensorboard")])
+def test_autoattack_without_torchattacks_is_refused_before_training(flag, package, pretrained, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importlib.util.find_spec says None
+    status, err = in_process_error(eval_linear.main, [pretrained, *QUICK, f"--{flag}"], capsys)
+    assert (status, err) == (2, f"error: --{flag} needs the {package} package, which is not installed; run 'pip "
+                                f"install {package}' or drop --{flag}\n")
+    assert "epoch" not in capsys.readouterr().out  # refused before any fine-tuning
 
 
 @pytest.mark.parametrize("kind, argv, fragments", [
@@ -4707,3 +4708,151 @@ def test_issue31_every_moved_flags_advice_is_a_command_that_runs(runs_copy, caps
         representations.check_flags_used(args, fitted=False)  # and no flag of it changes nothing
         assert args.models == ([kept, other] if flag in ("--compare", "--labels") else [kept])
         assert flag == "--compare" or flag[2:].replace("-", "_") in args.given  # the flag itself, written there
+
+
+# =============================================================================================
+# Comparing runs: the pre-training record, results.py's table, TensorBoard, the attack step
+# =============================================================================================
+
+OWN_FLAGS = {"acl.py": set(), "air.py": {"lambda1", "lambda2", "official_ir"},
+             "a_infonce.py": {"ip", "hn", "ip_weight", "clean_grad_share", "beta", "tau_plus"}}
+SHARED_SETTINGS = ["dataset", "image_size", "epochs", "batch_size", "eps", "pgd_alpha", "pgd_steps", "seed", "width",
+                   "dynacl", "supcon"]
+
+
+def test_an_evaluation_records_the_runs_pretraining_settings_and_its_scripts_own_flags(runs31):
+    for name, script, method in (("A", "acl.py", "acl"), ("B", "air.py", "acl-air")):
+        entry = json.load(open(runs31 / name / "eval_slf_synthetic.json"))
+        run_args = json.load(open(runs31 / name / "args.json"))
+        record = entry["pretraining"]
+        assert (record["script"], record["method"]) == (script, method)
+        assert {k: record[k] for k in SHARED_SETTINGS} == {k: run_args[k] for k in SHARED_SETTINGS}
+        assert record["flags"] == {k: run_args[k] for k in OWN_FLAGS[script]}
+
+
+def markdown_rows(text):
+    lines = [line.strip("|").split(" | ") for line in text.strip().splitlines()]
+    assert all(set(cell.strip()) == {"-"} for cell in lines[1])
+    return [dict(zip([c.strip() for c in lines[0]], [c.strip() for c in line])) for line in lines[2:]]
+
+
+def test_results_py_tabulates_every_evaluation_with_its_pretraining_settings(runs_copy, capsys):
+    eval_linear.main([str(runs_copy / "C"), "--mode", "all", *QUICK, "--train-pgd-steps", "1", "--pgd-steps", "2"])
+    old = json.load(open(runs_copy / "A" / "eval_slf_synthetic.json"))
+    del old["pretraining"]  # an evaluation from before the record
+    json.dump(old, open(runs_copy / "A" / "eval_old.json", "w"))
+    (runs_copy / "B" / "notes.json").write_text("not json")
+    capsys.readouterr()
+    results.main([str(runs_copy)])
+    rows = markdown_rows(capsys.readouterr().out)
+    results.main([str(runs_copy), "--csv"])
+    import csv
+    assert list(csv.DictReader(capsys.readouterr().out.splitlines())) == rows  # the same cells, as CSV
+
+    evaluations = {"A/eval_old.json": ["slf"], "A/eval_slf_synthetic.json": ["slf"], "B/eval_slf_synthetic.json": ["slf"],
+                   "C/eval_all_synthetic.json": ["slf", "alf", "aff"]}
+    assert [(r["json"], r["mode"]) for r in rows] == [(j, m) for j, modes in evaluations.items() for m in modes]
+    for row in rows:
+        run, script = row["json"].split("/")[0], {"A": "acl.py", "B": "air.py", "C": "a_infonce.py"}
+        record = json.load(open(runs_copy / row["json"]))
+        entry = next(e for e in record.get("results", [record]) if e["mode"] == row["mode"])
+        assert row["run"] == run
+        for column, key in (("clean %", "clean_acc"), ("PGD %", "pgd20_acc")):
+            assert abs(float(row[column]) - 100 * entry[key]) < 0.006
+        assert (row["AutoAttack %"], row["test eps"], row["test step"], row["test steps"]) == ("", "8", "2", str(
+            entry["pgd_steps"]))
+        run_args = json.load(open(runs_copy / run / "args.json"))
+        if row["json"] == "A/eval_old.json":  # nothing recorded: blank, not guessed
+            assert row["method"] == "acl" and all(row[k] == "" for k in ("script", "dataset", "eps", "seed", "width"))
+            continue
+        assert row["script"] == script[run]
+        assert [row[k] for k in ("dataset", "epochs", "eps", "pgd_alpha", "pgd_steps", "seed", "width")] == [
+            f"{run_args[k]:g}" if isinstance(run_args[k], float) else str(run_args[k])
+            for k in ("dataset", "epochs", "eps", "pgd_alpha", "pgd_steps", "seed", "width")]
+        assert row["method flags"] == " ".join(f"{k}={run_args[k]}" for k in run_args if k in OWN_FLAGS[script[run]])
+
+
+@pytest.mark.parametrize("where, sentence", [
+    ("missing", "error: {} is not a folder; give the folder the runs are in, e.g. python results.py runs\n"),
+    ("empty", "error: no evaluation JSON under {}; run eval_linear.py on a checkpoint there first\n")])
+def test_results_py_without_evaluations_is_one_sentence(where, sentence, tmp_path, capsys):
+    folder = tmp_path / where
+    if where == "empty":
+        folder.mkdir()
+        (folder / "args.json").write_text(json.dumps({"eps": 8}))  # a JSON, but no evaluation
+    assert in_process_error(results.main, [str(folder)], capsys) == (2, sentence.format(folder))
+
+
+def test_the_attack_step_defaults_to_a_quarter_of_eps_and_the_header_says_each_attack(pretrained, tmp_path, capsys,
+                                                                                        monkeypatch):
+    assert eval_linear.parse_args([pretrained]).pgd_alpha == 2  # the papers' 2/255 at the default 8/255
+    assert eval_linear.parse_args([pretrained, "--eps", "4"]).pgd_alpha == 1
+    assert eval_linear.parse_args([pretrained, "--eps", "4", "--pgd-alpha", "3"]).pgd_alpha == 3
+    args = representations.parse_args([pretrained, "--eps", "4", "--cka-eps", "2", "16"])
+    assert (args.pgd_alpha, representations.step_at(args, 2), representations.step_at(args, 16)) == (1, 0.5, 4)
+    args = representations.parse_args([pretrained, "--eps", "4", "--cka-eps", "16", "--pgd-alpha", "1.5"])
+    assert (args.pgd_alpha, representations.step_at(args, 16)) == (1.5, 1.5)
+
+    attacks = []
+    real_attack = eval_linear.pgd_attack
+    monkeypatch.setattr(eval_linear, "pgd_attack", lambda model, x, y, eps, alpha, steps, amp: attacks.append(
+        (round(eps * 255, 6), round(alpha * 255, 6), steps)) or real_attack(model, x, y, eps, alpha, steps, amp))
+    eval_linear.main([pretrained, "--mode", "alf", *QUICK, "--eps", "4", "--pgd-steps", "3", "--train-pgd-steps", "2",
+                      "--out", str(tmp_path / "e.json")])
+    assert set(attacks) == {(4, 1, 2), (4, 1, 3)}  # ALF's training attack, then the test attack, both at step 1/255
+    out = capsys.readouterr().out
+    assert "test attack: PGD, 3 steps (--pgd-steps), eps 4/255, step 1/255\n" in out
+    assert "training attack (ALF's PGD): 2 steps (--train-pgd-steps), eps 4/255, step 1/255\n" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchattacks") is None, reason="torchattacks is not installed")
+def test_our_pgd20_is_as_strong_as_torchattacks_pgd20():
+    """Robust accuracy under our PGD-20 and torchattacks.PGD (same eps, step and steps, random starts) on a small MLP
+    fitted to the built-in digits, at a radius where about a third of the correct images fall."""
+    import torchattacks
+    data = np.load(os.path.join(HERE, "digits.npz"))
+    x = torch.tensor(data["images"] / 16, dtype=torch.float32).unsqueeze(1)
+    y, train = torch.tensor(data["labels"]).long(), torch.tensor(data["train"]).bool()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        F.cross_entropy(net(x[train]), y[train]).backward()
+        optimizer.step()
+    net.eval()
+    x, y = x[~train], y[~train]
+    eps, alpha = 16 / 255, 4 / 255
+    clean = net(x).argmax(1) == y
+    torch.manual_seed(1)
+    ours = clean & (net(common.pgd_attack(net, x, y, eps, alpha, 20)).argmax(1) == y)
+    torch.manual_seed(2)
+    theirs = clean & (net(torchattacks.PGD(net, eps=eps, alpha=alpha, steps=20)(x, y)).argmax(1) == y)
+    assert clean.sum() - theirs.sum() > len(y) // 5  # the attack at this radius does real work
+    assert abs(int(ours.sum()) - int(theirs.sum())) <= len(y) // 100  # within 1% of the images (6 of 599)
+    assert (ours != theirs).sum() <= len(y) // 50  # and mostly on the same images
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_eval_tensorboard_puts_each_modes_settings_and_accuracies_in_the_hparams_table(runs_copy, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    checkpoint, out = runs_copy / "B" / "checkpoint.pt", runs_copy / "B" / "tb.json"
+    for _ in range(2):  # a second evaluation replaces the first one's events, as it replaces its JSON
+        eval_linear.main([str(checkpoint), "--mode", "slf", *QUICK, "--tensorboard", "--out", str(out)])
+    entry, folder = json.load(open(out)), runs_copy / "B" / "tb_slf"
+    assert len([f for f in os.listdir(folder) if f.startswith("events.out.tfevents.")]) == 1
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    for tag in ("clean_acc", "pgd20_acc"):
+        (value,) = events.Scalars(f"eval/{tag}")
+        assert abs(value.value - entry[tag]) < 1e-6
+    assert "eval/autoattack_acc" not in events.Tags()["scalars"]  # not measured: not logged
+    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    run_args = json.load(open(runs_copy / "B" / "args.json"))
+    assert hparams["pretraining/script"].string_value == "air.py" and hparams["mode"].string_value == "slf"
+    assert hparams["pretraining/method"].string_value == "acl-air"
+    for key in ("eps", "pgd_alpha", "epochs", "lambda1", "lambda2"):
+        assert hparams[f"pretraining/{key}"].number_value == run_args[key]
+    assert (hparams["eps"].number_value, hparams["pgd_alpha"].number_value) == (8, 2)
