@@ -168,15 +168,13 @@ TRAINING_RANGES = {**RANGES, "batch_size": (lambda v: v >= 2, "must be at least 
 
 
 def check_ranges(args, ranges=RANGES):
-    """One sentence for the first flag of `args` out of its range in `ranges`."""
     for name, (in_range, sentence) in ranges.items():
         value = getattr(args, name, None)
         if value is not None and not in_range(value):
             raise UserError(f"--{name.replace('_', '-')} " + sentence.format(value))
 
 
-def check_fit_flags(args):
-    """The SGD fits of eval_linear.py and representations.py: lr milestones increasing epoch numbers >= 1."""
+def check_fit_flags(args):  # the SGD fits of eval_linear.py and representations.py
     if args.milestones is not None and (min(args.milestones) < 1 or sorted(set(args.milestones)) != args.milestones):
         raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
 
@@ -699,9 +697,8 @@ def metrics_to_keep(run_dir, step, log_every):
 
 
 class Run:
-    """Everything a training loop does besides training: resume, run folder, args.json, the log, the non-finite
-    watch, checkpoints (epoch ends, --save-every, last step, Ctrl-C/SIGTERM), benchmark. Under torchrun rank 0
-    writes."""
+    """Everything a training loop does besides training: resume, run folder, args.json, log, non-finite watch,
+    checkpoints (epoch ends, --save-every, last step, Ctrl-C/SIGTERM), benchmark. Under torchrun rank 0 writes."""
     NO_STEP = 2**62  # the non-finite watch's step while every loss was finite
 
     def __init__(self, method, args, checkpoint, model, optimizer, loader, device, amp):
