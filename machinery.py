@@ -18,8 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from common import (DATASETS, DEFAULT_IMAGE_SIZE, NATIVE_SIZE, UserError, _first_missing_folder,
-                    rank_and_world)
+from common import DATASETS, DEFAULT_IMAGE_SIZE, NATIVE_SIZE, UserError, _first_missing_folder, rank_and_world
 
 # PyTorch 2.14 deprecates DDP's broadcast_buffers and torch.distributed.nn.functional.all_gather; both
 # work as documented, and their replacements are private or missing in the older versions we support.
@@ -34,6 +33,17 @@ def fail(message, status=2, everywhere=False):
     if everywhere:
         barrier()  # none exits (and has torchrun stop the rest) before the sentence is said
     sys.exit(status)
+
+
+def main_guard(main):
+    """Run main(); a UserError becomes one sentence on stderr and its exit status (no traceback)."""
+    try:
+        main()
+    except UserError as e:
+        fail(str(e), e.status)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # Loader workers ignore SIGTERM (common._worker_init), with which multiprocessing ends them at exit, so a loader alive
@@ -62,8 +72,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help shows every default that is a value ("(default: 512)"); None and off switches show none."""
 
     def _get_help_string(self, action):
-        default = action.default
-        if default is None or default is False or default is argparse.SUPPRESS:
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return action.help
         return action.help + " (default: %(default)s)"
 
@@ -159,15 +168,13 @@ TRAINING_RANGES = {**RANGES, "batch_size": (lambda v: v >= 2, "must be at least 
 
 
 def check_ranges(args, ranges=RANGES):
-    """One sentence for the first flag of `args` out of its range in `ranges`."""
     for name, (in_range, sentence) in ranges.items():
         value = getattr(args, name, None)
         if value is not None and not in_range(value):
             raise UserError(f"--{name.replace('_', '-')} " + sentence.format(value))
 
 
-def check_fit_flags(args):
-    """The SGD fits of eval_linear.py and representations.py: lr milestones increasing epoch numbers >= 1."""
+def check_fit_flags(args):  # the SGD fits of eval_linear.py and representations.py
     if args.milestones is not None and (min(args.milestones) < 1 or sorted(set(args.milestones)) != args.milestones):
         raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
 
@@ -191,11 +198,6 @@ NOT_IN = {
 }
 
 
-def _shown(value):
-    """A flag's value as it is written on a command line: 8.0 and 8 both as 8."""
-    return f"{value:g}" if isinstance(value, float) else value
-
-
 def parse_and_resume(parser, argv, method):
     """Parse and check the command line; with --resume, load and check the checkpoint and take the run's arguments
     from it, refusing a given flag that contradicts it and an --out-dir other than the run's own folder."""
@@ -214,8 +216,10 @@ def parse_and_resume(parser, argv, method):
             trained = saved.get(name, BEFORE_THE_FLAG.get(name, parser.get_default(name)))
             if trained != getattr(args, name):
                 flag = "--" + name.replace("_", "-")
-                raise UserError(f"{args.resume} was trained with {flag} {_shown(trained)}, but {flag} "
-                                f"{_shown(getattr(args, name))} was given; drop the flag to resume, or start a new run")
+                # both as written on a command line: 8.0 and 8 as 8
+                trained, value = (f"{v:g}" if isinstance(v, float) else v for v in (trained, getattr(args, name)))
+                raise UserError(f"{args.resume} was trained with {flag} {trained}, but {flag} {value} was given; drop "
+                                "the flag to resume, or start a new run")
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         if "out_dir" in given and not _same_file(os.path.dirname(run_dir), args.out_dir):
             raise UserError(f"--out-dir {args.out_dir} cannot move a resumed run: it continues in its own folder "
@@ -319,14 +323,10 @@ def pick_device(name):
 
 def read_proc_stat():
     """{CPU index: (idle ticks, all ticks)} since boot, from Linux's /proc/stat (idle includes iowait)."""
-    ticks = {}
     with open("/proc/stat") as f:
-        for line in f:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit():
-                user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-                ticks[int(name[3:])] = (idle + iowait, user + nice + system + idle + iowait + irq + softirq + steal)
-    return ticks
+        rows = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+    # ticks: user, nice, system, idle, iowait, irq, softirq, steal
+    return {int(name[3:]): (int(ticks[3]) + int(ticks[4]), sum(map(int, ticks[:8]))) for name, *ticks in rows}
 
 
 def idle_threads(environ=None, read_stat=None, allowed=None, default=None, interval=0.2):
@@ -342,11 +342,8 @@ def idle_threads(environ=None, read_stat=None, allowed=None, default=None, inter
         after = read_stat()
     except (AttributeError, OSError, ValueError):
         return None, None
-    idle = 0.0
-    for cpu in allowed:
-        if cpu in before and cpu in after:
-            ticks = after[cpu][1] - before[cpu][1]
-            idle += (after[cpu][0] - before[cpu][0]) / ticks if ticks > 0 else 1.0  # no tick counted: idle
+    idle = sum((after[cpu][0] - before[cpu][0]) / (after[cpu][1] - before[cpu][1]) if after[cpu][1] > before[cpu][1]
+               else 1.0 for cpu in allowed if cpu in before and cpu in after)  # a core with no tick counted is idle
     return min(default, max(1, round(idle))), idle
 
 
@@ -523,118 +520,7 @@ def check_optimizer_state(state, optimizer, path):
         raise UserError(f"{path} contains NaN or infinite optimiser state; use an earlier checkpoint")
 
 
-def set_rng_state(state):
-    """Restore the random state. Without a CUDA state (saved on the CPU; older files hold a list of every GPU's,
-    used only with as many GPUs) the CUDA generator keeps its seed: the run continues, not bit for bit."""
-    torch.set_rng_state(state["cpu"])
-    cuda = state.get("cuda") if torch.cuda.is_available() else None
-    if isinstance(cuda, torch.Tensor):
-        torch.cuda.set_rng_state(cuda)
-    elif cuda is not None and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-# --- Signals, the non-finite watch, the log, the benchmark -----------------------------------------------------
-
-class StopSignal:
-    """Ctrl-C and SIGTERM set a flag (said at once where `announce`); the loop checkpoints after this step and
-    exits. `restore()` puts back the handlers found, so a run started in-process leaves them as they were."""
-
-    def __init__(self, announce=True):
-        self.received, self.announce = None, announce
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        if self.announce:
-            try:
-                print(f"received {self.received}: stopping after this step and saving a checkpoint", flush=True)
-            except RuntimeError:  # it came while this process was printing (reentrant call): the flag is set
-                pass
-
-    def agreed(self):
-        """The signal any process received (the highest number), or None. Under torchrun one all-reduce of a CPU
-        integer per step (gloo): agreeing only on log steps could answer past torchrun's 30 s grace."""
-        if rank_and_world()[1] == 1:
-            return self.received
-        code = torch.tensor([signal.Signals[self.received].value if self.received else 0])
-        dist.all_reduce(code, dist.ReduceOp.MAX, group=_CPU_GROUP)
-        return signal.Signals(int(code)).name if int(code) else None
-
-
-class NonFiniteWatch:
-    """The first step whose loss terms were not finite, kept on the device (no sync per step); `check()`."""
-
-    def __init__(self, device):
-        self.step = torch.tensor(-1, device=device)
-        self.terms = None
-
-    def update(self, step, terms):
-        self.last_step = step
-        first = (self.step < 0) & ~torch.isfinite(terms).all()
-        self.step = torch.where(first, step, self.step)
-        self.terms = terms.detach() if self.terms is None else torch.where(first, terms.detach(), self.terms)
-
-    def check(self, names, checkpoint_path, model):
-        """Stop if a loss or the weights became non-finite; under torchrun all processes agree and stop here."""
-        weights_finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        step, own_step, weights_bad = int(self.step), int(self.step), not bool(weights_finite)
-        if rank_and_world()[1] > 1:
-            never = 2**62
-            flags = torch.tensor([step if step >= 0 else never, -int(weights_bad)])
-            dist.all_reduce(flags, dist.ReduceOp.MIN, group=_CPU_GROUP)
-            step, weights_bad = (int(flags[0]) if int(flags[0]) < never else -1), int(flags[1]) < 0
-        if step < 0 and weights_bad:
-            fail(f"the network's weights became non-finite by step {self.last_step} although the loss stayed finite; "
-                 f"training stopped and the last good checkpoint is {checkpoint_path}; lower --lr", status=1,
-                 everywhere=True)
-        if step >= 0:
-            values = (", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.terms.tolist())) if own_step == step
-                      else "on another process")
-            kept = (f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path)
-                    else "no checkpoint was written yet")
-            fail(f"the loss became non-finite at step {step} ({values}); training stopped and {kept}; "
-                 "lower --lr or check the data", status=1, everywhere=True)
-
-
-class RunLog:
-    """Progress lines and metrics.jsonl. A window closes at each multiple of --log-every (a --max-steps stop leaves
-    it open); `state()`, its sums, goes into the checkpoint, so a resumed run averages the same steps."""
-
-    def __init__(self, run_dir, total_steps, start_step, batch_size, device, log_every=1, state=None):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.total_steps, self.batch_size, self.log_every = total_steps, batch_size, log_every
-        self.sum, self.count = (None, 0) if state is None else (state["sum"], state["count"])
-        self.sum = None if self.sum is None else self.sum.to(device)
-        self.last_time, self.last_step = time.perf_counter(), start_step
-
-    def state(self):
-        return {"sum": self.sum, "count": self.count}
-
-    def accumulate(self, terms):
-        self.sum = terms.detach().clone() if self.sum is None else self.sum + terms.detach()
-        self.count += 1
-
-    def write(self, step, epoch, epochs, lr, names):
-        means = (self.sum / self.count).tolist()  # the one host-device sync of a log step
-        now = time.perf_counter()
-        images_per_s = (step - self.last_step) * self.batch_size / max(now - self.last_time, 1e-9)
-        eta = int((self.total_steps - step) * self.batch_size / max(images_per_s, 1e-9))
-        record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, means)), "images_per_s": images_per_s}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        losses = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
-        eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
-        print(f"epoch {epoch}/{epochs} step {step}/{self.total_steps} | {losses} | lr {lr:.4g} | "
-              f"{images_per_s:.0f} img/s | eta {eta}", flush=True)
-        if step % self.log_every == 0:
-            self.sum, self.count = None, 0
-        self.last_time, self.last_step = now, step
-
+# --- The benchmark of a --max-steps run ---------------------------------------------------------------------------
 
 def synchronize(device):
     if device.type == "cuda":
@@ -690,7 +576,7 @@ class Benchmark:
     def summary(self, run_dir, method):
         synchronize(self.device)
         timed = self.steps_done - self.warmup_steps
-        if self.start is None or timed < 1:
+        if timed < 1:  # (the timer starts at the end of the warm-up)
             return
         images_per_s = timed * self.batch_size / (time.perf_counter() - self.start)
         flops, cuda = self.flops_per_image, self.device.type == "cuda"
@@ -708,18 +594,6 @@ class Benchmark:
         loader += f" ({per_worker:.0f} per worker)" if per_worker else ""
         print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.warmup_steps} warm-up steps on "
               f"{result['device']}{compute}{memory}{loader}", flush=True)
-
-
-def main_guard(main):
-    """Run main(); a UserError becomes one sentence on stderr and its exit status (no traceback)."""
-    try:
-        main()
-    except UserError as e:
-        fail(str(e), e.status)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 # --- Several processes (torchrun): process group, DDP (the slices and the gather are common.py's) --------------
 
@@ -825,6 +699,7 @@ def metrics_to_keep(run_dir, step, log_every):
 class Run:
     """Everything a training loop does besides training: resume, run folder, args.json, log, non-finite watch,
     checkpoints (epoch ends, --save-every, last step, Ctrl-C/SIGTERM), benchmark. Under torchrun rank 0 writes."""
+    NO_STEP = 2**62  # the non-finite watch's step while every loss was finite
 
     def __init__(self, method, args, checkpoint, model, optimizer, loader, device, amp):
         self.method, self.args, self.model, self.optimizer = method, args, model, optimizer
@@ -832,7 +707,7 @@ class Run:
         self.steps_per_epoch = loader.batch_sampler.batches_per_epoch
         total_steps = args.epochs * self.steps_per_epoch
         self.stop_step = min(total_steps, args.max_steps or total_steps)
-        self.step, log_state, kept, self.log, self.bench, self.nothing_to_do = 0, None, None, None, None, False
+        self.step, log_state, kept, self.bench, self.nothing_to_do = 0, None, None, None, False
         self.dir = (os.path.dirname(os.path.abspath(args.resume)) if checkpoint else
                     self._on_rank0(lambda: new_run_dir(args, method)))  # the same on every process
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
@@ -859,7 +734,14 @@ class Run:
             kept = self._on_rank0(lambda: metrics_to_keep(self.dir, self.step, log_every))
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            set_rng_state(checkpoint["rng"])
+            # Without a CUDA random state (saved on the CPU; older files hold a list of every GPU's, used only with as
+            # many GPUs) the CUDA generator keeps its seed: the run continues, not bit for bit.
+            torch.set_rng_state(checkpoint["rng"]["cpu"])
+            cuda = checkpoint["rng"].get("cuda") if torch.cuda.is_available() else None
+            if isinstance(cuda, torch.Tensor):
+                torch.cuda.set_rng_state(cuda)
+            elif cuda is not None and len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
         if self.rank == 0:
             write_json(os.path.join(self.dir, "args.json"), vars(args))
             if kept is not None:
@@ -871,11 +753,20 @@ class Run:
             print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
                   f"{self.stop_step - self.step} steps to step {self.stop_step} of {total_steps}, "
                   f"{self.steps_per_epoch} per epoch; writing {self.dir}", flush=True)
-            self.log = RunLog(self.dir, self.stop_step, self.step, args.batch_size, device, args.log_every, log_state)
             if args.max_steps:  # images/s count the global batch: the processes step together
                 self.bench = Benchmark(device, args.batch_size, min(10, max(1, (self.stop_step - self.step) // 5)))
-        self.watch = NonFiniteWatch(device)
-        self.stop = StopSignal(announce=self.rank == 0)
+        # The log window: the sums of the loss terms since the last multiple of --log-every, on the device. A
+        # --max-steps stop leaves it open and the checkpoint keeps it, so a resumed run averages the same steps.
+        self.sum = log_state["sum"].to(device) if log_state and log_state.get("sum") is not None else None
+        self.count = log_state["count"] if log_state else 0
+        self.log_time, self.log_step = time.perf_counter(), self.step
+        # The non-finite watch: the first step whose loss terms were not finite, and those terms, kept on the device
+        # (no sync per step) and looked at on log and checkpoint steps.
+        self.bad_step, self.bad_terms = torch.tensor(self.NO_STEP, device=device), None
+        # Ctrl-C and SIGTERM set `received` (said at once by rank 0); the loop checkpoints after this step and exits.
+        # The handlers found go back when the run ends, so a run started in-process leaves them as they were.
+        self.received = 0
+        self.handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         if self.bench and args.benchmark:
             self.bench.time_loader(loader, min(50, self.steps_per_epoch), self.world)
             if not args.compile:  # FlopCounterMode counts eager operations: not a compiled graph's
@@ -895,50 +786,106 @@ class Run:
             raise UserError(shared[1])
         return shared[0]
 
+    def _on_signal(self, signum, frame):
+        self.received = signum
+        if self.rank == 0:
+            with contextlib.suppress(RuntimeError):  # it came while this process was printing: the flag is set
+                print(f"received {signal.Signals(signum).name}: stopping after this step and saving a checkpoint",
+                      flush=True)
+
+    def _restore_signals(self):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+
     def end_of_step(self, step, epoch, lr, loss, terms):
         """After each optimiser step: watch, log, checkpoint, stop signal. True at the run's last step."""
         try:
-            return self._end_of_step(step, epoch, lr, loss, terms)
+            self.step, args, names = step, self.args, ["loss", *terms]
+            self._accumulate(step, torch.stack([loss, *terms.values()]).detach())
+            if self.bench:
+                self.bench.step()
+            received = self.received
+            if self.world > 1:  # the highest that any process received: one all-reduce of a CPU integer per step
+                # (gloo), since agreeing only on log steps could answer past torchrun's 30 s grace
+                received = torch.tensor(received)
+                dist.all_reduce(received, dist.ReduceOp.MAX, group=_CPU_GROUP)
+                received = int(received)
+            last = step == self.stop_step
+            log_step = step % args.log_every == 0 or last
+            save_step = (step % self.steps_per_epoch == 0 or last or received
+                         or (args.save_every and step % args.save_every == 0))
+            if log_step or save_step:
+                self._stop_if_not_finite(names)
+            if log_step and self.rank == 0:
+                self._write_log(step, epoch, lr, names)
+            if step % args.log_every == 0:
+                self.sum, self.count = None, 0  # the log window closes
+            if save_step and self.rank == 0:  # plain types and tensors only: torch.load(weights_only=True) reads it
+                rng = {"cpu": torch.get_rng_state()}  # every torchrun process draws the same numbers
+                if torch.cuda.is_available():
+                    rng["cuda"] = torch.cuda.get_rng_state()
+                save_checkpoint(self.checkpoint_path, {
+                    "method": self.method, "args": dict(vars(args)), "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng,
+                    "log": {"sum": self.sum, "count": self.count}})
+            if received:
+                barrier()  # rank 0's checkpoint is complete before any process exits and torchrun stops the rest
+                if self.rank == 0:
+                    print(f"stopped by {signal.Signals(received).name} at step {step}: saved {self.checkpoint_path}; "
+                          f"continue with --resume {self.checkpoint_path}", flush=True)
+                raise SystemExit(128 + received)
+            return last
         except BaseException:  # a stop (a signal, a non-finite loss) ends the run: the signal handlers go back
-            self.stop.restore()
+            self._restore_signals()
             raise
 
-    def _end_of_step(self, step, epoch, lr, loss, terms):
-        self.step, args = step, self.args
-        names, values = ["loss", *terms], torch.stack([loss, *terms.values()]).detach()
-        self.watch.update(step, values)
-        if self.log:
-            self.log.accumulate(values)
-        if self.bench:
-            self.bench.step()
-        last, received = step == self.stop_step, self.stop.agreed()
-        log_step = step % args.log_every == 0 or last
-        save_step = step % self.steps_per_epoch == 0 or last or received or (args.save_every and step % args.save_every == 0)
-        if log_step or save_step:
-            self.watch.check(names, self.checkpoint_path, self.model)
-        if log_step and self.log:
-            self.log.write(step, epoch, args.epochs, lr, names)
-        if save_step and self.rank == 0:  # plain types and tensors only: torch.load(weights_only=True) reads it
-            rng = {"cpu": torch.get_rng_state()}  # every torchrun process draws the same numbers
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_checkpoint(self.checkpoint_path, {
-                "method": self.method, "args": dict(vars(args)), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step": step, "rng": rng,
-                "log": self.log.state()})
-        if received:
-            barrier()  # rank 0's checkpoint is complete before any process exits and torchrun stops the rest
-            if self.rank == 0:
-                print(f"stopped by {received} at step {step}: saved {self.checkpoint_path}; continue with "
-                      f"--resume {self.checkpoint_path}", flush=True)
-            raise SystemExit(128 + signal.Signals[received].value)
-        return last
+    def _accumulate(self, step, values):
+        """A step's loss terms into the log window and the non-finite watch, on the device (no sync)."""
+        first = (self.bad_step == self.NO_STEP) & ~torch.isfinite(values).all()
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_terms = values if self.bad_terms is None else torch.where(first, values, self.bad_terms)
+        self.sum = values if self.sum is None else self.sum + values
+        self.count += 1
+
+    def _stop_if_not_finite(self, names):
+        """Stop if a loss or the weights became non-finite; under torchrun all processes agree and stop here."""
+        weights_finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        agreed = torch.tensor([int(self.bad_step), int(weights_finite)])
+        if self.world > 1:  # the first bad step of any process, and the weights finite on all
+            dist.all_reduce(agreed, dist.ReduceOp.MIN, group=_CPU_GROUP)
+        step, weights_finite = agreed.tolist()
+        if step == self.NO_STEP and not weights_finite:
+            fail(f"the network's weights became non-finite by step {self.step} although the loss stayed finite; "
+                 f"training stopped and the last good checkpoint is {self.checkpoint_path}; lower --lr", status=1,
+                 everywhere=True)
+        if step != self.NO_STEP:
+            values = (", ".join(f"{n} {v:.4g}" for n, v in zip(names, self.bad_terms.tolist())) if self.bad_step == step
+                      else "on another process")
+            kept = (f"the last good checkpoint is {self.checkpoint_path}" if os.path.exists(self.checkpoint_path)
+                    else "no checkpoint was written yet")
+            fail(f"the loss became non-finite at step {step} ({values}); training stopped and {kept}; "
+                 "lower --lr or check the data", status=1, everywhere=True)
+
+    def _write_log(self, step, epoch, lr, names):
+        """The window's means as a metrics.jsonl record and a progress line."""
+        means = (self.sum / self.count).tolist()  # the one host-device sync of a log step
+        now, batch_size = time.perf_counter(), self.args.batch_size
+        images_per_s = (step - self.log_step) * batch_size / max(now - self.log_time, 1e-9)
+        eta = int((self.stop_step - step) * batch_size / max(images_per_s, 1e-9))
+        record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, means)), "images_per_s": images_per_s}
+        with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        losses = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+        eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
+        print(f"epoch {epoch}/{self.args.epochs} step {step}/{self.stop_step} | {losses} | lr {lr:.4g} | "
+              f"{images_per_s:.0f} img/s | eta {eta}", flush=True)
+        self.log_time, self.log_step = now, step
 
     def finish(self):
         """The benchmark summary and the closing line; returns the run folder."""
         if self.nothing_to_do:
             return self.dir
-        self.stop.restore()
+        self._restore_signals()
         if self.bench:
             self.bench.summary(self.dir, self.method)
         if self.rank == 0:

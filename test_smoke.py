@@ -2967,9 +2967,10 @@ def stand_in_step(module, device):
     model.to(device)
     x1, x2, x0 = (torch.rand(8, 3, 32, 32).to(device) for _ in range(3))
     y = torch.randint(0, 10, (8,)).to(device)
-    nonfinite = machinery.NonFiniteWatch(torch.device("cpu"))  # its torch.tensor(-1, device=) would hold no values
-    nonfinite.step = nonfinite.step.to(device)
-    log = machinery.RunLog(os.devnull, 100, 0, 8, device)
+    # Run's per-step state (its torch.tensor(NO_STEP, device=) would hold no values on the stand-in device)
+    no_step = machinery.Run.NO_STEP
+    run = types.SimpleNamespace(NO_STEP=no_step, bad_step=torch.tensor(no_step).to(device), bad_terms=None, sum=None,
+                                count=0)
     amp, eps, alpha, steps, temperature = False, 8 / 255, 2 / 255, 2, 0.5
 
     def step():
@@ -2994,8 +2995,7 @@ def stand_in_step(module, device):
         loss.backward()
         optimizer.step()
         values = torch.stack([loss, *terms.values()]).detach()  # Run.end_of_step on a step that neither logs nor saves
-        nonfinite.update(1, values)
-        log.accumulate(values)
+        machinery.Run._accumulate(run, 1, values)
         return loss
 
     return model, step
