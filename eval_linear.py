@@ -22,8 +22,6 @@ beside the JSON as <json stem>_<mode>.pt, which representations.py maps as it is
 """
 import argparse
 import copy
-import importlib.util
-import json
 import math
 import os
 import re
@@ -39,8 +37,8 @@ import torch.nn.functional as F
 from common import (DATASETS, NUM_CLASSES, ResNet18, STAGE_NAMES, UserError, autocast, check_classes, eval_loader,
                     load_dataset, pgd_attack, step_and_project)
 from machinery import (DefaultsHelpFormatter, add_shared_flags, check_attack_flags, check_data_dir_is_read,
-                       check_finite, check_fit_flags, check_outputs, check_ranges, check_replaced, check_weights,
-                       checkpoint_file, default_workers, fail, load_checkpoint, main_guard, pick_device,
+                       check_finite, check_fit_flags, check_outputs, check_package, check_ranges, check_replaced,
+                       check_weights, checkpoint_file, default_workers, fail, load_checkpoint, main_guard, pick_device,
                        save_checkpoint, synchronize, write_json)
 
 # The modes' own defaults (docs/evaluation.md); a flag given on the command line overrides them for every mode.
@@ -858,9 +856,8 @@ def main(argv=None):
     args = parse_args(argv)
     # Everything that can fail is checked before hours of fine-tuning: packages, corruptions, output.
     for flag, package in (("autoattack", "torchattacks"), ("tensorboard", "tensorboard")):
-        if getattr(args, flag) and importlib.util.find_spec(package) is None:
-            raise UserError(f"--{flag} needs the {package} package, which is not installed; run 'pip install "
-                            f"{package}' or drop --{flag}")
+        if getattr(args, flag):
+            check_package(flag, package)
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     device = pick_device(args.device)

@@ -5,6 +5,7 @@ import argparse
 import atexit
 import contextlib
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -93,7 +94,8 @@ def add_shared_flags(parser):
     a("--temperature", type=float, default=0.5, help="temperature t of the contrastive losses")
     a("--eps", type=float, default=8, help="L-inf radius of the pre-training attack, in /255 units")
     a("--pgd-steps", type=int, default=5, help="steps of the pre-training PGD attack")
-    a("--pgd-alpha", type=float, default=2, help="step size of the pre-training PGD attack, in /255 units")
+    a("--pgd-alpha", type=float, default=None, help="step size of the pre-training PGD attack, in /255 units "
+      "(default: eps / 4, 2 at the default --eps 8)")
     a("--dynacl", action="store_true", help="DynACL: augmentation strength lowered every 50 epochs and, in acl.py and air.py, the "
       "clean/adversarial loss weights moved with it (A-InfoNCE has one loss: strength only)")
     a("--supcon", action="store_true", help="supervised contrastive (SupCon): images of one class are each other's positives, "
@@ -114,14 +116,16 @@ def add_shared_flags(parser):
     a("--compile", action="store_true", help="torch.compile the network (experimental: measured once on one H200, "
       "before the batched views; docs/speed.md)")
     a("--benchmark", action="store_true", help="with --max-steps: also time the data loader alone and print a summary")
+    a("--tensorboard", action="store_true", help="also write the logged scalars as TensorBoard event files into the "
+      "run folder (needs the tensorboard package; a resume keeps it)")
 
 
 # Arguments a resume may change (a resumed run continues in its own folder: --out-dir can only name it); every other
 # one belongs to the run. Of those, the run's length, cadence and data folder are the checkpoint's unless given again:
 # a resumed run ends, logs and saves where the interrupted one would have, and reads its data where it did.
 RESUMABLE = {"resume", "max_steps", "log_every", "save_every", "workers", "device", "no_amp", "compile",
-             "benchmark", "out_dir", "data_dir"}
-KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir"}
+             "benchmark", "out_dir", "data_dir", "tensorboard"}
+KEPT_ON_RESUME = {"max_steps", "log_every", "save_every", "data_dir", "tensorboard"}
 # What a run from before a flag existed ran with, where that is not the flag's default (--augment's None is resolved
 # when a run starts; a checkpoint from before the flag resumes with PIL, pretrain_loader).
 BEFORE_THE_FLAG = {"augment": "pil"}
@@ -179,6 +183,12 @@ def check_fit_flags(args):  # the SGD fits of eval_linear.py and representations
         raise UserError(f"--milestones must be increasing epoch numbers >= 1 (got {' '.join(map(str, args.milestones))})")
 
 
+def check_package(flag, package):
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"--{flag} needs the {package} package, which is not installed; run 'pip install {package}' "
+                        f"or drop --{flag}")
+
+
 def check_attack_flags(eps, alpha, steps, steps_flag="--pgd-steps"):
     """alpha > 0 when the attack takes steps: alpha 0 would leave it at its random start and call that PGD."""
     if alpha == 0 and eps > 0 and steps > 0:
@@ -231,6 +241,10 @@ def parse_and_resume(parser, argv, method):
         check_data_dir_is_read(args.dataset)
     if args.image_size is None:
         args.image_size = NATIVE_SIZE[args.dataset] or DEFAULT_IMAGE_SIZE[args.dataset]
+    if args.pgd_alpha is None:
+        args.pgd_alpha = args.eps / 4  # the papers' step: 2/255 at 8/255
+    if args.tensorboard:
+        check_package("tensorboard", "tensorboard")
     check_ranges(args, TRAINING_RANGES)
     check_attack_flags(args.eps, args.pgd_alpha, args.pgd_steps)
     if args.supcon and args.dataset == "stl10":
@@ -747,12 +761,22 @@ class Run:
             if kept is not None:
                 with atomic_file(os.path.join(self.dir, "metrics.jsonl"), "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in kept)
+            self.events = None
+            if args.tensorboard:  # event files made again from metrics.jsonl: a resume repeats or reorders no step
+                from torch.utils.tensorboard import SummaryWriter
+                for name in [n for n in os.listdir(self.dir) if n.startswith("events.out.tfevents.")]:
+                    os.remove(os.path.join(self.dir, name))
+                self.events = SummaryWriter(self.dir)
+                for record in kept or []:
+                    self._add_events(record)
             if checkpoint:
                 print(f"resumed {args.resume} at step {self.step}", flush=True)
             processes = f", {self.world} processes" if self.world > 1 else ""
             print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
                   f"{self.stop_step - self.step} steps to step {self.stop_step} of {total_steps}, "
                   f"{self.steps_per_epoch} per epoch; writing {self.dir}", flush=True)
+            print(f"training attack: PGD, {args.pgd_steps} steps (--pgd-steps), eps {args.eps:g}/255, step "
+                  f"{args.pgd_alpha:g}/255" if args.eps and args.pgd_steps else "training attack: none", flush=True)
             if args.max_steps:  # images/s count the global batch: the processes step together
                 self.bench = Benchmark(device, args.batch_size, min(10, max(1, (self.stop_step - self.step) // 5)))
         # The log window: the sums of the loss terms since the last multiple of --log-every, on the device. A
@@ -875,11 +899,19 @@ class Run:
         record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(names, means)), "images_per_s": images_per_s}
         with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.events:
+            self._add_events(record)
         losses = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
         eta = f"{eta // 3600}h{eta % 3600 // 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
         print(f"epoch {epoch}/{self.args.epochs} step {step}/{self.stop_step} | {losses} | lr {lr:.4g} | "
               f"{images_per_s:.0f} img/s | eta {eta}", flush=True)
         self.log_time, self.log_step = now, step
+
+    def _add_events(self, record):
+        for name, value in record.items():
+            if name not in ("step", "epoch"):
+                self.events.add_scalar(name, value, record["step"])
+        self.events.flush()
 
     def finish(self):
         """The benchmark summary and the closing line; returns the run folder."""
@@ -889,6 +921,8 @@ class Run:
         if self.bench:
             self.bench.summary(self.dir, self.method)
         if self.rank == 0:
+            if self.events:
+                self.events.close()
             print(f"done: step {self.step}, checkpoint {self.checkpoint_path}", flush=True)
         barrier()
         return self.dir

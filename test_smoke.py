@@ -4856,3 +4856,42 @@ def test_eval_tensorboard_puts_each_modes_settings_and_accuracies_in_the_hparams
     for key in ("eps", "pgd_alpha", "epochs", "lambda1", "lambda2"):
         assert hparams[f"pretraining/{key}"].number_value == run_args[key]
     assert (hparams["eps"].number_value, hparams["pgd_alpha"].number_value) == (8, 2)
+
+
+def test_training_scripts_step_a_quarter_of_eps_unless_given_and_say_their_attack(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    machinery.add_shared_flags(parser)
+    for argv, alpha in (([], 2), (["--eps", "4"], 1), (["--eps", "4", "--pgd-alpha", "3"], 3)):
+        args, _ = machinery.parse_and_resume(parser, TINY + argv, "acl")
+        assert args.pgd_alpha == alpha
+    run_dir = acl.main(TINY + ["--eps", "6", "--max-steps", "1", "--out-dir", str(tmp_path)])
+    assert json.load(open(os.path.join(run_dir, "args.json")))["pgd_alpha"] == 1.5  # recorded: a resume keeps it
+    assert "\ntraining attack: PGD, 2 steps (--pgd-steps), eps 6/255, step 1.5/255\n" in capsys.readouterr().out
+    acl.main(TINY + ["--eps", "0", "--max-steps", "1", "--out-dir", str(tmp_path)])
+    assert "\ntraining attack: none\n" in capsys.readouterr().out
+
+
+def tensorboard_scalars(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_curves_equal_metrics_jsonl_across_a_resume_after_a_crash(tmp_path):
+    """A run logs steps 1-3 with its checkpoint at step 2, then dies (its step-2 checkpoint is all that is left), and
+    is resumed to step 4 without --tensorboard (the run's setting is kept): every curve holds each step once, in
+    order, with metrics.jsonl's values, step 3 being the resumed run's."""
+    run_dir = acl.main(TINY + ["--max-steps", "2", "--tensorboard", "--out-dir", str(tmp_path)])
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    shutil.copy(checkpoint, tmp_path / "at2.pt")
+    acl.main(["--resume", checkpoint, "--max-steps", "3"])
+    shutil.copy(tmp_path / "at2.pt", checkpoint)  # the crash: steps 1-3 logged, the checkpoint at step 2
+    acl.main(["--resume", checkpoint, "--max-steps", "4"])
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    scalars = tensorboard_scalars(run_dir)
+    assert sorted(scalars) == sorted(set(records[0]) - {"step", "epoch"})  # loss and its terms, lr, images/s
+    for tag, points in scalars.items():
+        assert [step for step, _ in points] == [1, 2, 3, 4]
+        assert [value for _, value in points] == pytest.approx([r[tag] for r in records], rel=1e-6)
