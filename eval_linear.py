@@ -897,7 +897,7 @@ def main(argv=None):
           f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
     modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
-    ball = f"eps {args.eps:g}/255, step {args.pgd_alpha:g}/255"
+    ball = f"eps {args.eps:g}/255, step size {args.pgd_alpha:g}/255"
     print(f"test attack: PGD, {args.pgd_steps} steps (--pgd-steps), {ball}", flush=True)
     trained = [{"alf": "ALF's PGD", "aff": "AFF's TRADES"}[m] for m in modes if m != "slf"]
     if trained:

@@ -775,7 +775,7 @@ class Run:
             print(f"{method} on {args.dataset} ({device.type}{', bf16' if amp else ''}{processes}): "
                   f"{self.stop_step - self.step} steps to step {self.stop_step} of {total_steps}, "
                   f"{self.steps_per_epoch} per epoch; writing {self.dir}", flush=True)
-            print(f"training attack: PGD, {args.pgd_steps} steps (--pgd-steps), eps {args.eps:g}/255, step "
+            print(f"training attack: PGD, {args.pgd_steps} steps (--pgd-steps), eps {args.eps:g}/255, step size "
                   f"{args.pgd_alpha:g}/255" if args.eps and args.pgd_steps else "training attack: none", flush=True)
             if args.max_steps:  # images/s count the global batch: the processes step together
                 self.bench = Benchmark(device, args.batch_size, min(10, max(1, (self.stop_step - self.step) // 5)))

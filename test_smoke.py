@@ -3700,7 +3700,7 @@ def _module_from(path):
 
 
 SCRIPT_MODULES = {"acl.py": acl, "air.py": air, "a_infonce.py": a_infonce, "supervised.py": supervised,
-                  "eval_linear.py": eval_linear, "representations.py": representations,
+                  "eval_linear.py": eval_linear, "representations.py": representations, "results.py": results,
                   "docs/bench_views.py": _module_from(os.path.join(HERE, "docs", "bench_views.py"))}
 
 
@@ -4792,6 +4792,15 @@ def test_the_attack_step_defaults_to_a_quarter_of_eps_and_the_header_says_each_a
     assert (args.pgd_alpha, representations.step_at(args, 2), representations.step_at(args, 16)) == (1, 0.5, 4)
     args = representations.parse_args([pretrained, "--eps", "4", "--cka-eps", "16", "--pgd-alpha", "1.5"])
     assert (args.pgd_alpha, representations.step_at(args, 16)) == (1.5, 1.5)
+    attacks = []
+    real_attack = representations.pgd_attack
+    monkeypatch.setattr(representations, "pgd_attack", lambda model, x, y, eps, alpha, steps, amp: attacks.append(
+        (round(eps * 255, 6), round(alpha * 255, 6))) or real_attack(model, x, y, eps, alpha, steps, amp))
+    representations.main([pretrained, *QUICK, "--eps", "4", "--cka-eps", "2", "16", "--cka-samples", "16",
+                          "--pgd-steps", "1", "--out", str(tmp_path / "maps.json")])
+    assert set(attacks) == {(4, 1), (2, 0.5), (16, 4)}  # each radius at a quarter of itself
+    assert ("attack: PGD-1 through each model's classifier, eps 4/255 step size 1/255; --cka-eps also at 2/255 step "
+            "size 0.5/255, 16/255 step size 4/255\n") in capsys.readouterr().out
 
     attacks = []
     real_attack = eval_linear.pgd_attack
@@ -4801,8 +4810,8 @@ def test_the_attack_step_defaults_to_a_quarter_of_eps_and_the_header_says_each_a
                       "--out", str(tmp_path / "e.json")])
     assert set(attacks) == {(4, 1, 2), (4, 1, 3)}  # ALF's training attack, then the test attack, both at step 1/255
     out = capsys.readouterr().out
-    assert "test attack: PGD, 3 steps (--pgd-steps), eps 4/255, step 1/255\n" in out
-    assert "training attack (ALF's PGD): 2 steps (--train-pgd-steps), eps 4/255, step 1/255\n" in out
+    assert "test attack: PGD, 3 steps (--pgd-steps), eps 4/255, step size 1/255\n" in out
+    assert "training attack (ALF's PGD): 2 steps (--train-pgd-steps), eps 4/255, step size 1/255\n" in out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchattacks") is None, reason="torchattacks is not installed")
@@ -4866,7 +4875,7 @@ def test_training_scripts_step_a_quarter_of_eps_unless_given_and_say_their_attac
         assert args.pgd_alpha == alpha
     run_dir = acl.main(TINY + ["--eps", "6", "--max-steps", "1", "--out-dir", str(tmp_path)])
     assert json.load(open(os.path.join(run_dir, "args.json")))["pgd_alpha"] == 1.5  # recorded: a resume keeps it
-    assert "\ntraining attack: PGD, 2 steps (--pgd-steps), eps 6/255, step 1.5/255\n" in capsys.readouterr().out
+    assert "\ntraining attack: PGD, 2 steps (--pgd-steps), eps 6/255, step size 1.5/255\n" in capsys.readouterr().out
     acl.main(TINY + ["--eps", "0", "--max-steps", "1", "--out-dir", str(tmp_path)])
     assert "\ntraining attack: none\n" in capsys.readouterr().out
 
