@@ -2641,7 +2641,7 @@ def two_process_worker(rank, tmp):
 
     air.air_loss = loss_then_signal
     try:
-        air.main(TINY + ["--max-steps", "50", "--out-dir", os.path.join(tmp, "signal")])
+        air.main(TINY + ["--max-steps", "50", "--out-dir", os.path.join(tmp, "signal")] + TENSORBOARD)
     except SystemExit as e:
         assert e.code == 128 + signal.SIGTERM and len(calls) == 2
     air.air_loss = real_loss
@@ -2663,6 +2663,9 @@ def two_process_worker(rank, tmp):
     a_infonce.a_infonce_loss = real_loss
     assert ("non-finite at step 2" in err.getvalue()) == (rank == 0), err.getvalue()
     torch.distributed.destroy_process_group()
+
+
+TENSORBOARD = ["--tensorboard"] if importlib.util.find_spec("tensorboard") else []  # in the two-process stop test
 
 
 def spawn_two_processes(worker, tmp_path, monkeypatch):
@@ -2715,6 +2718,9 @@ def test_two_processes_compute_the_one_process_run(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True)["step"] == 2 and [r["step"] for r in metrics(stopped)] == [1, 2]
     air.main(["--resume", path, "--max-steps", "3", "--device", "cpu"])  # a 2-process checkpoint resumes on 1
     assert torch.load(path, weights_only=True)["step"] == 3 and [r["step"] for r in metrics(stopped)] == [1, 2, 3]
+    if TENSORBOARD:  # rank 0 alone wrote event files (one file), and the resume on 1 process went on with them
+        assert len([f for f in os.listdir(stopped) if f.startswith("events.out.tfevents.")]) == 1
+        assert [step for step, _ in tensorboard_scalars(stopped)["loss"]] == [1, 2, 3]
     (failed,) = (tmp_path / "nan").iterdir()
     assert torch.load(failed / "checkpoint.pt", weights_only=True)["step"] == 1  # the last good one
 
