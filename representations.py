@@ -561,9 +561,10 @@ def main(argv=None):
                         f"{len(test_loader.dataset)} are used (--test-size, or the {args.dataset} test split); use more")
     print(f"{len(args.models)} model{'s' * (len(args.models) > 1)} on {data} at {image_size} px, {num_classes} classes, "
           f"{len(test_loader.dataset)} test images ({device.type}{', bf16' if amp else ''})", flush=True)
-    radii = "".join(f", {e:g}/255 step size {step_at(args, e):g}/255" for e in args.cka_eps or [] if e != args.eps)
-    print(f"attack: PGD-{args.pgd_steps} through each model's classifier, eps {args.eps:g}/255 step size "
-          f"{args.pgd_alpha:g}/255{radii and '; --cka-eps also at' + radii[1:]}", flush=True)
+    print(f"attack: PGD-{args.pgd_steps} through each model's classifier, eps {args.eps:g}/255, step size "
+          f"{args.pgd_alpha:g}/255", flush=True)
+    if radii := [f"{e:g}/255 step size {step_at(args, e):g}/255" for e in args.cka_eps or [] if e != args.eps]:
+        print_wrapped(radii, first="--cka-eps also attacks at ", sep=", ", indent="  ")
 
     attacked = [attacked_model(path, encoder, label, args, num_classes, image_size, device, amp, memory_format)
                 for path, encoder, label in zip(args.models, encoders, labels)]

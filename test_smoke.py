@@ -4805,8 +4805,8 @@ def test_the_attack_step_defaults_to_a_quarter_of_eps_and_the_header_says_each_a
     representations.main([pretrained, *QUICK, "--eps", "4", "--cka-eps", "2", "16", "--cka-samples", "16",
                           "--pgd-steps", "1", "--out", str(tmp_path / "maps.json")])
     assert set(attacks) == {(4, 1), (2, 0.5), (16, 4)}  # each radius at a quarter of itself
-    assert ("attack: PGD-1 through each model's classifier, eps 4/255 step size 1/255; --cka-eps also at 2/255 step "
-            "size 0.5/255, 16/255 step size 4/255\n") in capsys.readouterr().out
+    assert ("attack: PGD-1 through each model's classifier, eps 4/255, step size 1/255\n--cka-eps also attacks at "
+            "2/255 step size 0.5/255, 16/255 step size 4/255\n") in capsys.readouterr().out
 
     attacks = []
     real_attack = eval_linear.pgd_attack
@@ -4910,3 +4910,12 @@ def test_tensorboard_curves_equal_metrics_jsonl_across_a_resume_after_a_crash(tm
     for tag, points in scalars.items():
         assert [step for step, _ in points] == [1, 2, 3, 4]
         assert [value for _, value in points] == pytest.approx([r[tag] for r in records], rel=1e-6)
+
+
+def test_training_tensorboard_without_the_package_is_one_sentence_before_anything_is_written(tmp_path, capsys,
+                                                                                              monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    status, err = in_process_error(acl.main, TINY + ["--tensorboard", "--out-dir", str(tmp_path)], capsys)
+    assert (status, err) == (2, "error: --tensorboard needs the tensorboard package, which is not installed; run "
+                                "'pip install tensorboard' or drop --tensorboard\n")
+    assert os.listdir(tmp_path) == []
