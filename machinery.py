@@ -714,7 +714,7 @@ class Run:
         self.steps_per_epoch = loader.batch_sampler.batches_per_epoch
         total_steps = args.epochs * self.steps_per_epoch
         self.stop_step = min(total_steps, args.max_steps or total_steps)
-        self.step, log_state, kept, self.bench, self.nothing_to_do = 0, None, None, None, False
+        self.step, log_state, kept, self.bench, self.events, self.nothing_to_do = 0, None, None, None, None, False
         self.dir = (os.path.dirname(os.path.abspath(args.resume)) if checkpoint else
                     self._on_rank0(lambda: new_run_dir(args, method)))  # the same on every process
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
@@ -754,7 +754,6 @@ class Run:
             if kept is not None:
                 with atomic_file(os.path.join(self.dir, "metrics.jsonl"), "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in kept)
-            self.events = None
             if args.tensorboard:  # event files made again from metrics.jsonl: a resume repeats or reorders no step
                 from torch.utils.tensorboard import SummaryWriter
                 for name in [n for n in os.listdir(self.dir) if n.startswith("events.out.tfevents.")]:
