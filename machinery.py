@@ -817,12 +817,11 @@ class Run:
             self._accumulate(step, torch.stack([loss, *terms.values()]).detach())
             if self.bench:
                 self.bench.step()
-            received = self.received
+            received = torch.tensor(self.received)
             if self.world > 1:  # the highest that any process received: one all-reduce of a CPU integer per step
                 # (gloo), since agreeing only on log steps could answer past torchrun's 30 s grace
-                received = torch.tensor(received)
                 dist.all_reduce(received, dist.ReduceOp.MAX, group=_CPU_GROUP)
-                received = int(received)
+            received = int(received)
             last = step == self.stop_step
             log_step = step % args.log_every == 0 or last
             save_step = (step % self.steps_per_epoch == 0 or last or received
