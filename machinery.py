@@ -547,8 +547,9 @@ class Benchmark:
         self.device, self.warmup_steps, self.steps_done, self.start = device, warmup_steps, 0, None
         self.flop_counter = None
         self.result = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "timed_steps": 0,
-                       "batch_size": args.batch_size, **dict.fromkeys(["images_per_s", "peak_gpu_memory_gib",
-                       "loader_images_per_s", "loader_images_per_s_per_worker", "flops_per_image", "tflops_per_s"])}
+                       "batch_size": args.batch_size, "images_per_s": None, "peak_gpu_memory_gib": None,
+                       "loader_images_per_s": None, "loader_images_per_s_per_worker": None, "flops_per_image": None,
+                       "tflops_per_s": None}
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         if args.benchmark:  # this process's loader alone; its rate times the processes (they load side by side) is
@@ -600,8 +601,8 @@ class Benchmark:
                                                           "loader_images_per_s_per_worker"))
         compute = f", {flops / 1e9:.3g} GFLOP per image, {result['tflops_per_s']:.3g} TFLOP/s" if flops else ""
         memory = f", peak GPU memory {memory:.2f} GiB" if memory else ""
-        loader = (f", data loader alone {loader:.0f} img/s" if loader else "") + (
-            f" ({per_worker:.0f} per worker)" if per_worker else "")
+        loader = f", data loader alone {loader:.0f} img/s" if loader else ""
+        loader += f" ({per_worker:.0f} per worker)" if per_worker else ""
         print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.warmup_steps} warm-up steps on "
               f"{result['device']}{compute}{memory}{loader}", flush=True)
 
