@@ -132,7 +132,6 @@ BEFORE_THE_FLAG = {"augment": "pil"}
 
 
 def given_flags(parser, argv):
-    """The destinations of the flags that were written on the command line (not defaulted)."""
     unset = object()
     namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
     parser.parse_args(argv, namespace=namespace)
@@ -190,7 +189,6 @@ def check_package(flag, package):
 
 
 def check_attack_flags(eps, alpha, steps, steps_flag="--pgd-steps"):
-    """alpha > 0 when the attack takes steps: alpha 0 would leave it at its random start and call that PGD."""
     if alpha == 0 and eps > 0 and steps > 0:
         raise UserError(f"--pgd-alpha 0 would leave the PGD attack (eps {eps:g}/255, {steps} steps) at its random "
                         f"start; give a positive step in /255 units, e.g. --pgd-alpha 2, or {steps_flag} 0 for the "
@@ -275,17 +273,17 @@ RESUMED_ENTRIES = {
 def check_resumable(checkpoint, path, method):
     """Only a whole checkpoint of this script's runs resumes; any other file is refused, saying what it is."""
     recorded = checkpoint.get("method") if isinstance(checkpoint, dict) else None
-    if recorded in SCRIPTS and recorded != method:
-        raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume it "
-                        f"with {SCRIPTS[recorded]}, or start a new run")
-    written = isinstance(checkpoint, dict) and ("fine_tune" in checkpoint or "post_process" in checkpoint)
-    if recorded != method and (written or (isinstance(recorded, str) and "+" in recorded)):  # also of a released file
-        post_processed = "post_process" in checkpoint if written else recorded.endswith("++")
-        what = ("an encoder post-processed by eval_linear.py --post-process" if post_processed
-                else "a model fine-tuned by eval_linear.py")
-        raise UserError(f"{path} is {what} (method {recorded!r}), not a training run's checkpoint: it cannot be "
-                        "resumed, only evaluated with eval_linear.py")
     if recorded != method:
+        if recorded in SCRIPTS:
+            raise UserError(f"{path} is a checkpoint of {recorded!r} ({SCRIPTS[recorded]}), not of {method!r}; resume "
+                            f"it with {SCRIPTS[recorded]}, or start a new run")
+        written = isinstance(checkpoint, dict) and ("fine_tune" in checkpoint or "post_process" in checkpoint)
+        if written or (isinstance(recorded, str) and "+" in recorded):  # also of a released file
+            post_processed = "post_process" in checkpoint if written else recorded.endswith("++")
+            what = ("an encoder post-processed by eval_linear.py --post-process" if post_processed
+                    else "a model fine-tuned by eval_linear.py")
+            raise UserError(f"{path} is {what} (method {recorded!r}), not a training run's checkpoint: it cannot be "
+                            "resumed, only evaluated with eval_linear.py")
         recorded = "records no method" if recorded is None else f"records the method {recorded!r}"
         raise UserError(f"{path} is not a checkpoint of this project's training scripts (it {recorded}; a released "
                         "checkpoint, for example): it cannot be resumed, only evaluated with eval_linear.py")
@@ -298,7 +296,6 @@ def check_resumable(checkpoint, path, method):
 
 
 def checkpoint_file(path):
-    """The checkpoint a path names: a run folder stands for its checkpoint.pt (--resume, eval_linear.py)."""
     if not os.path.isdir(path):
         return path
     if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
@@ -477,7 +474,6 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """torch.load(weights_only=True) on the CPU; unreadable files end with one clear sentence."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path")
     try:
@@ -543,68 +539,69 @@ def synchronize(device):
 
 class Benchmark:
     """Steady-state throughput of a --max-steps run, from the end of a warm-up to the last step, with the peak GPU
-    memory and, with --benchmark, the loader's rate alone and one step's FLOPs: is the device or the data the limit?"""
+    memory and, with --benchmark, the loader's rate alone and one step's FLOPs: is the device or the data the limit?
+    `result` holds the numbers of benchmark.json, written and printed in one line at the end."""
 
-    def __init__(self, device, batch_size, warmup_steps):
-        self.device, self.batch_size, self.warmup_steps = device, batch_size, warmup_steps
-        self.steps_done, self.start = 0, None
-        self.loader_images_per_s = self.loader_images_per_s_per_worker = self.flop_counter = self.flops_per_image = None
-        if device.type == "cuda":
+    def __init__(self, method, args, device, loader, warmup_steps, world):
+        cuda = device.type == "cuda"
+        self.device, self.warmup_steps, self.steps_done, self.start = device, warmup_steps, 0, None
+        self.flop_counter = None
+        self.result = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "timed_steps": 0,
+                       "batch_size": args.batch_size, "images_per_s": None, "peak_gpu_memory_gib": None,
+                       "loader_images_per_s": None, "loader_images_per_s_per_worker": None, "flops_per_image": None,
+                       "tflops_per_s": None}
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-
-    def time_loader(self, loader, batches, world):
-        """This process's loader alone over `batches` batches; its rate times the processes (they load side by side),
-        comparable with the training images/s, and per loader worker (None without: --workers 0, --augment batched)."""
-        loader.batch_sampler.set_epoch(1)
-        start, images = time.perf_counter(), 0
-        for n, batch in enumerate(loader, 1):
-            images += len(batch[0])
-            if n >= batches:
-                break
-        synchronize(self.device)  # --augment batched makes the batches on the device, asynchronously
-        rate = images / (time.perf_counter() - start)
-        workers = getattr(loader, "num_workers", 0) or None  # None: --workers 0, or BatchedViews (views on the device)
-        self.loader_images_per_s, self.loader_images_per_s_per_worker = rate * world, workers and rate / workers
-
-    def count_flops(self, images):
-        """FLOPs (matrix products, convolutions) of everything until the next step(), attack and backward included, per
-        image of the `images` this process trains on; FlopCounterMode slows that step, a warm-up step (untimed)."""
-        from torch.utils.flop_counter import FlopCounterMode
-        self.flop_counter, self.flop_images = FlopCounterMode(display=False), images
-        # Totals only, every operation under 'Global': the counter's per-module attribution registers backward hooks
-        # that fail under the attack's torch.autograd.grad on a leaf input (pytorch/pytorch#131753).
-        self.flop_counter.mod_tracker = contextlib.nullcontext()
-        self.flop_counter.mod_tracker.parents = {"Global"}
-        self.flop_counter.__enter__()
+        if args.benchmark:  # this process's loader alone; its rate times the processes (they load side by side) is
+            # comparable with the training images/s; per worker: none without workers (--workers 0, --augment batched)
+            loader.batch_sampler.set_epoch(1)
+            start, images = time.perf_counter(), 0
+            for n, batch in enumerate(loader, 1):
+                images += len(batch[0])
+                if n >= min(50, loader.batch_sampler.batches_per_epoch):
+                    break
+            synchronize(device)  # --augment batched makes the batches on the device, asynchronously
+            rate, workers = images / (time.perf_counter() - start), getattr(loader, "num_workers", 0)
+            self.result["loader_images_per_s"] = rate * world
+            self.result["loader_images_per_s_per_worker"] = rate / workers if workers else None
+        if args.benchmark and not args.compile:  # FlopCounterMode counts eager operations: not a compiled graph's
+            # The first step's FLOPs (matrix products, convolutions; attack and backward included) per image this
+            # process trains on; counting slows that step, a warm-up step (untimed). Totals only, every operation under
+            # 'Global': the counter's per-module attribution registers backward hooks that fail under the attack's
+            # torch.autograd.grad on a leaf input (pytorch/pytorch#131753).
+            from torch.utils.flop_counter import FlopCounterMode
+            self.flop_counter, self.flop_images = FlopCounterMode(display=False), args.batch_size // world
+            self.flop_counter.mod_tracker = contextlib.nullcontext()
+            self.flop_counter.mod_tracker.parents = {"Global"}
+            self.flop_counter.__enter__()
 
     def step(self):
         self.steps_done += 1
         if self.flop_counter:
             self.flop_counter.__exit__(None, None, None)
-            self.flops_per_image = self.flop_counter.get_total_flops() / self.flop_images
+            self.result["flops_per_image"] = self.flop_counter.get_total_flops() / self.flop_images
             self.flop_counter = None
         if self.steps_done == self.warmup_steps:
             synchronize(self.device)
             self.start = time.perf_counter()
 
-    def summary(self, run_dir, method):
+    def summary(self, run_dir):
         synchronize(self.device)
-        timed = self.steps_done - self.warmup_steps
+        result, timed = self.result, self.steps_done - self.warmup_steps
         if timed < 1:  # (the timer starts at the end of the warm-up)
             return
-        images_per_s = timed * self.batch_size / (time.perf_counter() - self.start)
-        flops, cuda = self.flops_per_image, self.device.type == "cuda"
-        result = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                  "timed_steps": timed, "batch_size": self.batch_size, "images_per_s": images_per_s,
-                  "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                  "loader_images_per_s": self.loader_images_per_s,
-                  "loader_images_per_s_per_worker": self.loader_images_per_s_per_worker,
-                  "flops_per_image": flops, "tflops_per_s": flops * images_per_s / 1e12 if flops else None}
+        images_per_s = timed * result["batch_size"] / (time.perf_counter() - self.start)
+        result.update(timed_steps=timed, images_per_s=images_per_s)
+        if self.device.type == "cuda":
+            result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if flops := result["flops_per_image"]:
+            result["tflops_per_s"] = flops * images_per_s / 1e12
         write_json(os.path.join(run_dir, "benchmark.json"), result)
+        memory, loader, per_worker = (result[k] for k in ("peak_gpu_memory_gib", "loader_images_per_s",
+                                                          "loader_images_per_s_per_worker"))
         compute = f", {flops / 1e9:.3g} GFLOP per image, {result['tflops_per_s']:.3g} TFLOP/s" if flops else ""
-        memory = f", peak GPU memory {result['peak_gpu_memory_gib']:.2f} GiB" if result["peak_gpu_memory_gib"] else ""
-        loader = f", data loader alone {self.loader_images_per_s:.0f} img/s" if self.loader_images_per_s else ""
-        per_worker = self.loader_images_per_s_per_worker
+        memory = f", peak GPU memory {memory:.2f} GiB" if memory else ""
+        loader = f", data loader alone {loader:.0f} img/s" if loader else ""
         loader += f" ({per_worker:.0f} per worker)" if per_worker else ""
         print(f"benchmark: {images_per_s:.1f} img/s over {timed} steps after {self.warmup_steps} warm-up steps on "
               f"{result['device']}{compute}{memory}{loader}", flush=True)
@@ -615,8 +612,7 @@ _CPU_GROUP = None  # a gloo group for small CPU collectives; None = the default 
 
 
 def barrier():
-    """Wait for every torchrun process (over gloo: no GPU sync); nothing without torchrun."""
-    if rank_and_world()[1] > 1:
+    if rank_and_world()[1] > 1:  # every torchrun process waits for the others (over gloo: no GPU sync)
         dist.barrier(group=_CPU_GROUP)
 
 
@@ -626,8 +622,7 @@ def init_distributed(args):
     global _CPU_GROUP
     if "WORLD_SIZE" not in os.environ:
         return pick_device(args.device)
-    world = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide by the {world} processes; "
@@ -694,19 +689,18 @@ def metrics_to_keep(run_dir, step, log_every):
         return None
     try:
         with open(path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                if not line.endswith(b"\n"):
-                    break  # the last line, cut by a crash
-                try:
-                    record = json.loads(line)
-                except ValueError:  # not UTF-8 or not JSON
-                    record = None
-                if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
-                    raise UserError(f"{path} line {number} is not a metrics record (one JSON object with its 'step' "
-                                    "per line); repair or delete that line and resume again (nothing was changed)")
-                records.append(record)
+            lines = f.read().split(b"\n")[:-1]  # less the last line if a crash cut it (no newline)
     except OSError as e:
         raise UserError(f"{path} cannot be read ({e.strerror}); make it readable and resume again") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:  # not UTF-8 or not JSON
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise UserError(f"{path} line {number} is not a metrics record (one JSON object with its 'step' per "
+                            "line); repair or delete that line and resume again (nothing was changed)")
+        records.append(record)
     return [r for r in records if r["step"] < step or (r["step"] == step and step % log_every == 0)]
 
 
@@ -721,7 +715,7 @@ class Run:
         self.steps_per_epoch = loader.batch_sampler.batches_per_epoch
         total_steps = args.epochs * self.steps_per_epoch
         self.stop_step = min(total_steps, args.max_steps or total_steps)
-        self.step, log_state, kept, self.bench, self.nothing_to_do = 0, None, None, None, False
+        self.step, log_state, kept, self.bench, self.events, self.nothing_to_do = 0, None, None, None, None, False
         self.dir = (os.path.dirname(os.path.abspath(args.resume)) if checkpoint else
                     self._on_rank0(lambda: new_run_dir(args, method)))  # the same on every process
         self.checkpoint_path = os.path.join(self.dir, "checkpoint.pt")
@@ -761,7 +755,6 @@ class Run:
             if kept is not None:
                 with atomic_file(os.path.join(self.dir, "metrics.jsonl"), "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in kept)
-            self.events = None
             if args.tensorboard:  # event files made again from metrics.jsonl: a resume repeats or reorders no step
                 from torch.utils.tensorboard import SummaryWriter
                 for name in [n for n in os.listdir(self.dir) if n.startswith("events.out.tfevents.")]:
@@ -777,8 +770,6 @@ class Run:
                   f"{self.steps_per_epoch} per epoch; writing {self.dir}", flush=True)
             print(f"training attack: PGD, {args.pgd_steps} steps (--pgd-steps), eps {args.eps:g}/255, step size "
                   f"{args.pgd_alpha:g}/255" if args.eps and args.pgd_steps else "training attack: none", flush=True)
-            if args.max_steps:  # images/s count the global batch: the processes step together
-                self.bench = Benchmark(device, args.batch_size, min(10, max(1, (self.stop_step - self.step) // 5)))
         # The log window: the sums of the loss terms since the last multiple of --log-every, on the device. A
         # --max-steps stop leaves it open and the checkpoint keeps it, so a resumed run averages the same steps.
         self.sum = log_state["sum"].to(device) if log_state and log_state.get("sum") is not None else None
@@ -791,10 +782,9 @@ class Run:
         # The handlers found go back when the run ends, so a run started in-process leaves them as they were.
         self.received = 0
         self.handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        if self.bench and args.benchmark:
-            self.bench.time_loader(loader, min(50, self.steps_per_epoch), self.world)
-            if not args.compile:  # FlopCounterMode counts eager operations: not a compiled graph's
-                self.bench.count_flops(args.batch_size // self.world)
+        if self.rank == 0 and args.max_steps:  # images/s count the global batch: the processes step together
+            warmup_steps = min(10, max(1, (self.stop_step - self.step) // 5))
+            self.bench = Benchmark(method, args, device, loader, warmup_steps, self.world)
 
     def _on_rank0(self, compute):
         """compute() on rank 0 alone; every process gets its result, or its error, so all stop together."""
@@ -828,12 +818,11 @@ class Run:
             self._accumulate(step, torch.stack([loss, *terms.values()]).detach())
             if self.bench:
                 self.bench.step()
-            received = self.received
+            received = torch.tensor(self.received)
             if self.world > 1:  # the highest that any process received: one all-reduce of a CPU integer per step
                 # (gloo), since agreeing only on log steps could answer past torchrun's 30 s grace
-                received = torch.tensor(received)
                 dist.all_reduce(received, dist.ReduceOp.MAX, group=_CPU_GROUP)
-                received = int(received)
+            received = int(received)
             last = step == self.stop_step
             log_step = step % args.log_every == 0 or last
             save_step = (step % self.steps_per_epoch == 0 or last or received
@@ -891,7 +880,6 @@ class Run:
                  "lower --lr or check the data", status=1, everywhere=True)
 
     def _write_log(self, step, epoch, lr, names):
-        """The window's means as a metrics.jsonl record and a progress line."""
         means = (self.sum / self.count).tolist()  # the one host-device sync of a log step
         now, batch_size = time.perf_counter(), self.args.batch_size
         images_per_s = (step - self.log_step) * batch_size / max(now - self.log_time, 1e-9)
@@ -914,12 +902,11 @@ class Run:
         self.events.flush()
 
     def finish(self):
-        """The benchmark summary and the closing line; returns the run folder."""
         if self.nothing_to_do:
             return self.dir
         self._restore_signals()
         if self.bench:
-            self.bench.summary(self.dir, self.method)
+            self.bench.summary(self.dir)
         if self.rank == 0:
             if self.events:
                 self.events.close()
