@@ -858,6 +858,9 @@ def main(argv=None):
     for flag, package in (("autoattack", "torchattacks"), ("tensorboard", "tensorboard")):
         if getattr(args, flag):
             check_package(flag, package)
+    if args.tensorboard and not os.access(os.path.dirname(os.path.abspath(args.checkpoint)), os.W_OK | os.X_OK):
+        raise UserError(f"--tensorboard writes beside {args.checkpoint}, in a folder that is not writable; make it "
+                        "writable or drop --tensorboard")
     corruptions = read_corruptions(args.corruptions) if args.corruptions else None
     postprocessed = args.post_process or os.path.basename(args.checkpoint) == "postprocessed.pt"
     device = pick_device(args.device)

@@ -4849,7 +4849,7 @@ def test_our_pgd20_is_as_strong_as_torchattacks_pgd20():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
-def test_eval_tensorboard_puts_each_modes_settings_and_accuracies_in_the_hparams_table(runs_copy, capsys):
+def test_eval_tensorboard_puts_each_modes_settings_and_accuracies_in_the_hparams_table(runs_copy, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
     checkpoint, out = runs_copy / "B" / "checkpoint.pt", runs_copy / "B" / "tb.json"
@@ -4871,6 +4871,14 @@ def test_eval_tensorboard_puts_each_modes_settings_and_accuracies_in_the_hparams
     for key in ("eps", "pgd_alpha", "epochs", "lambda1", "lambda2"):
         assert hparams[f"pretraining/{key}"].number_value == run_args[key]
     assert (hparams["eps"].number_value, hparams["pgd_alpha"].number_value) == (8, 2)
+    # the checkpoint's folder read-only (as os.access says it; root, as the tests may run, writes anywhere)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(runs_copy / "B") and real_access(path, mode))
+    status, err = in_process_error(eval_linear.main, [str(checkpoint), *QUICK, "--tensorboard", "--out",
+                                                      str(runs_copy / "elsewhere.json")], capsys)
+    assert (status, err) == (2, f"error: --tensorboard writes beside {checkpoint}, in a folder that is not writable; "
+                                "make it writable or drop --tensorboard\n")
+    assert not os.path.exists(runs_copy / "elsewhere.json")
 
 
 def test_training_scripts_step_a_quarter_of_eps_unless_given_and_say_their_attack(tmp_path, capsys):
