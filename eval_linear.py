@@ -699,8 +699,9 @@ def add_to_tensorboard(results, out):
     shows them all. That folder's earlier events are replaced, as the JSON they came from was."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
+    stem = os.path.splitext(os.path.basename(out))[0]
     for r in results:
-        folder = os.path.join(os.path.dirname(r["checkpoint"]), f"{os.path.splitext(os.path.basename(out))[0]}_{r['mode']}")
+        folder = os.path.join(os.path.dirname(r["checkpoint"]), f"{stem}_{r['mode']}")
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             if name.startswith("events.out.tfevents."):
                 os.remove(os.path.join(folder, name))
