@@ -87,22 +87,17 @@ PAPER_RECIPES = {
 }
 
 
-def recipe_size(dataset, image_size):
-    """The table's column for a dataset at an image size; one sentence for the ones it lacks."""
-    key = f"{dataset}/{image_size}"
-    if key not in RECIPE_SIZES:
-        raise UserError(f"--recipe paper has settings for {', '.join(RECIPE_SIZES)} (dataset/image size), not for "
-                        f"{key}; use one of those or --recipe uniform")
-    return key
-
-
-def paper_settings(method, mode, dataset, image_size):
-    """The released recipe's batch_size, lr, epochs, milestones and BN copy for a method, mode and dataset."""
-    check_recipe(method)
-    milestones, bn, cells = PAPER_RECIPES[(method, mode)]
-    cell = cells[RECIPE_SIZES.index(recipe_size(dataset, image_size))] or (128, 0.1)
-    batch_size, lr, epochs, milestones = cell + (25, milestones)[len(cell) - 2:]  # a short cell keeps the defaults
-    return dict(epochs=epochs, batch_size=batch_size, lr=lr, milestones=milestones, bn=bn)
+def mode_settings(args, mode, method=None, image_size=None):
+    """The mode's defaults (--recipe uniform) or the authors' (--recipe paper, for a method and dataset/image size
+    the table has: main refuses the others before any work), overridden by the flags given."""
+    settings = dict(MODE_DEFAULTS[mode])
+    if args.recipe == "paper":
+        milestones, settings["bn"], cells = PAPER_RECIPES[(method, mode)]
+        cell = cells[RECIPE_SIZES.index(f"{args.dataset}/{image_size}")] or (128, 0.1)
+        cell += (25, milestones)[len(cell) - 2:]  # a short cell keeps the defaults
+        settings.update(zip(["batch_size", "lr", "epochs", "milestones"], cell))
+    settings.update({name: getattr(args, name) for name in settings if getattr(args, name) is not None})
+    return settings
 
 
 # Method names. Every name this program records, reads back with --method and shows in figures is
@@ -170,13 +165,6 @@ def resolve_method(args, recorded):
         raise UserError(f"{args.checkpoint} does not record its method (a released checkpoint); say which it is "
                         f"with --method {{{','.join(RECIPE_METHODS)}}}")
     return method
-
-
-def check_recipe(method):
-    """Refuse --recipe paper for a method PAPER_RECIPES lacks (supervised, -supcon, a ++ the authors did not make)."""
-    if (method, "slf") not in PAPER_RECIPES:
-        raise UserError(f"--recipe paper has no settings for {method}: the authors published recipes for "
-                        f"{', '.join(RECIPE_METHODS)} only; use --recipe uniform")
 
 
 def recipe_record(args, method, mode, settings):
@@ -314,16 +302,6 @@ def only_clean_bn_trained(encoder, mode):
     return mode != "aff" and encoder.method == "supervised" and (encoder.run_args or {}).get("eps") == 0
 
 
-def mode_settings(args, mode, method=None, image_size=None):
-    """The mode's defaults (--recipe uniform) or the authors' (--recipe paper), overridden by the flags given."""
-    if args.recipe == "uniform":
-        settings = dict(MODE_DEFAULTS[mode])
-    else:
-        settings = paper_settings(method, mode, args.dataset, image_size)
-    settings.update({name: getattr(args, name) for name in settings if getattr(args, name) is not None})
-    return settings
-
-
 # ---- Loading a pre-trained encoder ----------------------------------------------------------
 class Encoder(nn.Module):
     """Backbone without projection head: images in [0, 1] -> pooled features through its BN copy, or `adv` if given."""
@@ -352,7 +330,7 @@ def _state_dict_of(checkpoint, path):
         raise UserError(f"{path} is not a pre-training checkpoint: expected this project's checkpoint (key 'model'), "
                         "a dict with 'state_dict', or a bare state dict of tensors")
     # drop DataParallel's 'module.' prefix, the projection head and a classifier (supervised.py's, a kept model's)
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     return state, run_args if isinstance(run_args, dict) else None
 
@@ -404,17 +382,14 @@ def fine_tuned_checkpoint(model, entry):
             "num_classes": entry["num_classes"], "fine_tune": {k: v for k, v in entry.items() if k != "cka"}}
 
 
-FINE_TUNED_SUFFIX = r"_(?:slf|alf|aff)\.pt"  # the names this program writes beside <stem>.json (fine_tuned_path's)
-
-
 def fine_tuned_path(out, mode):
     """Where a mode's fine-tuned model goes: <json stem>_<mode>.pt."""
     return f"{os.path.splitext(out)[0]}_{mode}.pt"
 
 
-def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
-    """The files beside the JSON `out` named <json stem><suffix> (this program's fine-tuned models, representations.py's
-    figures) except those in `keep` (what this run wrote and read): an earlier run's, not described by the JSON."""
+def earlier_outputs(out, keep, suffix=r"_(?:slf|alf|aff)\.pt"):
+    """The files beside the JSON `out` named <json stem><suffix> (by default the fine-tuned models fine_tuned_path
+    names; representations.py's figures) except those in `keep` (what this run wrote and read): an earlier run's."""
     folder, name = os.path.split(out)
     pattern = re.compile(re.escape(os.path.splitext(name)[0]) + suffix)
     keep = {os.path.realpath(path) for path in keep}
@@ -422,12 +397,11 @@ def earlier_outputs(out, keep, suffix=FINE_TUNED_SUFFIX):
     return [path for path in paths if os.path.realpath(path) not in keep]
 
 
-def check_output_files(args, out):
+def check_output_files(args, out, modes):
     """Before any work: no file written overwrites an input or a run's file, or replaces another program's file."""
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
     postprocessed = [os.path.join(folder, "postprocessed.pt"), os.path.join(folder, "postprocessed.json")]
     if args.mode:  # --post-process alone writes no JSON
-        modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
         written = [out] + [fine_tuned_path(out, mode) for mode in modes]
         check_outputs(written, [args.checkpoint])
         for path in written:  # the checkpoint they will record: postprocessed.pt after --post-process
@@ -591,20 +565,17 @@ def read_corruptions(folder):
 def corruption_accuracy(model, labels, images, batch_size, device, image_size, amp=False):
     """Accuracy per corruption and severity: {'mean', 'by_severity': [5], 'by_corruption': {name: [5]}}."""
     model.eval()
-    n = len(labels) // 5
     by_corruption = {}
     for name, array in images.items():
-        correct = torch.zeros(5, device=device)
-        for severity in range(5):
-            for i in range(severity * n, (severity + 1) * n, batch_size):
-                j = min(i + batch_size, (severity + 1) * n)
-                x = torch.from_numpy(np.array(array[i:j])).to(device).permute(0, 3, 1, 2).float() / 255
-                if x.shape[-1] != image_size:  # e.g. a 96 px model on 32 px CIFAR-10-C
-                    x = F.interpolate(x, size=image_size, mode="bicubic", align_corners=False).clamp(0, 1)
-                y = torch.from_numpy(labels[i:j]).to(device)
-                with torch.no_grad(), autocast(amp):
-                    correct[severity] += (model(x).argmax(1) == y).sum()
-        by_corruption[name] = (correct / n).tolist()
+        correct = []
+        for i in range(0, len(labels), batch_size):
+            x = torch.from_numpy(np.array(array[i:i + batch_size])).to(device).permute(0, 3, 1, 2).float() / 255
+            if x.shape[-1] != image_size:  # e.g. a 96 px model on 32 px CIFAR-10-C
+                x = F.interpolate(x, size=image_size, mode="bicubic", align_corners=False).clamp(0, 1)
+            y = torch.from_numpy(labels[i:i + batch_size]).to(device)
+            with torch.no_grad(), autocast(amp):
+                correct.append(model(x).argmax(1) == y)
+        by_corruption[name] = torch.cat(correct).view(5, -1).float().mean(1).tolist()  # a row per severity
     table = np.array(list(by_corruption.values()))
     return {"mean": float(table.mean()), "by_severity": table.mean(0).tolist(), "by_corruption": by_corruption}
 
@@ -867,24 +838,29 @@ def main(argv=None):
     device = pick_device(args.device)
     amp = device.type == "cuda" and not args.no_amp  # bf16 autocast for the network, losses in fp32
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    pretrained = load_encoder(args.checkpoint, args.bn or "adv")
+    pretrained = load_encoder(args.checkpoint)
     if pretrained.fine_tuned:  # its classifier would be thrown away and the encoder fine-tuned a second time
         raise UserError(f"{args.checkpoint} is a model fine-tuned by eval_linear.py ({pretrained.method}); map it with "
                         "representations.py, or evaluate the checkpoint it was fine-tuned from")
     data = resolve_data(args, pretrained.run_args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    f"eval_{args.mode}_{args.dataset}{'_postprocessed' if postprocessed else ''}.json")
-    check_output_files(args, out)
+    modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
+    check_output_files(args, out, modes)
     image_size = args.image_size or pretrained.image_size
     num_classes = dataset_classes(args.dataset, args.data_dir)
     if corruptions and corruptions[0].max() >= num_classes:
         raise UserError(f"{args.corruptions} has labels up to {corruptions[0].max()}, but {args.dataset} has "
                         f"{num_classes} classes; use the corruptions of the fine-tuning dataset")
     method = resolve_method(args, pretrained.method)
-    if args.recipe == "paper":  # a method, dataset or image size the table lacks is refused before any work
-        recipe_size(args.dataset, image_size)
-        if args.mode:
-            check_recipe(derived_method(method, "++") if args.post_process else method)
+    if args.recipe == "paper":  # a dataset, image size or method the table lacks is refused before any work
+        if f"{args.dataset}/{image_size}" not in RECIPE_SIZES:
+            raise UserError(f"--recipe paper has settings for {', '.join(RECIPE_SIZES)} (dataset/image size), not for "
+                            f"{args.dataset}/{image_size}; use one of those or --recipe uniform")
+        recipe_method = method + "++" if args.post_process else method  # not None: resolve_method refuses that
+        if args.mode and (recipe_method, "slf") not in PAPER_RECIPES:  # supervised, -supcon, a ++ the authors lack
+            raise UserError(f"--recipe paper has no settings for {recipe_method}: the authors published recipes for "
+                            f"{', '.join(RECIPE_METHODS)} only; use --recipe uniform")
     test_loader = eval_loader(args.dataset, args.data_dir, "test", image_size, args.test_batch_size, args.workers,
                               device, args.seed, subset=args.test_size) if args.mode else None
     if args.cka and args.mode and len(test_loader.dataset) < 4:  # 1 image: NaN, 2: CKA 1 at every stage
@@ -894,13 +870,12 @@ def main(argv=None):
         args.checkpoint, record = post_process(args, method, image_size, num_classes, device, amp, memory_format)
         if args.mode is None:
             return record
-        pretrained = load_encoder(args.checkpoint, args.bn or "adv")
+        pretrained = load_encoder(args.checkpoint)
         method = pretrained.method
     eps, alpha = args.eps / 255, args.pgd_alpha / 255
     print(f"{args.checkpoint}: {method or 'method not recorded'}, width {pretrained.width}, {pretrained.stem} stem; "
           f"{data} at {image_size} px, {num_classes} classes, {len(test_loader.dataset)} test images "
           f"({device.type}{', bf16' if amp else ''})", flush=True)
-    modes = list(MODE_DEFAULTS) if args.mode == "all" else [args.mode]
     ball = f"eps {args.eps:g}/255, step size {args.pgd_alpha:g}/255"
     print(f"test attack: PGD, {args.pgd_steps} steps (--pgd-steps), {ball}", flush=True)
     trained = [{"alf": "ALF's PGD", "aff": "AFF's TRADES"}[m] for m in modes if m != "slf"]
