@@ -62,11 +62,15 @@ def results_table(folder, as_csv=False):
     return rows
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="where eval_linear.py's JSON files are searched for, at any depth, e.g. runs")
     parser.add_argument("--csv", action="store_true", help="CSV instead of a Markdown table")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     return results_table(args.folder, args.csv)
 
 
