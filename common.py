@@ -33,9 +33,7 @@ class UserError(Exception):
     status = 2
 
 
-# =============================================================================================
-# Network: dual-BN ResNet-18 with ACL's projection head
-# =============================================================================================
+# ---- Network: dual-BN ResNet-18 with ACL's projection head ----------------------------------
 # Module and key names follow the released ACL / DynACL / AIR checkpoints, so their state dicts
 # load into this network as they are (bn_list.0 = clean BN, bn_list.1 = adversarial BN).
 
@@ -158,10 +156,7 @@ def stem_for(image_size):
     return "cifar" if image_size < 64 else "imagenet"
 
 
-# =============================================================================================
-# Contrastive loss and attacks
-# =============================================================================================
-
+# ---- Contrastive loss and attacks -----------------------------------------------------------
 def autocast(amp):
     """bf16 autocast for the network on CUDA; a no-op when amp is False (always on the CPU)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
@@ -266,7 +261,7 @@ def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
     return x_adv.detach()
 
 
-# --- Several processes (torchrun): each process's slice of the batch, the gradient-summing gather ------
+# ---- Several processes (torchrun): each process's slice of the batch, the gradient-summing gather ----
 # `torchrun --nproc_per_node N acl.py ...` computes the one-process run at the same global
 # --batch-size: every process takes its slice of the same batch (PretrainSampler) with the same
 # per-image augmentation, the losses and the attack see the global batch (gather), and DDP averages
@@ -291,10 +286,7 @@ def gather(*tensors):
     return torch.cat(dist_nn.all_gather(torch.stack(tensors)), dim=1).unbind(0)
 
 
-# =============================================================================================
-# Data
-# =============================================================================================
-
+# ---- Data -----------------------------------------------------------------------------------
 DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "digits", "synthetic"]
 # None: the images come in any size (imagefolder) or are made at --image-size (digits), see _resize.
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, "digits": None, "synthetic": 32}
@@ -554,7 +546,7 @@ class PretrainSampler(Sampler):
             yield [(i, self.epoch, self.strength) for i in batch]
 
 
-# --- Whole batches on the training device (--augment batched) -----------------------------------
+# ---- Whole batches on the training device (--augment batched) -------------------------------
 # The datasets held in memory go to the training device once, as uint8; each step's batch is cut from them by
 # the sampler's indices and augmented there as a whole, with one parameter set per image drawn as torchvision
 # draws it (README, "Augmentation"), by a CPU generator keyed on (seed, epoch, batch), for the global batch, of
@@ -753,8 +745,7 @@ def in_memory(base, device):
     return images.to(device), labels.long().to(device)  # no host copy: dense, it moves as it is
 
 
-# --- Data loaders --------------------------------------------------------------------------------
-
+# ---- Data loaders ---------------------------------------------------------------------------
 def _worker_init(_):
     # Ctrl-C and a SIGTERM to the process group (scancel, kill -- -PGID) are the main process's: it stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -826,10 +817,7 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
                                persistent_workers=workers > 0, worker_init_fn=_worker_init)
 
 
-# =============================================================================================
-# Optimisation
-# =============================================================================================
-
+# ---- Optimisation ---------------------------------------------------------------------------
 class LARS(torch.optim.Optimizer):
     """LARS as in ACL: local_lr = eta ||w|| / (||g|| + wd ||w||) (1 when either norm < 1e-15),
     buf = m buf + lr local_lr (g + wd w), w -= buf, for every parameter tensor. Each operation is one
