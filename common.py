@@ -1,12 +1,9 @@
 """What ACL, A-InfoNCE, AIR and supervised training share, in the order one step runs: the network, the
 losses and attacks, the data (the readable PIL specification first, the batched device path after it), and
-the optimisation.
-
-Nothing in this file is specific to one method, and nothing here runs at import: each method file (acl.py,
-a_infonce.py, air.py, supervised.py) imports it and keeps its own loss and training loop in view; the run
-machinery around them (flags, checkpoints, logging, torchrun set-up) is machinery.py. Each function's
-docstring states what it computes (with the equation where there is one); README.md explains the methods
-and protocols.
+the optimisation. Nothing here runs at import. Each method file (acl.py, a_infonce.py, air.py,
+supervised.py) keeps its own loss and training loop in view; the run machinery around them (flags,
+checkpoints, logging, torchrun set-up) is machinery.py. Each function's docstring states what it computes
+(with the equation where there is one); README.md explains the methods and protocols.
 """
 import contextlib
 import hashlib
@@ -221,9 +218,7 @@ def attack_mode(model):
 
 def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False, labels=None):
     """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv, labels) through the adversarial
-    BN in eval mode (`labels`: the global batch's, for --supcon). Only input gradients are computed
-    (torch.autograd.grad with the images as the only inputs; see attack_mode), so no parameter
-    gradient is built or accumulated. The mode is restored.
+    BN in attack_mode (`labels`: the global batch's, for --supcon).
     eps = 0 returns the views as they are, with no forward or backward (so --eps 0 is standard,
     non-adversarial contrastive learning at no attack cost); steps = 0 leaves the random start only.
     Under torchrun, `model` is the unwrapped module (never DDP's forward) and the loss is the global
@@ -247,8 +242,7 @@ def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperat
 def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
     """Cross-entropy L-inf PGD with a random start against `forward` (images -> logits), as used for
     evaluation (PGD-20), adversarial linear fine-tuning (PGD-10) and supervised.py's adversarial
-    training. Input gradients only. Under torchrun (supervised.py) x is this process's slice and the
-    random start is that slice of the one-process draw (_random_start)."""
+    training. Input gradients only; under torchrun (supervised.py) the random start is _random_start's."""
     x_adv = _random_start(x, eps, *rank_and_world())
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -393,16 +387,12 @@ def load_dataset(name, data_dir, split, seed=0, size=None):
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{folder} holds no images in class subfolders ({e}); "
                             "put one folder of images per class there") from None
-    if name in ("cifar10", "cifar100"):
-        cls = CIFAR10 if name == "cifar10" else CIFAR100
-        kwargs = {"train": split != "test"}
-        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
-    elif name == "stl10":
-        cls = STL10
-        kwargs = {"split": {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]}
-        archive = "stl10_binary.tar.gz"
-    else:
+    cls = {"cifar10": CIFAR10, "cifar100": CIFAR100, "stl10": STL10}.get(name)
+    if cls is None:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    kwargs = ({"split": {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]} if cls is STL10 else
+              {"train": split != "test"})
+    archive = cls.filename  # torchvision's name of the dataset's archive
     created = _first_missing_folder(data_dir)  # torchvision creates the folder before it downloads
     try:
         return cls(data_dir, download=True, **kwargs)
@@ -471,14 +461,11 @@ def pretrain_transform(size, strength=1.0):
     ])
 
 
-def _resize(size, native):
-    return [] if native == size else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-
-
 def eval_transform(size, native, train):
     """Evaluation: train split RandomCrop(size, padding=4) + flip; test split unaugmented."""
+    resize = [] if native == size else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
     aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
-    return T.Compose(_resize(size, native) + aug + [T.ToTensor()])
+    return T.Compose(resize + aug + [T.ToTensor()])
 
 
 def _sample_seed(seed, epoch, index):
