@@ -840,9 +840,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(name, params, lr, weight_decay):
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    optimizer = LARS if name == "lars" else torch.optim.SGD
+    return optimizer(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 def lr_at(step, base_lr, warmup_steps, total_steps, final_lr=1e-6):
