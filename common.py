@@ -20,13 +20,13 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 
 
 class UserError(Exception):
-    """A problem with the user's input: reported as one sentence, exit status 2 (a subclass's `status`), no
-    traceback."""
+    """A problem with the user's input: reported as one sentence, exit status 2 (a subclass's `status`), no traceback."""
     status = 2
 
 
@@ -282,7 +282,7 @@ def gather(*tensors):
 
 # ---- Data -----------------------------------------------------------------------------------
 DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "digits", "synthetic"]
-# None: the images come in any size (imagefolder) or are made at --image-size (digits), see _resize.
+# None: the images come in any size (imagefolder) or are made at --image-size (digits), see eval_transform.
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, "digits": None, "synthetic": 32}
 DEFAULT_IMAGE_SIZE = {"imagefolder": 32, "digits": 16}  # --image-size of the datasets without a native size
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "digits": 10, "synthetic": 10}
@@ -320,7 +320,6 @@ class _ArrayImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i):
-        from PIL import Image
         return Image.fromarray(self.data[i]), self.targets[i]
 
 
@@ -346,7 +345,6 @@ class DigitsImages(_ArrayImages):
         with np.load(DIGITS_FILE) as f:
             keep = f["train"] if train else ~f["train"]
             scans, self.targets = f["images"][keep], f["labels"][keep].tolist()
-        from PIL import Image
         grey = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8)) for x in scans]
         self.data = np.stack([np.asarray(g.resize((size, size), Image.BILINEAR).convert("RGB")) for g in grey])
 
@@ -392,7 +390,6 @@ def load_dataset(name, data_dir, split, seed=0, size=None):
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     kwargs = ({"split": {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]} if cls is STL10 else
               {"train": split != "test"})
-    archive = cls.filename  # torchvision's name of the dataset's archive
     created = _first_missing_folder(data_dir)  # torchvision creates the folder before it downloads
     try:
         return cls(data_dir, download=True, **kwargs)
@@ -400,21 +397,19 @@ def load_dataset(name, data_dir, split, seed=0, size=None):
         if created:  # a failed load leaves nothing behind, e.g. after a mistyped --data-dir
             shutil.rmtree(created, ignore_errors=True)
         folder = os.path.join(os.path.abspath(data_dir), cls.base_folder)
-        why = _why_unreadable(cls, folder) if os.path.isdir(folder) else None
+        why = _why_unreadable(cls, folder) if cls is not STL10 and os.path.isdir(folder) else None
         if why:  # the extracted copy is there (so torchvision did not say why it failed): name the file
-            raise UserError(f"the {name} folder {folder} is there but cannot be read: {why}; extract {archive} "
+            raise UserError(f"the {name} folder {folder} is there but cannot be read: {why}; extract {cls.filename} "
                             f"into {os.path.abspath(data_dir)} again (or remove the folder to download it again)") from None
         reason = str(e).strip() or type(e).__name__
         raise UserError(f"could not find or download {name} in {os.path.abspath(data_dir)} ({reason}); "
-                        f"download {archive} elsewhere and put it (or its extracted folder) there, or point "
+                        f"download {cls.filename} elsewhere and put it (or its extracted folder) there, or point "
                         "--data-dir at a folder that has it") from None
 
 
 def _why_unreadable(cls, folder):
     """What is wrong with an extracted CIFAR folder, naming the file (None if nothing is found): a file
     missing, not a pickle, or not a dict of 3x32x32 uint8 rows and their labels as torchvision reads it."""
-    if cls not in (CIFAR10, CIFAR100):
-        return None
     labels = "labels" if cls is CIFAR10 else "fine_labels"
     for filename, keys in [(f, ("data", labels)) for f, _ in cls.train_list + cls.test_list] + [
             (cls.meta["filename"], (cls.meta["key"],))]:
@@ -740,9 +735,8 @@ def _worker_init(_):
 
 
 def pretrain_loader(args, device, supervised=False):
-    """The pre-training dataset and its loader; returns (loader, sampler). supervised=True: the
-    labelled training split, one view per image (PretrainViews). --augment batched (the default on CUDA
-    for the datasets held in memory): BatchedViews on `device`; pil: PretrainViews in loader workers."""
+    """(loader, sampler) of the pre-training dataset; supervised=True: the labelled training split, one view
+    per image. --augment batched: BatchedViews on `device`; pil: PretrainViews in loader workers."""
     if args.augment is None:  # resolved once and saved with the run; a resumed run from before the flag used PIL
         args.augment = "batched" if device.type == "cuda" and args.dataset in IN_MEMORY and not args.resume else "pil"
     if args.augment == "batched" and args.dataset not in IN_MEMORY:
@@ -799,9 +793,8 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
     images = LabelledImages(load_dataset(dataset, data_dir, split, seed, size),
                             eval_transform(size, NATIVE_SIZE[dataset], train), subset, labels)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
-                               num_workers=workers, pin_memory=device.type == "cuda",
-                               persistent_workers=workers > 0, worker_init_fn=_worker_init)
+    return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=_worker_init)
 
 
 # ---- Optimisation ---------------------------------------------------------------------------

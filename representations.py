@@ -196,8 +196,7 @@ class CKAMaps:
     def add(self, grams):
         """grams: {set name: P x n x n Gram matrices of one batch, X X^T of the flattened features}."""
         for a, b in self.pairs:
-            hsic = unbiased_hsic(grams[a], grams[b])
-            self.sums[a, b] = self.sums[a, b] + hsic if (a, b) in self.sums else hsic
+            self.sums[a, b] = self.sums.get((a, b), 0) + unbiased_hsic(grams[a], grams[b])
         self.samples += next(iter(grams.values())).shape[-1]
 
     def map(self, a, b):
@@ -401,8 +400,7 @@ def print_analysis(result):
         print_wrapped([f"{point} {c:.3f} ({a:.3f})" for point, c, a in zip(
             cka["points"], np.diag(other["clean_x_clean"]), np.diag(other["adv_x_adv"]))],
             first="  clean x clean (adv x adv): ", indent="    ")
-    if result["probes"]:
-        probes = result["probes"]
+    if probes := result["probes"]:
         print(f"\nlinear probes ({label}; {probes['features']} features, {probes['attack']} attack): "
               "clean % / adversarial %")
         for point, accuracy in probes["accuracy"].items():
@@ -488,8 +486,7 @@ def plot_analysis(result, out):
         distance_lines("stages", f"Clean vs adversarial images per stage: full-batch linear CKA\n"
                        f"{cka['samples']} test images at once; {attack}", list(cka["linear_cka"]),
                        [(label, list(cka["linear_cka"].values()))], "stage of the network (input to output)")
-        if result["probes"]:
-            probes = result["probes"]
+        if probes := result["probes"]:
             fixed = "made once against the first model" if probes["attack"] == "fixed" else "against each probe"
             fig, ax = plt.subplots(figsize=(7.5, 4.5))
             for kind, marker, style in (("clean", "o", "-"), ("adversarial", "s", "--")):
