@@ -1,12 +1,9 @@
 """What ACL, A-InfoNCE, AIR and supervised training share, in the order one step runs: the network, the
 losses and attacks, the data (the readable PIL specification first, the batched device path after it), and
-the optimisation.
-
-Nothing in this file is specific to one method, and nothing here runs at import: each method file (acl.py,
-a_infonce.py, air.py, supervised.py) imports it and keeps its own loss and training loop in view; the run
-machinery around them (flags, checkpoints, logging, torchrun set-up) is machinery.py. Each function's
-docstring states what it computes (with the equation where there is one); README.md explains the methods
-and protocols.
+the optimisation. Nothing here runs at import. Each method file (acl.py, a_infonce.py, air.py,
+supervised.py) keeps its own loss and training loop in view; the run machinery around them (flags,
+checkpoints, logging, torchrun set-up) is machinery.py. Each function's docstring states what it computes
+(with the equation where there is one); README.md explains the methods and protocols.
 """
 import contextlib
 import hashlib
@@ -23,19 +20,17 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 
 
 class UserError(Exception):
-    """A problem with the user's input: reported as one sentence, exit status 2 (a subclass's `status`), no
-    traceback."""
+    """A problem with the user's input: reported as one sentence, exit status 2 (a subclass's `status`), no traceback."""
     status = 2
 
 
-# =============================================================================================
-# Network: dual-BN ResNet-18 with ACL's projection head
-# =============================================================================================
+# ---- Network: dual-BN ResNet-18 with ACL's projection head ----------------------------------
 # Module and key names follow the released ACL / DynACL / AIR checkpoints, so their state dicts
 # load into this network as they are (bn_list.0 = clean BN, bn_list.1 = adversarial BN).
 
@@ -158,10 +153,7 @@ def stem_for(image_size):
     return "cifar" if image_size < 64 else "imagenet"
 
 
-# =============================================================================================
-# Contrastive loss and attacks
-# =============================================================================================
-
+# ---- Contrastive loss and attacks -----------------------------------------------------------
 def autocast(amp):
     """bf16 autocast for the network on CUDA; a no-op when amp is False (always on the CPU)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp)
@@ -226,9 +218,7 @@ def attack_mode(model):
 
 def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False, labels=None):
     """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv, labels) through the adversarial
-    BN in eval mode (`labels`: the global batch's, for --supcon). Only input gradients are computed
-    (torch.autograd.grad with the images as the only inputs; see attack_mode), so no parameter
-    gradient is built or accumulated. The mode is restored.
+    BN in attack_mode (`labels`: the global batch's, for --supcon).
     eps = 0 returns the views as they are, with no forward or backward (so --eps 0 is standard,
     non-adversarial contrastive learning at no attack cost); steps = 0 leaves the random start only.
     Under torchrun, `model` is the unwrapped module (never DDP's forward) and the loss is the global
@@ -252,8 +242,7 @@ def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperat
 def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
     """Cross-entropy L-inf PGD with a random start against `forward` (images -> logits), as used for
     evaluation (PGD-20), adversarial linear fine-tuning (PGD-10) and supervised.py's adversarial
-    training. Input gradients only. Under torchrun (supervised.py) x is this process's slice and the
-    random start is that slice of the one-process draw (_random_start)."""
+    training. Input gradients only; under torchrun (supervised.py) the random start is _random_start's."""
     x_adv = _random_start(x, eps, *rank_and_world())
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -266,7 +255,7 @@ def pgd_attack(forward, x, y, eps=8 / 255, alpha=2 / 255, steps=20, amp=False):
     return x_adv.detach()
 
 
-# --- Several processes (torchrun): each process's slice of the batch, the gradient-summing gather ------
+# ---- Several processes (torchrun): each process's slice of the batch, the gradient-summing gather ----
 # `torchrun --nproc_per_node N acl.py ...` computes the one-process run at the same global
 # --batch-size: every process takes its slice of the same batch (PretrainSampler) with the same
 # per-image augmentation, the losses and the attack see the global batch (gather), and DDP averages
@@ -291,12 +280,9 @@ def gather(*tensors):
     return torch.cat(dist_nn.all_gather(torch.stack(tensors)), dim=1).unbind(0)
 
 
-# =============================================================================================
-# Data
-# =============================================================================================
-
+# ---- Data -----------------------------------------------------------------------------------
 DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "digits", "synthetic"]
-# None: the images come in any size (imagefolder) or are made at --image-size (digits), see _resize.
+# None: the images come in any size (imagefolder) or are made at --image-size (digits), see eval_transform.
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": None, "digits": None, "synthetic": 32}
 DEFAULT_IMAGE_SIZE = {"imagefolder": 32, "digits": 16}  # --image-size of the datasets without a native size
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "digits": 10, "synthetic": 10}
@@ -334,7 +320,6 @@ class _ArrayImages(Dataset):
         return len(self.data)
 
     def __getitem__(self, i):
-        from PIL import Image
         return Image.fromarray(self.data[i]), self.targets[i]
 
 
@@ -360,7 +345,6 @@ class DigitsImages(_ArrayImages):
         with np.load(DIGITS_FILE) as f:
             keep = f["train"] if train else ~f["train"]
             scans, self.targets = f["images"][keep], f["labels"][keep].tolist()
-        from PIL import Image
         grey = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8)) for x in scans]
         self.data = np.stack([np.asarray(g.resize((size, size), Image.BILINEAR).convert("RGB")) for g in grey])
 
@@ -401,16 +385,11 @@ def load_dataset(name, data_dir, split, seed=0, size=None):
         except (FileNotFoundError, RuntimeError) as e:
             raise UserError(f"{folder} holds no images in class subfolders ({e}); "
                             "put one folder of images per class there") from None
-    if name in ("cifar10", "cifar100"):
-        cls = CIFAR10 if name == "cifar10" else CIFAR100
-        kwargs = {"train": split != "test"}
-        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
-    elif name == "stl10":
-        cls = STL10
-        kwargs = {"split": {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]}
-        archive = "stl10_binary.tar.gz"
-    else:
+    cls = {"cifar10": CIFAR10, "cifar100": CIFAR100, "stl10": STL10}.get(name)
+    if cls is None:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    kwargs = ({"split": {"pretrain": "unlabeled", "train": "train", "test": "test"}[split]} if cls is STL10 else
+              {"train": split != "test"})
     created = _first_missing_folder(data_dir)  # torchvision creates the folder before it downloads
     try:
         return cls(data_dir, download=True, **kwargs)
@@ -418,21 +397,19 @@ def load_dataset(name, data_dir, split, seed=0, size=None):
         if created:  # a failed load leaves nothing behind, e.g. after a mistyped --data-dir
             shutil.rmtree(created, ignore_errors=True)
         folder = os.path.join(os.path.abspath(data_dir), cls.base_folder)
-        why = _why_unreadable(cls, folder) if os.path.isdir(folder) else None
+        why = _why_unreadable(cls, folder) if cls is not STL10 and os.path.isdir(folder) else None
         if why:  # the extracted copy is there (so torchvision did not say why it failed): name the file
-            raise UserError(f"the {name} folder {folder} is there but cannot be read: {why}; extract {archive} "
+            raise UserError(f"the {name} folder {folder} is there but cannot be read: {why}; extract {cls.filename} "
                             f"into {os.path.abspath(data_dir)} again (or remove the folder to download it again)") from None
         reason = str(e).strip() or type(e).__name__
         raise UserError(f"could not find or download {name} in {os.path.abspath(data_dir)} ({reason}); "
-                        f"download {archive} elsewhere and put it (or its extracted folder) there, or point "
+                        f"download {cls.filename} elsewhere and put it (or its extracted folder) there, or point "
                         "--data-dir at a folder that has it") from None
 
 
 def _why_unreadable(cls, folder):
     """What is wrong with an extracted CIFAR folder, naming the file (None if nothing is found): a file
     missing, not a pickle, or not a dict of 3x32x32 uint8 rows and their labels as torchvision reads it."""
-    if cls not in (CIFAR10, CIFAR100):
-        return None
     labels = "labels" if cls is CIFAR10 else "fine_labels"
     for filename, keys in [(f, ("data", labels)) for f, _ in cls.train_list + cls.test_list] + [
             (cls.meta["filename"], (cls.meta["key"],))]:
@@ -479,14 +456,11 @@ def pretrain_transform(size, strength=1.0):
     ])
 
 
-def _resize(size, native):
-    return [] if native == size else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-
-
 def eval_transform(size, native, train):
     """Evaluation: train split RandomCrop(size, padding=4) + flip; test split unaugmented."""
+    resize = [] if native == size else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
     aug = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if train else []
-    return T.Compose(_resize(size, native) + aug + [T.ToTensor()])
+    return T.Compose(resize + aug + [T.ToTensor()])
 
 
 def _sample_seed(seed, epoch, index):
@@ -554,7 +528,7 @@ class PretrainSampler(Sampler):
             yield [(i, self.epoch, self.strength) for i in batch]
 
 
-# --- Whole batches on the training device (--augment batched) -----------------------------------
+# ---- Whole batches on the training device (--augment batched) -------------------------------
 # The datasets held in memory go to the training device once, as uint8; each step's batch is cut from them by
 # the sampler's indices and augmented there as a whole, with one parameter set per image drawn as torchvision
 # draws it (README, "Augmentation"), by a CPU generator keyed on (seed, epoch, batch), for the global batch, of
@@ -753,8 +727,7 @@ def in_memory(base, device):
     return images.to(device), labels.long().to(device)  # no host copy: dense, it moves as it is
 
 
-# --- Data loaders --------------------------------------------------------------------------------
-
+# ---- Data loaders ---------------------------------------------------------------------------
 def _worker_init(_):
     # Ctrl-C and a SIGTERM to the process group (scancel, kill -- -PGID) are the main process's: it stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -762,9 +735,8 @@ def _worker_init(_):
 
 
 def pretrain_loader(args, device, supervised=False):
-    """The pre-training dataset and its loader; returns (loader, sampler). supervised=True: the
-    labelled training split, one view per image (PretrainViews). --augment batched (the default on CUDA
-    for the datasets held in memory): BatchedViews on `device`; pil: PretrainViews in loader workers."""
+    """(loader, sampler) of the pre-training dataset; supervised=True: the labelled training split, one view
+    per image. --augment batched: BatchedViews on `device`; pil: PretrainViews in loader workers."""
     if args.augment is None:  # resolved once and saved with the run; a resumed run from before the flag used PIL
         args.augment = "batched" if device.type == "cuda" and args.dataset in IN_MEMORY and not args.resume else "pil"
     if args.augment == "batched" and args.dataset not in IN_MEMORY:
@@ -821,15 +793,11 @@ def eval_loader(dataset, data_dir, split, size, batch_size, workers, device, see
     images = LabelledImages(load_dataset(dataset, data_dir, split, seed, size),
                             eval_transform(size, NATIVE_SIZE[dataset], train), subset, labels)
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False,
-                               num_workers=workers, pin_memory=device.type == "cuda",
-                               persistent_workers=workers > 0, worker_init_fn=_worker_init)
+    return DataLoader(images, batch_size=batch_size, shuffle=train, generator=g, drop_last=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=_worker_init)
 
 
-# =============================================================================================
-# Optimisation
-# =============================================================================================
-
+# ---- Optimisation ---------------------------------------------------------------------------
 class LARS(torch.optim.Optimizer):
     """LARS as in ACL: local_lr = eta ||w|| / (||g|| + wd ||w||) (1 when either norm < 1e-15),
     buf = m buf + lr local_lr (g + wd w), w -= buf, for every parameter tensor. Each operation is one
@@ -865,9 +833,8 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(name, params, lr, weight_decay):
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    optimizer = LARS if name == "lars" else torch.optim.SGD
+    return optimizer(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 def lr_at(step, base_lr, warmup_steps, total_steps, final_lr=1e-6):

@@ -196,8 +196,7 @@ class CKAMaps:
     def add(self, grams):
         """grams: {set name: P x n x n Gram matrices of one batch, X X^T of the flattened features}."""
         for a, b in self.pairs:
-            hsic = unbiased_hsic(grams[a], grams[b])
-            self.sums[a, b] = self.sums[a, b] + hsic if (a, b) in self.sums else hsic
+            self.sums[a, b] = self.sums.get((a, b), 0) + unbiased_hsic(grams[a], grams[b])
         self.samples += next(iter(grams.values())).shape[-1]
 
     def map(self, a, b):
@@ -300,7 +299,7 @@ def step_at(args, eps):
     return args.pgd_alpha if "pgd_alpha" in args.given else eps / 4
 
 
-def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_format):
+def analysis_pass(model, compared, loader, args, device, amp, memory_format):
     """One pass over the test images. Each batch gets PGD images against the first model's classifier, returned (one
     CPU tensor per batch) for the per-stage diagonal and the fixed-attack probes; the first --cka-samples images add to
     the maps: the first model on clean and PGD images and PGD at each --cka-eps; each compared model on the clean, the
@@ -313,7 +312,7 @@ def analysis_pass(model, compared, loader, args, keep_all, device, amp, memory_f
     maps = CKAMaps(pairs)
     adversarial, seen = [], 0
     for x, y in loader:
-        if seen >= args.cka_samples and not keep_all:
+        if seen >= args.cka_samples and not (args.probes and args.probe_attack == "fixed"):
             break
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
@@ -401,8 +400,7 @@ def print_analysis(result):
         print_wrapped([f"{point} {c:.3f} ({a:.3f})" for point, c, a in zip(
             cka["points"], np.diag(other["clean_x_clean"]), np.diag(other["adv_x_adv"]))],
             first="  clean x clean (adv x adv): ", indent="    ")
-    if result["probes"]:
-        probes = result["probes"]
+    if probes := result["probes"]:
         print(f"\nlinear probes ({label}; {probes['features']} features, {probes['attack']} attack): "
               "clean % / adversarial %")
         for point, accuracy in probes["accuracy"].items():
@@ -419,11 +417,10 @@ MARKERS = "osD^v<>phX*" * 10  # one per model: coinciding lines stay visible
 
 def _point_ticks(ax, points, axes="x"):
     every = max(1, math.ceil(len(points) / 16))  # 'all' has about 50 points: label every few
-    ticks = list(range(0, len(points), every))
-    if "x" in axes:
-        ax.set_xticks(ticks, [points[t] for t in ticks], rotation=90)
-    if "y" in axes:
-        ax.set_yticks(ticks, [points[t] for t in ticks])
+    ticks, labels = list(range(0, len(points), every)), points[::every]
+    ax.set_xticks(ticks, labels, rotation=90)
+    if axes == "xy":
+        ax.set_yticks(ticks, labels)
 
 
 def plot_analysis(result, out):
@@ -489,8 +486,7 @@ def plot_analysis(result, out):
         distance_lines("stages", f"Clean vs adversarial images per stage: full-batch linear CKA\n"
                        f"{cka['samples']} test images at once; {attack}", list(cka["linear_cka"]),
                        [(label, list(cka["linear_cka"].values()))], "stage of the network (input to output)")
-        if result["probes"]:
-            probes = result["probes"]
+        if probes := result["probes"]:
             fixed = "made once against the first model" if probes["attack"] == "fixed" else "against each probe"
             fig, ax = plt.subplots(figsize=(7.5, 4.5))
             for kind, marker, style in (("clean", "o", "-"), ("adversarial", "s", "--")):
@@ -568,11 +564,9 @@ def main(argv=None):
 
     attacked = [attacked_model(path, encoder, label, args, num_classes, image_size, device, amp, memory_format)
                 for path, encoder, label in zip(args.models, encoders, labels)]
-    models, records = zip(*attacked)
-    model, compared = models[0], models[1:]
+    (model, *compared), records = zip(*attacked)
     torch.manual_seed(args.seed)  # the attacks' random starts do not depend on which models were fitted
-    keep_all = args.probes and args.probe_attack == "fixed"
-    adversarial, maps = analysis_pass(model, compared, test_loader, args, keep_all, device, amp, memory_format)
+    adversarial, maps = analysis_pass(model, compared, test_loader, args, device, amp, memory_format)
     with torch.no_grad():  # the names of the points, in forward order
         names = list(point_features(model.encoder, torch.zeros(1, 3, image_size, image_size, device=device),
                                     args.cka_points))
