@@ -218,7 +218,7 @@ def attack_mode(model):
 
 def contrastive_pgd(model, x1, x2, eps=8 / 255, alpha=2 / 255, steps=5, temperature=0.5, amp=False, labels=None):
     """Joint L-inf PGD on both views, ascending nt_xent(z1_adv, z2_adv, labels) through the adversarial
-    BN in attack_mode (`labels`: the global batch's, for --supcon).
+    BN in attack_mode: eval mode, input gradients only (`labels`: the global batch's, for --supcon).
     eps = 0 returns the views as they are, with no forward or backward (so --eps 0 is standard,
     non-adversarial contrastive learning at no attack cost); steps = 0 leaves the random start only.
     Under torchrun, `model` is the unwrapped module (never DDP's forward) and the loss is the global
