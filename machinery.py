@@ -407,7 +407,7 @@ def check_replaced(path, script, source, out):
             record = record.get("fine_tune") if isinstance(record, dict) else None
     except (OSError, ValueError, UserError):
         record = None
-    record, owner = record if isinstance(record, dict) else {}, None
+    record = record if isinstance(record, dict) else {}
     first = record.get("model")
     if isinstance(record.get("checkpoint"), str) and "mode" in record:
         entry = (record.get("results") or [record])[0]  # --mode all: the first mode's entry names its model
@@ -415,7 +415,7 @@ def check_replaced(path, script, source, out):
         written_at = entry.get("fine_tuned") if isinstance(entry, dict) else None
     elif isinstance(first, dict) and isinstance(first.get("checkpoint"), str) and "cka" in record:
         owner, recorded, written_at = "representations.py", first["checkpoint"], record.get("out")
-    if owner is None:
+    else:
         raise UserError(f"--out {out} would replace {path}, which is not a file of {script} (another program's, or a "
                         "damaged one); choose another --out")
     what = f"{owner}'s report on" if path.endswith(".json") else "a model fine-tuned by eval_linear.py from"
@@ -544,8 +544,7 @@ class Benchmark:
 
     def __init__(self, method, args, device, loader, warmup_steps, world):
         cuda = device.type == "cuda"
-        self.device, self.warmup_steps, self.steps_done, self.start = device, warmup_steps, 0, None
-        self.flop_counter = None
+        self.device, self.warmup_steps, self.steps_done, self.flop_counter = device, warmup_steps, 0, None
         self.result = {"method": method, "device": torch.cuda.get_device_name() if cuda else "cpu", "timed_steps": 0,
                        "batch_size": args.batch_size, "images_per_s": None, "peak_gpu_memory_gib": None,
                        "loader_images_per_s": None, "loader_images_per_s_per_worker": None, "flops_per_image": None,
